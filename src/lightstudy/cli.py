@@ -1,0 +1,410 @@
+"""The ``lightstudy`` command line. Every command is a plain function whose docstring is its help.
+
+Errors lightstudy raises on purpose become one red line on stderr and exit code 2 in
+:func:`main`; ``--debug`` shows the traceback. Heavy imports happen inside the commands, so
+``lightstudy --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from lightstudy import __version__
+from lightstudy.errors import LightstudyError
+
+app = typer.Typer(
+    name="lightstudy",
+    help="Hyperparameter optimization for PyTorch Lightning, on Optuna.\n\n"
+    "Example: lightstudy run studies/digits.yaml --workers 2",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+
+StorageOpt = Annotated[
+    Optional[str],
+    typer.Option("--storage", help="Study database URL (default: $LIGHTSTUDY_STORAGE, else the "
+                 "spec's, else sqlite:///runs/<study>/study.db).", show_default=False),
+]
+RunDirOpt = Annotated[
+    Optional[Path],
+    typer.Option("--run-dir", help="Run folder for checkpoints and logs (default: the spec's, "
+                 "runs/<study>).", show_default=False),
+]
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lightstudy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more (DEBUG).")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Hyperparameter optimization for PyTorch Lightning, on Optuna.
+
+    Example: lightstudy run studies/digits.yaml --workers 2
+    """
+    _state["debug"] = debug
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=_console(stderr=True), show_path=False, markup=False,
+                              log_time_format="%H:%M:%S")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # log files: one line per record
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    logging.getLogger("lightstudy").setLevel(logging.DEBUG if verbose else logging.INFO)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*experimental.*")
+    if not {"-h", "--help"} & set(sys.argv):
+        import optuna  # its INFO lines ("A new study created") would interleave with ours
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _load(file: Path) -> Any:
+    """Load a spec and check it completely (imports user classes)."""
+    from lightstudy.lightning_config import check_spec
+    from lightstudy.spec import load_spec
+
+    spec = load_spec(file)
+    check_spec(spec)
+    return spec
+
+
+def _read_storage(name: str | None, storage: str | None) -> str:
+    """Storage for reading commands: flag, $LIGHTSTUDY_STORAGE, or the study's run folder here."""
+    from lightstudy.storage import ENV_VAR, default_url
+
+    url = storage or os.environ.get(ENV_VAR)
+    if url:
+        return url
+    if name and (Path("runs") / name / "study.db").exists():
+        return default_url(Path("runs") / name)
+    raise LightstudyError(
+        "no storage given" + (f" and no runs/{name}/study.db here" if name else ""),
+        fix=f"pass --storage URL or set {ENV_VAR}",
+    )
+
+
+@app.command()
+def validate(file: Annotated[Path, typer.Argument(help="Study spec (YAML).")]) -> None:
+    """Check a study spec completely, without training and without touching any database.
+
+    Checks YAML syntax, keys, types, ranges, class paths (importable LightningModule and
+    LightningDataModule), init_args against the classes, search-space paths and values,
+    sampler and pruner. Exits 2 with a one-line error naming file, key, rule, value and fix.
+
+    Example: lightstudy validate studies/digits.yaml
+    """
+    spec = _load(file)
+    from lightstudy.storage import check_url, resolve_url
+
+    url = resolve_url(None, spec.study.storage, spec.run_dir)
+    check_url(url)
+    _console().print(f"[green]ok[/green] {file}: study {spec.study.name!r}, "
+                     f"{len(spec.search_space)} parameters, "
+                     f"{spec.study.n_trials or 'unlimited'} trials, metric "
+                     f"{', '.join(spec.study.metrics)} ({', '.join(spec.study.directions)})")
+
+
+@app.command()
+def create(
+    file: Annotated[Path, typer.Argument(help="Study spec (YAML).")],
+    storage: StorageOpt = None,
+    update_spec: Annotated[bool, typer.Option("--update-spec", help="Replace the stored spec of an "
+                                              "existing study of the same name.")] = False,
+) -> None:
+    """Create the study in the database and store its spec (idempotent).
+
+    Workers anywhere then need only --storage and --study. Creating a study that exists with
+    a different spec is an error unless --update-spec is given.
+
+    Example: lightstudy create studies/digits.yaml --storage postgresql+psycopg://db/studies
+    """
+    from lightstudy.storage import redact, resolve_url
+    from lightstudy.study import create_study
+
+    spec = _load(file)
+    url = resolve_url(storage, spec.study.storage, spec.run_dir)
+    create_study(spec, url, update_spec=update_spec)
+    _console().print(f"study {spec.study.name!r} ready in {redact(url)}\n"
+                     f"start workers: lightstudy worker --storage {redact(url)} --study {spec.study.name}")
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="Study spec (YAML).")],
+    storage: StorageOpt = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-w", help="CPU workers (when no "
+                       "--gpus).", show_default=False)] = None,
+    gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPUs to use: 'auto' or indices like "
+                    "0,1,2 (one worker per GPU).", show_default=False)] = None,
+    trials_per_gpu: Annotated[int, typer.Option("--trials-per-gpu", help="Workers sharing each GPU.")] = 1,
+    n_trials: Annotated[Optional[int], typer.Option("--n-trials", help="Override study.n_trials.",
+                        show_default=False)] = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Override study.timeout "
+                       "(seconds).", show_default=False)] = None,
+    run_dir: RunDirOpt = None,
+    update_spec: Annotated[bool, typer.Option("--update-spec", help="Replace the stored spec of an "
+                                              "existing study.")] = False,
+) -> None:
+    """Create (or resume) a study and run it to the end with local workers, showing progress.
+
+    One worker per GPU with --gpus (CUDA_VISIBLE_DEVICES pinned), or --workers N CPU workers
+    with torch threads split between them. Ends with the best trial and where its checkpoint is.
+
+    Example: lightstudy run studies/digits.yaml --workers 2
+    """
+    from lightstudy.launcher import Launcher, plan_slots
+    from lightstudy.spec import with_overrides
+    from lightstudy.storage import redact, resolve_url
+    from lightstudy.study import create_study
+
+    spec = with_overrides(_load(file), n_trials=n_trials, timeout=timeout,
+                          run_dir=str(run_dir) if run_dir else None)
+    url = resolve_url(storage, spec.study.storage, spec.run_dir)
+    slots = plan_slots(gpus, workers, trials_per_gpu)
+    create_study(spec, url, update_spec=update_spec or any(v is not None for v in (n_trials, timeout)))
+    console = _console()
+    where = ", ".join(f"GPU {s.gpu}" if s.gpu is not None else "CPU" for s in slots)
+    console.print(f"study [bold]{spec.study.name}[/bold] in {redact(url)}: {len(slots)} worker(s) "
+                  f"({where}); logs in {spec.run_dir / 'workers'}")
+    result = Launcher(url, spec, slots, spec.run_dir, console).run()
+    _print_best(spec.study.name, url, spec.run_dir, console, final=True)
+    failed = [i for i, code in enumerate(result.exit_codes) if code not in (0, None)]
+    if failed and not result.interrupted:
+        raise LightstudyError(
+            f"worker(s) {', '.join(map(str, failed))} exited with an error",
+            fix=f"see {spec.run_dir / 'workers'}/worker-<i>.log",
+        )
+
+
+@app.command()
+def worker(
+    study: Annotated[str, typer.Option("--study", help="Study name.")],
+    storage: StorageOpt = None,
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="GPU(s) this worker owns, e.g. 2 "
+                   "(sets CUDA_VISIBLE_DEVICES); 'cpu' hides all GPUs.", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads per trial.",
+                       show_default=False)] = None,
+    run_dir: RunDirOpt = None,
+    max_trials: Annotated[Optional[int], typer.Option("--max-trials", help="Exit after this many "
+                          "trials of this worker.", show_default=False)] = None,
+) -> None:
+    """Run trials of a study until its study-wide budget is spent (start one per GPU).
+
+    The spec comes from the database, so any machine that reaches it can help. SIGTERM or
+    Ctrl-C: the running trial saves a checkpoint and is handed back for a retry; twice: stop now.
+
+    Example: lightstudy worker --storage postgresql+psycopg://db/studies --study digits --gpu 0
+    """
+    from lightstudy.storage import ENV_VAR
+    from lightstudy.worker import Worker
+
+    url = storage or os.environ.get(ENV_VAR)
+    if not url:
+        url = _read_storage(study, None)
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = "" if gpu.lower() == "cpu" else gpu
+    w = Worker(url, study, run_dir=run_dir, gpu=None if gpu is None or gpu.lower() == "cpu" else gpu,
+               threads=threads, max_trials=max_trials)
+    report = w.run()
+    logging.getLogger("lightstudy").info(
+        "worker done: %d complete, %d pruned, %d failed, %d handed back",
+        report.complete, report.pruned, report.failed, report.interrupted)
+
+
+@app.command()
+def status(
+    name: Annotated[Optional[str], typer.Argument(help="Study name (omit to list the studies).",
+                    show_default=False)] = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Show the studies in a database, or one study's trials.
+
+    Example: lightstudy status digits
+    """
+    from rich.table import Table
+
+    from lightstudy.storage import open_storage, redact
+    from lightstudy.study import budget, load_study
+    from lightstudy.summary import counts, format_value
+
+    console = _console()
+    if name is None:
+        urls = [_read_storage(None, storage)] if (storage or os.environ.get("LIGHTSTUDY_STORAGE")) else [
+            f"sqlite:///{p}" for p in sorted(Path("runs").glob("*/study.db"))]
+        if not urls:
+            raise LightstudyError("no storage given and no runs/*/study.db here",
+                                  fix="pass --storage URL or set LIGHTSTUDY_STORAGE")
+        table = Table("study", "storage", "direction", "complete", "pruned", "failed", "running", "best")
+        for url in urls:
+            st = open_storage(url, create=False)
+            for summary in st.get_all_studies():
+                import optuna
+
+                s = optuna.load_study(study_name=summary.study_name, storage=st)
+                c = counts(s.get_trials(deepcopy=False))
+                best = s.best_value if c["complete"] and len(s.directions) == 1 else None
+                table.add_row(summary.study_name, redact(url),
+                              ", ".join(d.name.lower() for d in s.directions), str(c["complete"]),
+                              str(c["pruned"]), str(c["fail"]), str(c["running"]), format_value(best))
+        console.print(table)
+        return
+    url = _read_storage(name, storage)
+    study, spec = load_study(url, name)
+    trials = study.get_trials(deepcopy=False)
+    b = budget(trials, spec)
+    c = counts(trials)
+    table = Table("#", "state", *spec.study.metrics, *[p.path.rsplit(".", 1)[-1] for p in spec.search_space],
+                  "time", "note", title=f"{name} ({redact(url)})")
+    for t in trials:
+        values = list(t.values) if t.values else [None] * len(spec.study.metrics)
+        note = ""
+        if t.user_attrs.get("resumed_from"):
+            r = t.user_attrs["resumed_from"]
+            note = f"resumed from trial {r.get('trial')}" + (f" epoch {r['epoch']}" if r.get("epoch") is not None else "")
+        if t.user_attrs.get("interrupted"):
+            note = "handed back (retried)"
+        elif t.state.name == "FAIL":
+            note = str(t.user_attrs.get("fail_reason", "worker died (heartbeat stale)"))[:80]
+        seconds = t.duration.total_seconds() if t.duration else None
+        table.add_row(str(t.number), t.state.name.lower(), *[format_value(v) for v in values],
+                      *[format_value(t.params.get(p.path)) for p in spec.search_space],
+                      f"{seconds:.1f}s" if seconds is not None else "-", note)
+    console.print(table)
+    total = spec.study.n_trials or "∞"
+    console.print(f"{b.used - c['running'] - c['waiting']}/{total} trials done: {c['complete']} complete, "
+                  f"{c['pruned']} pruned, {c['fail']} failed, {c['running']} running, {c['waiting']} waiting"
+                  + (" — study done" if b.done else ""))
+
+
+@app.command()
+def best(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    storage: StorageOpt = None,
+    run_dir: RunDirOpt = None,
+    output_format: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """Show the best trial: value, parameters, checkpoint path, trial number.
+
+    Several objectives: the Pareto front.
+
+    Example: lightstudy best digits --format json
+    """
+    if output_format not in ("table", "json"):
+        raise LightstudyError(f"--format must be table or json, but got {output_format!r}",
+                              fix="pass --format table or --format json")
+    url = _read_storage(name, storage)
+    if output_format == "json":
+        from lightstudy.study import load_study
+        from lightstudy.summary import best_records
+
+        study, spec = load_study(url, name)
+        records = best_records(study, spec, Path(run_dir or spec.run_dir))
+        doc = [r.to_json(spec.study.metrics) for r in records]
+        out = doc if spec.study.is_multi_objective else doc[0]
+        typer.echo(json.dumps(out, indent=2, default=str))
+        return
+    _print_best(name, url, run_dir, _console(), final=False)
+
+
+def _print_best(name: str, url: str, run_dir: Path | None, console: Any, *, final: bool) -> None:
+    from rich.table import Table
+
+    from lightstudy.storage import redact
+    from lightstudy.study import load_study
+    from lightstudy.summary import best_records, format_value
+
+    study, spec = load_study(url, name)
+    try:
+        records = best_records(study, spec, Path(run_dir or spec.run_dir))
+    except LightstudyError:
+        if final:
+            console.print("[yellow]no complete trial[/yellow]")
+            return
+        raise
+    shown = records if spec.study.is_multi_objective else records[:1]
+    for r in shown:
+        table = Table(show_header=False, title=f"best trial of {name}" if not spec.study.is_multi_objective
+                      else f"Pareto-optimal trial {r.number} of {name}")
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")
+        table.add_row("trial", str(r.number))
+        for metric, value in zip(spec.study.metrics, r.values or []):
+            table.add_row(metric, format_value(value))
+        for key, value in r.params.items():
+            table.add_row(key, format_value(value))
+        table.add_row("checkpoint", r.checkpoint or "(not kept)")
+        table.add_row("seed", format_value(r.seed))
+        console.print(table)
+    if final:
+        console.print(f"dashboard: lightstudy dashboard --storage {redact(url)}\n"
+                      f"details:   lightstudy status {name}" + ("" if "LIGHTSTUDY_STORAGE" in os.environ
+                                                                 else f" --storage {redact(url)}"))
+
+
+@app.command()
+def dashboard(
+    storage: StorageOpt = None,
+    study: Annotated[Optional[str], typer.Option("--study", help="Study whose run folder holds the "
+                     "database (when --storage is not given).", show_default=False)] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the "
+                                      "network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port.")] = 8080,
+) -> None:
+    """Serve optuna-dashboard on the study database (loopback only unless --host says otherwise).
+
+    Example: lightstudy dashboard --study digits --port 8080
+    """
+    from lightstudy.dashboard import serve
+
+    url = _read_storage(study, storage)
+    serve(url, host=host, port=port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lightstudy`` script; returns the exit code."""
+    try:
+        app(args=argv, prog_name="lightstudy")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except LightstudyError as e:
+        if _state["debug"]:
+            traceback.print_exc()
+        from rich.markup import escape
+
+        _console(stderr=True).print(f"[bold red]error:[/bold red] {escape(' '.join(str(e).split()))}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    return 0

@@ -1,0 +1,252 @@
+"""LightningCLI glue: a config dict becomes a checked, instantiated model, data module and Trainer.
+
+Parsing and instantiation go through ``LightningCLI`` itself (``run=False``), so every
+``class_path``/``init_args`` rule, type check, ``optimizer:``/``lr_scheduler:`` section and
+``save_hyperparameters`` behaviour is exactly LightningCLI's, and a resolved config that
+lightstudy writes out trains with a plain ``LightningCLI`` script. A module subclassing
+``pytorch_lightning.LightningModule`` is run by ``pytorch_lightning``'s LightningCLI and Trainer,
+one subclassing ``lightning.pytorch.LightningModule`` by ``lightning.pytorch``'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import io
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from lightstudy.errors import SpecError
+from lightstudy.search_space import apply_params
+from lightstudy.spec import CLASS_SECTIONS, StudySpec
+
+__all__ = ["Built", "build", "check_spec", "import_class", "lightning_namespace", "parse_config"]
+
+NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
+
+
+@dataclass
+class Built:
+    """What LightningCLI instantiated for one trial."""
+
+    model: Any
+    datamodule: Any
+    trainer: Any
+    config: dict[str, Any]  # the fully resolved config, as `LightningCLI fit --config` reads it
+    namespace: str
+
+
+def import_class(path: str) -> type:
+    """Import ``package.module.Class``.
+
+    Raises:
+        ImportError: the module or the attribute is missing (message says which).
+    """
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ImportError(f"{path!r} is not a dotted path (package.module.Class)")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)  # type: ignore[no-any-return]
+    except AttributeError as e:
+        raise ImportError(f"module {module_name!r} has no attribute {attr!r}") from e
+
+
+def pl_module(namespace: str) -> ModuleType:
+    """``lightning.pytorch`` or ``pytorch_lightning``, imported."""
+    return importlib.import_module(namespace)
+
+
+def _namespace_of(cls: type, base_name: str) -> str | None:
+    for ns in NAMESPACES:
+        if issubclass(cls, getattr(pl_module(ns), base_name)):
+            return ns
+    return None
+
+
+def lightning_namespace(config: Mapping[str, Any], source: str = "<spec>") -> str:
+    """The Lightning namespace the config's model (and data module) subclass.
+
+    Raises:
+        SpecError: a class does not import, is not a LightningModule/LightningDataModule, or the
+            two come from different namespaces.
+    """
+    namespaces = {}
+    for section, base in (("model", "LightningModule"), ("data", "LightningDataModule")):
+        if section not in config:
+            continue
+        path = config[section]["class_path"]
+        cls = _import_for_spec(source, f"{section}.class_path", path)
+        ns = _namespace_of(cls, base) if inspect.isclass(cls) else None
+        if ns is None:
+            raise SpecError(source, f"{section}.class_path", f"must name a {base} subclass", path,
+                            fix=f"subclass lightning.pytorch.{base} (or pytorch_lightning.{base})")
+        namespaces[section] = ns
+    if len(set(namespaces.values())) > 1:
+        raise SpecError(source, "data.class_path",
+                        f"is a {namespaces['data']} class but the model is a {namespaces['model']} one",
+                        config["data"]["class_path"],
+                        fix="use model and data module from the same namespace (lightning.pytorch or pytorch_lightning)")
+    return namespaces["model"]
+
+
+def _import_for_spec(source: str, key: str, path: str) -> type:
+    try:
+        return import_class(path)
+    except ImportError as e:
+        raise SpecError(source, key, f"does not import ({e})", path,
+                        fix="check the spelling, and that the package is installed or on PYTHONPATH") from e
+    except Exception as e:  # the user's module raised while importing
+        raise SpecError(source, key, f"raised {type(e).__name__} while importing: {e}", path,
+                        fix="fix the module so that it imports") from e
+
+
+def _cli_classes(namespace: str) -> tuple[type, type]:
+    """(LightningCLI, a LightningCLI that parses but instantiates nothing) of a namespace."""
+    cli_module = importlib.import_module(f"{namespace}.cli")
+    base = cli_module.LightningCLI
+
+    class ParseOnlyCLI(base):  # type: ignore[misc, valid-type]
+        def instantiate_classes(self) -> None:
+            pass
+
+    return base, ParseOnlyCLI
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """LightningCLI prints ("Seed set to ...") and warns; a validation should not."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text if len(text) < 400 else text[:397] + "..."
+
+
+def parse_config(config: Mapping[str, Any], namespace: str) -> Any:
+    """Parse a config with LightningCLI's parser (no instantiation); returns the CLI object.
+
+    Raises:
+        ValueError: with jsonargparse's explanation in one line.
+    """
+    _, parse_only = _cli_classes(namespace)
+    try:
+        with _quiet():
+            return parse_only(args=dict(config), run=False, save_config_callback=None,
+                              seed_everything_default=False,
+                              parser_kwargs={"exit_on_error": False})
+    except (Exception, SystemExit) as e:
+        raise ValueError(_one_line(e)) from e
+
+
+def check_spec(spec: StudySpec) -> None:
+    """Everything :func:`lightstudy.spec.load_spec` cannot check without importing user code.
+
+    Imports the model and data classes, checks their ``init_args`` and the Trainer's arguments
+    against the signatures, builds the sampler and pruner, and parses the config with
+    LightningCLI once for each bound of every searched parameter, so a search-space path or
+    value the class does not take fails here, not in the middle of a study.
+
+    Raises:
+        SpecError: naming the file, the key, the rule, the value and the fix.
+    """
+    from lightstudy.components import check_components
+
+    source = spec.source
+    config = spec.lightning_config()
+    check_components(spec)
+    namespace = lightning_namespace(config, source)
+    for section in CLASS_SECTIONS:
+        value = config.get(section)
+        if isinstance(value, Mapping) and section in ("model", "data"):
+            _check_init_args(source, section, value)
+    trainer_cls = pl_module(namespace).Trainer
+    for arg in config.get("trainer", {}):
+        _check_trainer_arg(source, f"trainer.{arg}", arg, trainer_cls)
+    for param in spec.search_space:
+        head, *rest = param.path.split(".")
+        if head == "trainer":
+            _check_trainer_arg(source, f'search_space["{param.path}"]', rest[0], trainer_cls)
+        elif head in ("model", "data") and rest[0] == "init_args":
+            cls = import_class(config[head]["class_path"])
+            _check_arg_names(source, f'search_space["{param.path}"]', cls, [rest[1]], config[head]["class_path"])
+    try:
+        cli = parse_config(config, namespace)
+    except ValueError as e:
+        raise SpecError(source, "config", f"LightningCLI rejects the config: {e}",
+                        fix="correct the trainer/model/data sections") from e
+    defaults = {p.path: p.candidates()[0] for p in spec.search_space}
+    for param in spec.search_space:
+        for value in param.candidates():
+            candidate = apply_params(config, {**defaults, param.path: value})
+            try:
+                with _quiet():
+                    cli.parser.parse_object(candidate)
+            except (Exception, SystemExit) as e:
+                raise SpecError(source, f'search_space["{param.path}"]',
+                                f"LightningCLI rejects the value {value!r} at this path: {_one_line(e)}",
+                                value, fix="use values of the type the class argument declares") from e
+
+
+def _check_init_args(source: str, section: str, value: Mapping[str, Any]) -> None:
+    cls = import_class(value["class_path"])
+    init_args = value.get("init_args") or {}
+    _check_arg_names(source, f"{section}.init_args", cls, list(init_args), value["class_path"])
+
+
+def _accepted(cls: type) -> tuple[list[str], bool]:
+    """The constructor's argument names, and whether it takes ``**kwargs``."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    names = [p.name for p in params if p.name != "self"
+             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return names, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def _check_arg_names(source: str, key: str, cls: type, given: Sequence[str], path: str) -> None:
+    names, takes_kwargs = _accepted(cls)
+    if takes_kwargs:
+        return
+    for arg in given:
+        if arg not in names:
+            raise SpecError(source, key, f"{path} takes no argument {arg!r}", arg,
+                            fix="use one of " + ", ".join(names))
+
+
+def _check_trainer_arg(source: str, key: str, arg: str, trainer_cls: type) -> None:
+    names, _ = _accepted(trainer_cls)
+    if arg not in names:
+        import difflib
+
+        close = difflib.get_close_matches(arg, names, n=1)
+        raise SpecError(source, key, "is not an argument of Trainer", arg,
+                        fix=f"did you mean {close[0]!r}?" if close else "see Trainer's arguments")
+
+
+def build(config: Mapping[str, Any], *, callbacks: Sequence[Any], seed: int | None) -> Built:
+    """Instantiate model, data module and Trainer (with ``callbacks`` added) via LightningCLI.
+
+    ``seed`` goes through LightningCLI's ``seed_everything`` before anything is built.
+    """
+    namespace = lightning_namespace(config)
+    cli_cls, _ = _cli_classes(namespace)
+    cli = cli_cls(
+        args=dict(config),
+        run=False,
+        save_config_callback=None,
+        trainer_defaults={"callbacks": list(callbacks)},
+        seed_everything_default=seed if seed is not None else True,
+        parser_kwargs={"exit_on_error": False},
+    )
+    import yaml
+
+    resolved = yaml.safe_load(cli.parser.dump(cli.config, skip_link_targets=False))
+    return Built(cli.model, cli.datamodule, cli.trainer, resolved, namespace)

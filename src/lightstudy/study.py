@@ -1,0 +1,216 @@
+"""Studies in the database: create (idempotently, spec stored in user attrs), load, budget, claim."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lightstudy.errors import LightstudyError, StudyNotFoundError
+from lightstudy.spec import StudySpec, spec_from_dict
+from lightstudy.storage import claim_lock, configure_heartbeat, open_storage, redact
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.storages import RDBStorage
+    from optuna.trial import FrozenTrial
+
+__all__ = [
+    "Budget",
+    "budget",
+    "claim_trial",
+    "create_study",
+    "load_study",
+    "retried_numbers",
+]
+
+SPEC_ATTR = "lightstudy.spec"
+FINGERPRINT_ATTR = "lightstudy.fingerprint"
+VERSION_ATTR = "lightstudy.version"
+
+_log = logging.getLogger(__name__)
+
+
+def _study_names(storage: RDBStorage) -> list[str]:
+    return [s.study_name for s in storage.get_all_studies()]
+
+
+def create_study(spec: StudySpec, url: str, *, update_spec: bool = False) -> optuna.Study:
+    """Create the study and store its spec; a second call with the same spec just loads it.
+
+    Raises:
+        LightstudyError: a study of that name exists with a different spec and ``update_spec``
+            is false (the message lists what differs).
+    """
+    import optuna
+
+    from lightstudy import __version__
+    from lightstudy.components import build_pruner, build_sampler
+
+    storage = open_storage(url)
+    name = spec.study.name
+    stored = spec.to_dict(with_storage=False)
+    if name in _study_names(storage):
+        study = optuna.load_study(study_name=name, storage=storage)
+        old = study.user_attrs.get(SPEC_ATTR)
+        if old is None:
+            raise LightstudyError(
+                f"study {name!r} in {redact(url)} was not created by lightstudy (it has no stored spec)",
+                fix="choose another study.name",
+            )
+        if study.user_attrs.get(FINGERPRINT_ATTR) != spec.fingerprint():
+            if not update_spec:
+                changed = ", ".join(_differences(old, stored)) or "formatting"
+                raise LightstudyError(
+                    f"study {name!r} already exists in {redact(url)} with a different spec "
+                    f"(changed: {changed})",
+                    fix="pass --update-spec to replace the stored spec, or change study.name",
+                )
+            if [d.name.lower() for d in study.directions] != list(spec.study.directions):
+                raise LightstudyError(
+                    f"study {name!r}: directions cannot change once the study exists",
+                    fix="change study.name to start a new study",
+                )
+            study.set_user_attr(SPEC_ATTR, stored)
+            study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())
+            _log.info("updated the stored spec of study %s", name)
+        return study
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = optuna.create_study(
+            storage=storage,
+            study_name=name,
+            directions=list(spec.study.directions),
+            sampler=build_sampler(spec),
+            pruner=build_pruner(spec),
+            load_if_exists=True,  # a worker elsewhere may create it at the same moment
+        )
+    study.set_user_attr(SPEC_ATTR, stored)
+    study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())
+    study.set_user_attr(VERSION_ATTR, __version__)
+    if spec.study.is_multi_objective:
+        study.set_metric_names(list(spec.study.metrics))
+    else:
+        study.set_metric_names([spec.study.metric])
+    return study
+
+
+def load_study(url: str, name: str, *, storage: RDBStorage | None = None) -> tuple[optuna.Study, StudySpec]:
+    """The study and its stored spec, with heartbeats set up from the spec.
+
+    Raises:
+        StudyNotFoundError: no such study (the message lists the ones there are).
+    """
+    import optuna
+
+    from lightstudy.components import build_pruner
+
+    storage = storage or open_storage(url, create=False)
+    names = _study_names(storage)
+    if name not in names:
+        listed = ", ".join(sorted(names)) or "none"
+        raise StudyNotFoundError(
+            f"no study {name!r} in {redact(url)} (studies there: {listed})",
+            fix="check the name, or create it with lightstudy create FILE",
+        )
+    study = optuna.load_study(study_name=name, storage=storage)
+    doc = study.user_attrs.get(SPEC_ATTR)
+    if doc is None:
+        raise LightstudyError(
+            f"study {name!r} in {redact(url)} was not created by lightstudy (it has no stored spec)",
+            fix="create studies with lightstudy create FILE",
+        )
+    spec = spec_from_dict(doc, source=f"study {name!r}")
+    configure_heartbeat(storage, spec.study)
+    study.pruner = build_pruner(spec)
+    return study, spec
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Where a study stands against its study-wide budget."""
+
+    used: int  # trials that count: finished (not retried) + running + waiting
+    running: int
+    waiting: int
+    timed_out: bool
+    full: bool  # n_trials reached
+
+    @property
+    def may_claim(self) -> bool:
+        """A worker may start a trial: a fresh one, or a waiting retry/enqueued one."""
+        return not self.timed_out and (not self.full or self.waiting > 0)
+
+    @property
+    def done(self) -> bool:
+        """Nothing left to start and nothing running anywhere."""
+        return not self.may_claim and self.running == 0
+
+
+def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of failed trials that a later trial retries (they do not eat the budget)."""
+    return {t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")}
+
+
+def budget(trials: Sequence[FrozenTrial], spec: StudySpec, now: datetime.datetime | None = None) -> Budget:
+    """Count the budget from the trials (so every worker, anywhere, counts the same)."""
+    from optuna.trial import TrialState
+
+    retried = retried_numbers(trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    used = sum(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+        or (t.state == TrialState.FAIL and t.number not in retried)
+        for t in trials
+    )
+    timed_out = False
+    if spec.study.timeout is not None:
+        starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+        if starts:
+            now = now or datetime.datetime.now()
+            timed_out = (now - min(starts)).total_seconds() >= spec.study.timeout
+    full = spec.study.n_trials is not None and used >= spec.study.n_trials
+    return Budget(used, running, waiting, timed_out, full)
+
+
+def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | None, Budget]:
+    """Reap dead workers' trials, then ask for a trial if the budget allows; atomically.
+
+    Returns the trial (its parameters sampled, its first heartbeat recorded) or None, and the
+    budget as it stood.
+    """
+    from optuna.storages import fail_stale_trials
+
+    from lightstudy.components import build_sampler
+    from lightstudy.search_space import suggest_params
+
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    with claim_lock(backend, spec.study.name):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        state = budget(trials, spec)
+        if not state.may_claim:
+            return None, state
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            study.sampler = build_sampler(spec, seed_offset=len(trials))
+            trial = study.ask()
+            backend.record_heartbeat(trial._trial_id)
+            suggest_params(trial, spec.search_space)
+        return trial, state

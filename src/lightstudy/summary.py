@@ -1,0 +1,115 @@
+"""Reading a study: counts, the best trial(s) and per-trial rows, for ``status``, ``best`` and ``run``."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightstudy.checkpoints import CHECKPOINT_ATTR, kept_trials, pareto_front
+from lightstudy.errors import LightstudyError
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    from lightstudy.spec import StudySpec
+
+__all__ = ["TrialRecord", "best_records", "counts", "format_value", "trial_record"]
+
+
+def counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:
+    """Trials per state, lower-case names (complete, pruned, fail, running, waiting)."""
+    c = Counter(t.state.name.lower() for t in trials)
+    return {s: c.get(s, 0) for s in ("complete", "pruned", "fail", "running", "waiting")}
+
+
+@dataclass
+class TrialRecord:
+    """A trial as lightstudy shows it."""
+
+    number: int
+    state: str
+    values: list[float] | None
+    params: dict[str, Any]
+    checkpoint: str | None  # absolute path, when the study keeps it and the file is there
+    seed: int | None
+    duration: float | None  # seconds
+    attrs: dict[str, Any]
+
+    def to_json(self, metrics: Sequence[str]) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "state": self.state,
+            "values": dict(zip(metrics, self.values)) if self.values else None,
+            "params": self.params,
+            "checkpoint": self.checkpoint,
+            "seed": self.seed,
+            "duration_s": self.duration,
+            "user_attrs": {k: v for k, v in self.attrs.items() if k not in ("config", "versions")},
+        }
+
+
+def trial_record(trial: FrozenTrial, run_dir: Path, kept: set[int]) -> TrialRecord:
+    checkpoint = None
+    rel = trial.user_attrs.get(CHECKPOINT_ATTR)
+    if rel and trial.number in kept:
+        path = (run_dir / rel).resolve()
+        checkpoint = str(path) if path.exists() else None
+    duration = trial.duration.total_seconds() if trial.duration is not None else None
+    return TrialRecord(
+        number=trial.number,
+        state=trial.state.name.lower(),
+        values=list(trial.values) if trial.values is not None else None,
+        params=dict(trial.params),
+        checkpoint=checkpoint,
+        seed=trial.user_attrs.get("seed"),
+        duration=duration,
+        attrs=dict(trial.user_attrs),
+    )
+
+
+def best_records(study: optuna.Study, spec: StudySpec, run_dir: Path) -> list[TrialRecord]:
+    """The kept trials, best first (one objective) or the Pareto front (several).
+
+    Raises:
+        LightstudyError: the study has no complete trial yet.
+    """
+    trials = study.get_trials(deepcopy=False)
+    ranked = _ranked(trials, spec)
+    if not ranked:
+        c = counts(trials)
+        raise LightstudyError(
+            f"study {spec.study.name!r} has no complete trial yet "
+            f"({c['running']} running, {c['pruned']} pruned, {c['fail']} failed)",
+            fix="wait for a trial to finish, or run workers: lightstudy worker --study "
+            f"{spec.study.name}",
+        )
+    kept = {t.number for t in kept_trials(trials, spec)}
+    return [trial_record(t, run_dir, kept) for t in ranked]
+
+
+def _ranked(trials: Sequence[FrozenTrial], spec: StudySpec) -> list[FrozenTrial]:
+    """Complete trials best first; for several objectives, the Pareto front by number."""
+    from optuna.trial import TrialState
+
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None]
+    if spec.study.is_multi_objective:
+        return pareto_front(done, spec.study.directions)
+    sign = -1.0 if spec.study.direction == "maximize" else 1.0
+    return sorted(done, key=lambda t: (sign * float(t.values[0]), t.number))
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_value(v) for v in value)
+    return str(value)

@@ -1,0 +1,268 @@
+"""One trial, run inside its own process: config → LightningCLI → Trainer.fit → metric value.
+
+The worker samples the parameters and owns the trial's state in the database; this process
+builds the model, data module and Trainer from the spec's config with the parameters applied at
+their dotted paths, trains with the pruning, checkpoint and guard callbacks, and sends back a
+:class:`TrialOutcome`. Anything it raises becomes a failed outcome with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrialJob", "TrialOutcome", "run_trial", "trial_dir_name", "trial_main"]
+
+_log = logging.getLogger(__name__)
+
+
+def trial_dir_name(root_number: int) -> str:
+    """Folder of a trial (and of its retries) relative to the run folder."""
+    return f"trials/trial-{root_number:04d}"
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """Everything the trial process needs, sent to it by the worker."""
+
+    storage_url: str
+    study_name: str
+    trial_id: int
+    number: int
+    spec: dict[str, Any]  # StudySpec.to_dict()
+    params: dict[str, Any]
+    seed: int | None
+    run_dir: str
+    trial_dir: str  # relative to run_dir
+    resume: str | None = None  # checkpoint to continue from (a retry)
+    threads: int | None = None  # torch threads on CPU
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class TrialOutcome:
+    """What the trial process reports back to the worker."""
+
+    state: str  # complete, pruned, failed or interrupted
+    values: list[float] | None = None
+    checkpoint: str | None = None  # best checkpoint, relative to the run folder
+    reason: str | None = None  # why it failed or was interrupted
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def trial_main(job: TrialJob, conn: Any) -> None:
+    """Entry point of the trial process: run the trial, send the outcome, exit."""
+    from lightstudy.callbacks import install_stop_handlers
+
+    install_stop_handlers()
+    _die_with_parent()
+    sys.argv = sys.argv[:1]  # the worker's flags are not LightningCLI arguments
+    log_path = Path(job.run_dir) / job.trial_dir / "trial.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    try:
+        outcome = run_trial(job)
+    except BaseException as e:  # never let the worker guess what happened
+        traceback.print_exc()
+        outcome = TrialOutcome("failed", reason=_describe(e))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    conn.send(outcome)
+    conn.close()
+
+
+def run_trial(job: TrialJob) -> TrialOutcome:
+    """Train one trial and return its outcome (pruned and failed ones included)."""
+    import optuna
+
+    from lightstudy.errors import LightstudyError
+
+    timings = {"start": time.time() - job.started}
+    print(f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()}, params {job.params}",
+          flush=True)
+    t = time.time()
+    trial = _open_trial(job)
+    timings["storage"] = time.time() - t
+    try:
+        return _train(job, trial, timings)
+    except optuna.TrialPruned as e:
+        print(f"pruned: {e}", flush=True)
+        return TrialOutcome("pruned", reason=str(e), timings=timings)
+    except LightstudyError as e:
+        print(f"failed: {e}", flush=True)
+        return TrialOutcome("failed", reason=str(e), timings=timings)
+    except Exception as e:
+        from lightstudy.callbacks import TrialInterrupted
+
+        if isinstance(e, TrialInterrupted):
+            print(f"interrupted: {e}", flush=True)
+            return TrialOutcome("interrupted", reason=str(e), timings=timings)
+        traceback.print_exc()
+        return TrialOutcome("failed", reason=_describe(e), timings=timings)
+
+
+def _open_trial(job: TrialJob) -> Any:
+    import optuna
+
+    from lightstudy.components import build_pruner
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.storage import open_storage
+
+    spec = spec_from_dict(job.spec, source=f"study {job.study_name!r}")
+    storage = open_storage(job.storage_url, create=False)
+    study = optuna.load_study(
+        study_name=job.study_name,
+        storage=storage,
+        sampler=optuna.samplers.RandomSampler(),  # parameters were sampled by the worker
+        pruner=build_pruner(spec),
+    )
+    return optuna.Trial(study, job.trial_id)
+
+
+def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome:
+    import torch
+
+    from lightstudy.callbacks import checkpoint_callback, guard_callback, pruning_callback
+    from lightstudy.lightning_config import build, lightning_namespace
+    from lightstudy.search_space import apply_params
+    from lightstudy.spec import spec_from_dict
+
+    t = time.time()
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    spec = spec_from_dict(job.spec, source=f"study {job.study_name!r}")
+    settings = spec.study
+    run_dir = Path(job.run_dir)
+    trial_dir = run_dir / job.trial_dir
+    ckpt_dir = trial_dir / "checkpoints"
+    config = apply_params(spec.lightning_config(), job.params)
+    namespace = lightning_namespace(config)
+    _add_trial_defaults(config, namespace, run_dir, job.trial_dir)
+    metrics = list(settings.metrics)
+    monitor = None if settings.is_multi_objective else settings.metric
+    mode = "max" if settings.direction == "maximize" else "min"
+    checkpoint = checkpoint_callback(namespace, ckpt_dir, monitor, mode)
+    callbacks = [guard_callback(namespace, metrics, ckpt_dir / "last.ckpt"), checkpoint]
+    if not settings.is_multi_objective:
+        callbacks.insert(0, pruning_callback(namespace, trial, settings.metric))
+    built = build(config, callbacks=callbacks, seed=job.seed)
+    trial.set_user_attr("config", built.config)
+    trial.set_user_attr("versions", _versions(namespace))
+    timings["setup"] = time.time() - t
+
+    t = time.time()
+    if job.resume:
+        epoch = _checkpoint_epoch(job.resume)
+        print(f"resuming from {job.resume} (saved at epoch {epoch}; training continues from there)",
+              flush=True)
+    built.trainer.fit(built.model, datamodule=built.datamodule, ckpt_path=job.resume)
+    timings["fit"] = time.time() - t
+    print(f"training ended at epoch {built.trainer.current_epoch}", flush=True)
+
+    if settings.is_multi_objective:
+        values = [float(built.trainer.callback_metrics[m]) for m in metrics]
+        best_path = checkpoint.last_model_path
+    else:
+        if checkpoint.best_model_score is None:
+            from lightstudy.errors import TrialError
+
+            logged = ", ".join(sorted(built.trainer.callback_metrics)) or "none"
+            raise TrialError(
+                f"no validation score for {settings.metric!r} was recorded (logged: {logged})",
+                fix="make sure validation runs (val_dataloader, limit_val_batches > 0)",
+            )
+        values = [float(checkpoint.best_model_score)]
+        best_path = checkpoint.best_model_path
+    rel = os.path.relpath(best_path, run_dir) if best_path else None
+    timings["checkpoint"] = 0.0  # written during fit by ModelCheckpoint; counted in fit
+    print(f"finished: {dict(zip(metrics, values))}, checkpoint {rel}", flush=True)
+    return TrialOutcome("complete", values=values, checkpoint=rel, timings=timings)
+
+
+def _add_trial_defaults(config: dict[str, Any], namespace: str, run_dir: Path, trial_dir: str) -> None:
+    """One folder per trial for logs; no progress bars in worker logs (the user's choice wins)."""
+    trainer = config.get("trainer") or {}
+    config["trainer"] = trainer
+    trainer.setdefault("default_root_dir", str(run_dir / trial_dir))
+    trainer.setdefault("enable_progress_bar", False)
+    trainer.setdefault("enable_model_summary", False)
+    if "logger" not in trainer:
+        name, version = os.path.split(trial_dir)
+        try:
+            import tensorboard  # noqa: F401
+
+            logger = "TensorBoardLogger"
+            extra = {"default_hp_metric": False}
+        except ImportError:
+            logger, extra = "CSVLogger", {}
+        trainer["logger"] = {
+            "class_path": f"{namespace}.loggers.{logger}",
+            "init_args": {"save_dir": str(run_dir), "name": name, "version": version, **extra},
+        }
+
+
+def _versions(namespace: str) -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for dist in ("lightstudy", "torch", "torchvision", "lightning", "pytorch-lightning", "optuna",
+                 "optuna-integration", "torchmetrics", "jsonargparse"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    import torch
+
+    out["cuda"] = str(torch.version.cuda)
+    out["namespace"] = namespace
+    return out
+
+
+def _checkpoint_epoch(path: str) -> int | None:
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return ckpt.get("epoch")
+
+
+def _describe(e: BaseException) -> str:
+    """``ValueError: message (at module.py:12 in function)``, short enough for a trial attr."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = ""
+    if frames:
+        last = frames[-1]
+        where = f" (at {Path(last.filename).name}:{last.lineno} in {last.name})"
+    message = " ".join(str(e).split()) or "no message"
+    text = f"{type(e).__name__}: {message}{where}"
+    return text if len(text) <= 1000 else text[:997] + "..."
+
+
+def _die_with_parent() -> None:
+    """Linux: die with the process that started this one, never train on as an orphan."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        return

@@ -1,0 +1,390 @@
+"""The worker: a long-lived process that claims trials and runs each in its own child process.
+
+Children start from a forkserver that has torch, Lightning and the user's modules imported, so
+a trial starts warm (tens of milliseconds) yet GPU memory, leaks and crashes stay with the trial.
+The worker itself never imports torch and never touches CUDA. It owns the trial's state in the
+database: it samples the parameters, sends heartbeats while the child trains, and tells Optuna
+the outcome; a child that dies (signal, out of memory) fails its trial, which is retried from
+its last checkpoint. SIGTERM/SIGINT: stop claiming, have the child save a checkpoint, hand the
+trial back for a retry, exit 0; a second signal kills the child at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightstudy.checkpoints import (
+    CHECKPOINT_ATTR,
+    TRIAL_DIR_ATTR,
+    enforce_retention,
+    lineage_root,
+    remove_checkpoints,
+)
+from lightstudy.storage import open_storage, retry_db
+from lightstudy.study import load_study
+from lightstudy.trial import TrialJob, TrialOutcome, trial_dir_name, trial_main
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = ["Worker", "WorkerReport"]
+
+POLL_INTERVAL = 2.0  # seconds between budget checks while other workers' trials run
+# User attrs that describe one attempt; a retry does not inherit them.
+ATTEMPT_ATTRS = ("fail_reason", "interrupted", "timings", CHECKPOINT_ATTR, "worker", "gpu",
+                 "resumed_from", "config", "versions")
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerReport:
+    """What one worker did."""
+
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    interrupted: int = 0
+    trials: list[int] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.complete + self.pruned + self.failed + self.interrupted
+
+
+class Worker:
+    """Runs trials of one study until its study-wide budget is spent.
+
+    Args:
+        url: Storage URL of the study database.
+        study_name: The study (created by ``lightstudy create``/``run``).
+        run_dir: Run folder for checkpoints and logs; default: the spec's (``runs/<name>``).
+        gpu: The GPU(s) this worker owns (a ``CUDA_VISIBLE_DEVICES`` value), recorded on trials.
+        threads: torch threads per trial on CPU (default: torch's own choice).
+        max_trials: Stop after this many trials of this worker (default: no limit).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        study_name: str,
+        *,
+        run_dir: str | Path | None = None,
+        gpu: str | None = None,
+        threads: int | None = None,
+        max_trials: int | None = None,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        self.url = url
+        self.study_name = study_name
+        self.gpu = gpu
+        self.threads = threads
+        self.max_trials = max_trials
+        self.poll_interval = poll_interval
+        self.report = WorkerReport()
+        self._storage = open_storage(url, create=False)
+        self.study, self.spec = load_study(url, study_name, storage=self._storage)
+        self.run_dir = Path(run_dir or self.spec.run_dir).resolve()
+        self._signals = 0
+        self._child: Any = None
+        self._ctx: Any = None
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> WorkerReport:
+        """Claim and run trials until the study is done, the worker's limit, or a signal."""
+        previous = self._install_signal_handlers()
+        try:
+            while not self._signals:
+                if self.max_trials is not None and self.report.total >= self.max_trials:
+                    break
+                trial, budget = retry_db(lambda: self._claim(), what="claim a trial")
+                if trial is None:
+                    if budget.done:
+                        _log.info("study %s is done (%d trials counted)", self.study_name, budget.used)
+                        break
+                    self._sleep(self.poll_interval)  # others still run trials that may be retried
+                    continue
+                self._run_one(trial)
+        finally:
+            self._restore_signal_handlers(previous)
+        return self.report
+
+    def _claim(self) -> tuple[optuna.Trial | None, Any]:
+        from lightstudy.study import claim_trial
+
+        return claim_trial(self.study, self.spec)
+
+    def _run_one(self, trial: optuna.Trial) -> None:
+        frozen = self._storage.get_trial(trial._trial_id)
+        root = lineage_root(frozen)
+        trial_dir = trial_dir_name(root)
+        resume, resumed_trial = None, None
+        history = frozen.system_attrs.get("retry_history") or []
+        last = self.run_dir / trial_dir / "checkpoints" / "last.ckpt"
+        if history and last.exists():
+            resume, resumed_trial = str(last), history[-1]
+        seed = frozen.user_attrs.get("seed")
+        if seed is None and self.spec.study.seed is not None:
+            seed = (self.spec.study.seed + root) % 2**31
+        attrs = {
+            "seed": seed,
+            "worker": f"{socket.gethostname()}:{os.getpid()}",
+            "gpu": self.gpu,
+            TRIAL_DIR_ATTR: trial_dir,
+        }
+        if resumed_trial is not None:
+            attrs["resumed_from"] = {"trial": resumed_trial, "checkpoint": os.path.relpath(last, self.run_dir)}
+        for key, value in attrs.items():
+            retry_db(lambda k=key, v=value: trial.set_user_attr(k, v), what="record the trial")
+        job = TrialJob(
+            storage_url=self.url,
+            study_name=self.study_name,
+            trial_id=trial._trial_id,
+            number=trial.number,
+            spec=self.spec.to_dict(),
+            params=dict(trial.params),
+            seed=seed,
+            run_dir=str(self.run_dir),
+            trial_dir=trial_dir,
+            resume=resume,
+            threads=self.threads,
+        )
+        _log.info("trial %d started%s: %s", trial.number,
+                  f" (retry of {resumed_trial}, resuming)" if resume else "", _short(job.params))
+        start = time.time()
+        with _Heartbeat(self._storage, trial._trial_id, self.spec.study.heartbeat_interval):
+            outcome, reason = self._run_child(job)
+        self._finish(trial, outcome, reason, trial_dir, time.time() - start)
+
+    # --- the trial process ------------------------------------------------------------------
+
+    def _context(self) -> Any:
+        if self._ctx is None:
+            # NVML answers "is there a GPU?" without initializing CUDA in the warm process.
+            os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+            ctx = multiprocessing.get_context("forkserver")
+            # (not "__main__": Python 3.11 never passes its path to the forkserver; the CLI
+            # script a child re-runs as its main module only imports lightstudy.cli, preloaded.)
+            ctx.set_forkserver_preload(["lightstudy._warm", "lightstudy.cli", *self._user_modules()])
+            self._ctx = ctx
+        return self._ctx
+
+    def _user_modules(self) -> list[str]:
+        modules = []
+        for section in ("model", "data"):
+            value = self.spec.config.get(section)
+            if isinstance(value, dict) and isinstance(value.get("class_path"), str):
+                modules.append(value["class_path"].rpartition(".")[0])
+        return modules
+
+    def _run_child(self, job: TrialJob) -> tuple[TrialOutcome | None, str | None]:
+        """Run the trial process to its end; (outcome, None) or (None, why it died)."""
+        ctx = self._context()
+        receiver, sender = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=trial_main, args=(job, sender), name=f"trial-{job.number}")
+        child.start()
+        sender.close()
+        self._child = child
+        limit = self.spec.study.trial_timeout
+        deadline = time.monotonic() + limit if limit else None
+        outcome: TrialOutcome | None = None
+        reason: str | None = None
+        try:
+            while True:
+                if receiver.poll(0.2):
+                    try:
+                        outcome = receiver.recv()
+                    except (EOFError, OSError):
+                        outcome = None
+                    break
+                if not child.is_alive():
+                    child.join()
+                    if receiver.poll(0):
+                        outcome = receiver.recv()
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    child.kill()
+                    child.join()
+                    reason = (f"exceeded study.trial_timeout ({limit:g} s); the trial process "
+                              "was killed")
+                    break
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()
+                child.join()
+            if outcome is None and reason is None:
+                reason = _exit_reason(child.exitcode)
+        finally:
+            self._child = None
+            receiver.close()
+        return outcome, reason
+
+    # --- telling Optuna ---------------------------------------------------------------------
+
+    def _finish(self, trial: optuna.Trial, outcome: TrialOutcome | None, reason: str | None,
+                trial_dir: str, seconds: float) -> None:
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        state = outcome.state if outcome is not None else ("timeout" if reason and "timeout" in reason
+                                                           else "died")
+        attrs: dict[str, Any] = {}
+        if outcome is not None:
+            attrs["timings"] = {k: round(v, 4) for k, v in outcome.timings.items()}
+        try:
+            if state == "complete":
+                assert outcome is not None and outcome.values is not None
+                attrs[CHECKPOINT_ATTR] = outcome.checkpoint
+                self._set_attrs(trial, attrs)
+                retry_db(lambda: self.study.tell(trial, outcome.values), what="tell")
+                self.report.complete += 1
+                (self.run_dir / trial_dir / "checkpoints" / "last.ckpt").unlink(missing_ok=True)
+                retry_db(lambda: enforce_retention(self.study, self.spec, self.run_dir), what="retention")
+                _log.info("trial %d complete: %s=%s in %.1fs", trial.number,
+                          ",".join(self.spec.study.metrics), _fmt(outcome.values), seconds)
+            elif state == "pruned":
+                self._set_attrs(trial, attrs)
+                retry_db(lambda: self.study.tell(trial, state=TrialState.PRUNED), what="tell")
+                self.report.pruned += 1
+                remove_checkpoints(self.run_dir, trial_dir)
+                _log.info("trial %d pruned in %.1fs (%s)", trial.number, seconds,
+                          outcome.reason if outcome else "")
+            elif state == "interrupted" or (state == "died" and self._signals):
+                attrs["interrupted"] = True
+                attrs["fail_reason"] = (outcome.reason if outcome else reason) or "stopped by signal"
+                self._set_attrs(trial, attrs)
+                retry_db(lambda: self.study.tell(trial, state=TrialState.FAIL), what="tell")
+                self._retry(trial, max_retry=None)
+                self.report.interrupted += 1
+                _log.info("trial %d handed back for a retry (%s)", trial.number, attrs["fail_reason"])
+            else:
+                why = (outcome.reason if outcome else reason) or "unknown"
+                attrs["fail_reason"] = why
+                self._set_attrs(trial, attrs)
+                retry_db(lambda: self.study.tell(trial, state=TrialState.FAIL), what="tell")
+                retried = state == "died" and self._retry(trial, max_retry=self.spec.study.max_retry)
+                if not retried:
+                    remove_checkpoints(self.run_dir, trial_dir)
+                self.report.failed += 1
+                _log.warning("trial %d failed%s: %s", trial.number, " (will be retried)" if retried else "", why)
+        except UpdateFinishedTrialError:
+            # The database was away longer than the grace period and another worker failed the
+            # trial as stale (and retried it); its outcome here is lost, the study is not.
+            _log.warning("trial %d was failed as stale by another worker meanwhile", trial.number)
+        self.report.trials.append(trial.number)
+
+    def _set_attrs(self, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+        for key, value in attrs.items():
+            retry_db(lambda k=key, v=value: trial.set_user_attr(k, v), what="record the trial")
+
+    def _retry(self, trial: optuna.Trial, *, max_retry: int | None) -> bool:
+        """Queue a WAITING copy of a failed trial (same params, inherited intermediate values)."""
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        frozen = copy.deepcopy(self._storage.get_trial(trial._trial_id))
+        frozen.user_attrs = {k: v for k, v in frozen.user_attrs.items() if k not in ATTEMPT_ATTRS}
+        before = len(self.study.get_trials(deepcopy=False))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            callback = RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)
+            retry_db(lambda: callback(self.study, frozen), what="retry")
+        return len(self.study.get_trials(deepcopy=False)) > before
+
+    # --- signals ----------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals += 1
+        child = self._child
+        if self._signals == 1:
+            _log.warning("%s: no new trials; the running one saves a checkpoint and is handed back "
+                         "(signal again to stop at once)", signal.Signals(signum).name)
+            if child is not None and child.pid:
+                with contextlib.suppress(OSError):
+                    os.kill(child.pid, signal.SIGTERM)
+        elif child is not None:
+            _log.warning("second signal: stopping the trial at once")
+            with contextlib.suppress(OSError):
+                child.kill()
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
+
+    def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self._signals and time.monotonic() < end:
+            time.sleep(0.1)
+
+    @property
+    def stopped_by_signal(self) -> bool:
+        return self._signals > 0
+
+
+class _Heartbeat:
+    """Records the trial's heartbeat every ``interval`` seconds while the trial process runs."""
+
+    def __init__(self, storage: Any, trial_id: int, interval: float) -> None:
+        self._storage = storage
+        self._trial_id = trial_id
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+            except Exception as e:  # the database may be restarting: keep trying
+                _log.warning("heartbeat of trial %d failed: %s", self._trial_id, str(e).splitlines()[0][:200])
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "the trial process did not exit"
+    if exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
+        return f"the trial process was killed by {name}{hint}"
+    return f"the trial process exited with code {exitcode} without reporting a result"
+
+
+def _short(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in params.items())
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_fmt(v) for v in value)
+    return str(value)
+
