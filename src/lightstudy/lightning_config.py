@@ -11,6 +11,7 @@ one subclassing ``lightning.pytorch.LightningModule`` by ``lightning.pytorch``'s
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import io
@@ -104,6 +105,7 @@ def _import_for_spec(source: str, key: str, path: str) -> type:
                         fix="fix the module so that it imports") from e
 
 
+@functools.cache
 def _cli_classes(namespace: str) -> tuple[type, type]:
     """(LightningCLI, a LightningCLI that parses but instantiates nothing) of a namespace."""
     cli_module = importlib.import_module(f"{namespace}.cli")
@@ -114,6 +116,19 @@ def _cli_classes(namespace: str) -> tuple[type, type]:
             pass
 
     return base, ParseOnlyCLI
+
+
+@contextlib.contextmanager
+def _own_argv() -> Iterator[None]:
+    """LightningCLI warns when ``args`` is given while sys.argv has flags (the worker's own)."""
+    import sys
+
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 @contextlib.contextmanager
@@ -140,7 +155,7 @@ def parse_config(config: Mapping[str, Any], namespace: str) -> Any:
     """
     _, parse_only = _cli_classes(namespace)
     try:
-        with _quiet():
+        with _quiet(), _own_argv():
             return parse_only(args=dict(config), run=False, save_config_callback=None,
                               seed_everything_default=False,
                               parser_kwargs={"exit_on_error": False})
@@ -182,8 +197,9 @@ def check_spec(spec: StudySpec) -> None:
     try:
         cli = parse_config(config, namespace)
     except ValueError as e:
-        raise SpecError(source, "config", f"LightningCLI rejects the config: {e}",
-                        fix="correct the trainer/model/data sections") from e
+        key, reason = _explain(str(e))
+        raise SpecError(source, key or "config", f"LightningCLI rejects it: {reason}",
+                        fix="give a value of the type the class argument declares") from e
     defaults = {p.path: p.candidates()[0] for p in spec.search_space}
     for param in spec.search_space:
         for value in param.candidates():
@@ -193,8 +209,23 @@ def check_spec(spec: StudySpec) -> None:
                     cli.parser.parse_object(candidate)
             except (Exception, SystemExit) as e:
                 raise SpecError(source, f'search_space["{param.path}"]',
-                                f"LightningCLI rejects the value {value!r} at this path: {_one_line(e)}",
+                                f"LightningCLI rejects this value: {_explain(_one_line(e))[1]}",
                                 value, fix="use values of the type the class argument declares") from e
+
+
+def _explain(text: str) -> tuple[str | None, str]:
+    """The config key and the reason inside jsonargparse's nested Union message."""
+    import re
+
+    outer = re.match(r'Parser key "([^"]+)"', text)
+    inner = re.search(r"Problem with given class_path '([^']+)':\s*Parser key \"([^\"]+)\":\s*(.+?)"
+                      r"(?:\s+- Expected a <class 'NoneType'>.*)?$", text)
+    if outer and inner:
+        return (f"{outer.group(1)}.init_args.{inner.group(2)}",
+                f"{inner.group(3).strip()} ({inner.group(1)})")
+    if outer:
+        return outer.group(1), text[outer.end():].lstrip(": ")
+    return None, text
 
 
 def _check_init_args(source: str, section: str, value: Mapping[str, Any]) -> None:
@@ -217,7 +248,8 @@ def _check_arg_names(source: str, key: str, cls: type, given: Sequence[str], pat
         return
     for arg in given:
         if arg not in names:
-            raise SpecError(source, key, f"{path} takes no argument {arg!r}", arg,
+            where = key if key.startswith("search_space") else f"{key}.{arg}"
+            raise SpecError(source, where, f"is not an argument of {path}", arg,
                             fix="use one of " + ", ".join(names))
 
 
@@ -238,14 +270,15 @@ def build(config: Mapping[str, Any], *, callbacks: Sequence[Any], seed: int | No
     """
     namespace = lightning_namespace(config)
     cli_cls, _ = _cli_classes(namespace)
-    cli = cli_cls(
-        args=dict(config),
-        run=False,
-        save_config_callback=None,
-        trainer_defaults={"callbacks": list(callbacks)},
-        seed_everything_default=seed if seed is not None else True,
-        parser_kwargs={"exit_on_error": False},
-    )
+    with _own_argv():
+        cli = cli_cls(
+            args=dict(config),
+            run=False,
+            save_config_callback=None,
+            trainer_defaults={"callbacks": list(callbacks)},
+            seed_everything_default=seed if seed is not None else True,
+            parser_kwargs={"exit_on_error": False},
+        )
     import yaml
 
     resolved = yaml.safe_load(cli.parser.dump(cli.config, skip_link_targets=False))

@@ -166,9 +166,14 @@ def load_spec(path: str | Path) -> StudySpec:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        # The context mark (where an unclosed bracket opened) is where the fix goes.
+        mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context = getattr(e, "context", None)
+        problem_mark = getattr(e, "problem_mark", None)
+        if context and problem_mark is not None:
+            problem = f"{context}: {problem} at line {problem_mark.line + 1}"
         raise SpecError(
             source, where, f"is not valid YAML ({problem})", fix="correct the YAML syntax there"
         ) from e
@@ -249,7 +254,7 @@ def _parse_study(source: str, raw: Any) -> StudySettings:
         name=name,
         directions=directions,
         metrics=metrics,
-        storage=_optional(source, raw, "storage", str, "a SQLAlchemy URL such as sqlite:///runs/x/study.db"),
+        storage=_storage(source, raw),
         n_trials=_positive_int(source, raw, "n_trials"),
         timeout=_positive_number(source, raw, "timeout"),
         seed=_seed(source, raw),
@@ -373,6 +378,20 @@ def _optional(source: str, raw: Mapping[str, Any], key: str, kind: type, what: s
     if value is not None and not isinstance(value, kind):
         raise SpecError(source, f"study.{key}", f"must be {what}", value, fix=f"set {key}: to {what}")
     return value
+
+
+def _storage(source: str, raw: Mapping[str, Any]) -> str | None:
+    from lightstudy.errors import StorageError
+    from lightstudy.storage import check_url, redact
+
+    url = _optional(source, raw, "storage", str, "a SQLAlchemy URL such as sqlite:///runs/x/study.db")
+    if url is not None:
+        try:
+            check_url(url)
+        except StorageError as e:
+            raise SpecError(source, "study.storage", e.message.split(": ", 1)[-1], redact(url),
+                            fix=e.fix) from e
+    return url  # type: ignore[no-any-return]
 
 
 def _positive_int(source: str, raw: Mapping[str, Any], key: str) -> int | None:

@@ -62,8 +62,7 @@ def trial_main(job: TrialJob, conn: Any) -> None:
     from lightstudy.callbacks import install_stop_handlers
 
     install_stop_handlers()
-    _die_with_parent()
-    sys.argv = sys.argv[:1]  # the worker's flags are not LightningCLI arguments
+    _die_with_worker(conn)
     log_path = Path(job.run_dir) / job.trial_dir / "trial.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -254,15 +253,22 @@ def _describe(e: BaseException) -> str:
     return text if len(text) <= 1000 else text[:997] + "..."
 
 
-def _die_with_parent() -> None:
-    """Linux: die with the process that started this one, never train on as an orphan."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
+def _die_with_worker(conn: Any) -> None:
+    """Never train on as an orphan: die as soon as nobody can read this trial's result.
 
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        return
+    The worker holds the only read end of ``conn``; when it dies (even by SIGKILL) the write end
+    reports POLLERR. (PR_SET_PDEATHSIG would watch the forkserver, which outlives the worker.)
+    """
+    import select
+    import signal
+    import threading
+
+    poller = select.poll()
+    poller.register(conn.fileno(), 0)  # no events asked: wakes only on POLLERR/POLLHUP
+
+    def watch() -> None:
+        while True:
+            if poller.poll(1000):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="worker-watchdog", daemon=True).start()

@@ -1,0 +1,51 @@
+"""LightningModules that misbehave on purpose, for the trial and worker tests (importable by class path)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from lightstudy.examples import ConvNet
+
+
+class NaNNet(ConvNet):
+    """Its training loss becomes NaN at the first step."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) * float("nan")
+
+
+class RaisingNet(ConvNet):
+    """Raises in the first training step."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        raise ValueError("boom: the model raised on purpose")
+
+
+class OOMNet(ConvNet):
+    """Raises CUDA's out-of-memory error, as a GPU that ran out would."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+class SilentNet(ConvNet):
+    """Logs no val_acc: the study metric is missing."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(x), y))
+
+
+class SlowNet(ConvNet):
+    """Sleeps ``step_sleep`` seconds per training step, so a test can interrupt it mid-trial."""
+
+    def __init__(self, step_sleep: float = 0.05, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.step_sleep = step_sleep
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        time.sleep(self.step_sleep)
+        return super().training_step(batch, batch_idx)

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lightstudy.errors import StorageError
+from lightstudy.storage import (
+    ENV_VAR,
+    check_url,
+    claim_lock,
+    open_storage,
+    redact,
+    resolve_url,
+    retry_db,
+    sqlite_path,
+)
+
+
+def test_resolution_order_flag_env_spec_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_url(None, None, "runs/x") == "sqlite:///runs/x/study.db"
+    assert resolve_url(None, "sqlite:///spec.db", "runs/x") == "sqlite:///spec.db"
+    monkeypatch.setenv(ENV_VAR, "sqlite:///env.db")
+    assert resolve_url(None, "sqlite:///spec.db", "runs/x") == "sqlite:///env.db"
+    assert resolve_url("sqlite:///flag.db", "sqlite:///spec.db", "runs/x") == "sqlite:///flag.db"
+    monkeypatch.delenv(ENV_VAR)
+    with pytest.raises(StorageError, match="no storage given"):
+        resolve_url(None, None, None)
+
+
+def test_passwords_never_shown() -> None:
+    url = "postgresql+psycopg://alice:s3cret@db.example:5432/studies"
+    assert "s3cret" not in redact(url)
+    assert "alice" in redact(url)
+    with pytest.raises(StorageError) as info:
+        check_url("mongodb://alice:s3cret@db/x")
+    assert "s3cret" not in str(info.value)
+
+
+def test_unreachable_postgres_error_hides_password() -> None:
+    with pytest.raises(StorageError) as info:
+        open_storage("postgresql+psycopg://alice:s3cret@127.0.0.1:1/none")
+    assert "s3cret" not in str(info.value)
+    assert "cannot open storage" in str(info.value)
+
+
+def test_sqlite_is_created_in_wal_mode(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a' / 'study.db'}"
+    open_storage(url)
+    path = sqlite_path(url)
+    assert path is not None and path.exists()
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_reading_a_missing_sqlite_database_creates_nothing(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="no study database"):
+        open_storage(f"sqlite:///{tmp_path / 'none.db'}", create=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_file_that_is_not_sqlite_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "study.db"
+    path.write_bytes(b"not a database" * 100)
+    with pytest.raises(StorageError, match="not a SQLite database"):
+        open_storage(f"sqlite:///{path}")
+    assert path.read_bytes() == b"not a database" * 100
+
+
+def _exclusive(url: str) -> None:
+    storage = open_storage(url)
+    inside = []
+    overlaps = []
+
+    def hold() -> None:
+        with claim_lock(storage, "s"):
+            if inside:
+                overlaps.append(True)
+            inside.append(1)
+            time.sleep(0.05)
+            inside.pop()
+
+    threads = [threading.Thread(target=hold) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not overlaps
+
+
+def test_claim_lock_is_exclusive_on_sqlite(sqlite_url: str) -> None:
+    _exclusive(sqlite_url)
+
+
+@pytest.mark.postgres
+def test_claim_lock_is_exclusive_on_postgres(pg_url: str) -> None:
+    _exclusive(pg_url)
+
+
+def test_retry_db_retries_connection_errors_only() -> None:
+    import sqlalchemy.exc
+
+    calls = []
+
+    def flaky() -> int:
+        calls.append(1)
+        if len(calls) < 3:
+            raise sqlalchemy.exc.OperationalError("select", {}, Exception("server closed the connection"))
+        return 7
+
+    assert retry_db(flaky, what="test") == 7
+    assert len(calls) == 3
+    with pytest.raises(ValueError):
+        retry_db(lambda: (_ for _ in ()).throw(ValueError("no")), what="test")

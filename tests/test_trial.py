@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import tiny_spec
+from lightstudy.spec import spec_from_dict
+from lightstudy.study import claim_trial, create_study, load_study
+from lightstudy.trial import TrialJob, TrialOutcome, run_trial, trial_dir_name
+
+
+def _run(tmp_path: Path, doc: dict[str, Any]) -> tuple[TrialOutcome, Any]:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = spec_from_dict(doc)
+    create_study(spec, url)
+    study, spec = load_study(url, spec.study.name)
+    trial, _ = claim_trial(study, spec)
+    assert trial is not None
+    job = TrialJob(storage_url=url, study_name=spec.study.name, trial_id=trial._trial_id,
+                   number=trial.number, spec=spec.to_dict(), params=dict(trial.params), seed=7,
+                   run_dir=str(tmp_path / "run"), trial_dir=trial_dir_name(trial.number), threads=1)
+    return run_trial(job), study.get_trials()[0]
+
+
+def test_a_trial_trains_and_records_config_and_versions(tmp_path: Path) -> None:
+    outcome, frozen = _run(tmp_path, tiny_spec())
+    assert outcome.state == "complete", outcome.reason
+    assert outcome.values is not None and 0.0 < outcome.values[0] <= 1.0
+    assert outcome.checkpoint and (tmp_path / "run" / outcome.checkpoint).exists()
+    assert frozen.user_attrs["config"]["model"]["init_args"]["lr"] == frozen.params["model.init_args.lr"]
+    assert frozen.user_attrs["config"]["data"]["init_args"]["batch_size"] == frozen.params["data.init_args.batch_size"]
+    assert frozen.user_attrs["versions"]["namespace"] == "lightning.pytorch"
+    assert set(frozen.intermediate_values) == {0, 1}  # val_acc reported every epoch
+    assert (tmp_path / "run" / "trials" / "trial-0000").is_dir()  # one log folder per trial
+
+
+def test_pytorch_lightning_namespace_trains_with_its_own_trainer(tmp_path: Path) -> None:
+    doc = tiny_spec()
+    doc["model"]["class_path"] = "lightstudy.examples.classic.ConvNet"
+    doc["data"]["class_path"] = "lightstudy.examples.classic.DigitsDataModule"
+    outcome, frozen = _run(tmp_path, doc)
+    assert outcome.state == "complete", outcome.reason
+    assert frozen.user_attrs["versions"]["namespace"] == "pytorch_lightning"
+    assert set(frozen.intermediate_values) == {0, 1}
+
+
+def test_pruned_trial_ends_pruned(tmp_path: Path) -> None:
+    doc = tiny_spec(pruner={"name": "ThresholdPruner", "lower": 2.0})
+    outcome, _ = _run(tmp_path, doc)
+    assert outcome.state == "pruned"
+    assert "epoch 0" in (outcome.reason or "")
+
+
+def test_missing_metric_lists_the_logged_ones(tmp_path: Path) -> None:
+    doc = tiny_spec()
+    doc["model"]["class_path"] = "lightstudy_testing_models.SilentNet"
+    outcome, _ = _run(tmp_path, doc)
+    assert outcome.state == "failed"
+    assert "'val_acc' was not logged" in (outcome.reason or "")
+    assert "val_loss" in (outcome.reason or "")
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        ("NaNNet", "training loss became nan"),
+        ("RaisingNet", "ValueError: boom: the model raised on purpose"),
+        ("OOMNet", "OutOfMemoryError: CUDA out of memory"),
+    ],
+)
+def test_failures_carry_a_readable_reason(tmp_path: Path, model: str, reason: str) -> None:
+    doc = tiny_spec()
+    doc["model"]["class_path"] = f"lightstudy_testing_models.{model}"
+    outcome, _ = _run(tmp_path, doc)
+    assert outcome.state == "failed"
+    assert reason in (outcome.reason or ""), outcome.reason

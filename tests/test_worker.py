@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from optuna.trial import TrialState
+
+from conftest import cli, tiny_spec, write_spec
+from lightstudy.spec import spec_from_dict
+from lightstudy.study import create_study, load_study
+from lightstudy.worker import Worker
+
+TESTS = str(Path(__file__).parent)
+
+
+def _slow(doc: dict[str, Any], step_sleep: float = 0.02, epochs: int = 6) -> dict[str, Any]:
+    doc["model"]["class_path"] = "lightstudy_testing_models.SlowNet"
+    doc["model"]["init_args"]["step_sleep"] = step_sleep
+    doc["trainer"]["max_epochs"] = epochs
+    return doc
+
+
+def _when(predicate: Any, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def test_worker_runs_the_study_to_its_budget(tmp_path: Path, sqlite_url: str) -> None:
+    create_study(spec_from_dict(tiny_spec(n_trials=3)), sqlite_url)
+    report = Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", threads=1).run()
+    assert (report.complete, report.failed) == (3, 0)
+    study, _ = load_study(sqlite_url, "tiny")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert len(list((tmp_path / "run").rglob("*.ckpt"))) == 2  # keep: 2, no last.ckpt left
+    for t in trials:
+        assert t.user_attrs["seed"] == t.number  # study seed 0 + trial number
+        assert t.user_attrs["trial_dir"] == f"trials/trial-{t.number:04d}"
+    # A second worker on a finished study exits at once.
+    assert Worker(sqlite_url, "tiny", run_dir=tmp_path / "run").run().total == 0
+
+
+def test_killed_trial_process_fails_is_retried_and_resumes(tmp_path: Path, sqlite_url: str) -> None:
+    create_study(spec_from_dict(_slow(tiny_spec(n_trials=1))), sqlite_url)
+    worker = Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", threads=1)
+    last = tmp_path / "run" / "trials" / "trial-0000" / "checkpoints" / "last.ckpt"
+    killed: list[int] = []
+
+    def kill_once_checkpointed() -> None:
+        _when(lambda: last.exists() and worker._child is not None)
+        time.sleep(0.3)
+        killed.append(worker._child.pid)
+        os.kill(worker._child.pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=kill_once_checkpointed)
+    thread.start()
+    report = worker.run()
+    thread.join()
+    assert killed
+    assert (report.failed, report.complete) == (1, 1)
+    study, _ = load_study(sqlite_url, "tiny")
+    first, retry = study.get_trials()
+    assert first.state == TrialState.FAIL
+    assert "killed by SIGKILL" in first.user_attrs["fail_reason"]
+    assert retry.state == TrialState.COMPLETE
+    assert retry.params == first.params
+    assert retry.user_attrs["resumed_from"]["trial"] == 0
+    assert set(first.intermediate_values) <= set(retry.intermediate_values)  # curves continue
+    log = (tmp_path / "run" / "trials" / "trial-0000" / "trial.log").read_text()
+    starts = [int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if line.startswith("training starts at epoch")]
+    assert starts[0] == 0 and starts[-1] > 0, log
+
+
+def test_trial_timeout_fails_the_trial_and_the_worker_goes_on(tmp_path: Path, sqlite_url: str) -> None:
+    doc = _slow(tiny_spec(n_trials=2, trial_timeout=3), step_sleep=0.5, epochs=50)
+    create_study(spec_from_dict(doc), sqlite_url)
+    report = Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", threads=1).run()
+    assert report.failed == 2
+    study, _ = load_study(sqlite_url, "tiny")
+    for t in study.get_trials():
+        assert t.state == TrialState.FAIL
+        assert "trial_timeout" in t.user_attrs["fail_reason"]
+
+
+@pytest.mark.slow
+def test_sigterm_hands_the_trial_back_and_exits_zero(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    create_study(spec_from_dict(_slow(tiny_spec(n_trials=1), step_sleep=0.05, epochs=8)), url)
+    env = {**os.environ, "PYTHONPATH": TESTS, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1"}
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "lightstudy", "worker", "--study", "tiny",
+                             "--run-dir", str(tmp_path / "run"), "--threads", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = tmp_path / "run" / "trials" / "trial-0000" / "checkpoints" / "last.ckpt"
+    _when(lambda: last.exists())
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    study, _ = load_study(url, "tiny")
+    first, retry = study.get_trials()
+    assert first.state == TrialState.FAIL and first.user_attrs["interrupted"] is True
+    assert retry.state == TrialState.WAITING
+    # Another worker finishes it, from the saved checkpoint.
+    result = cli("worker", "--study", "tiny", "--run-dir", str(tmp_path / "run"), "--threads", "1",
+                 env={"PYTHONPATH": TESTS, "LIGHTSTUDY_STORAGE": url})
+    assert result.returncode == 0, result.stderr
+    study, _ = load_study(url, "tiny")
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.get_trials()[1].user_attrs["resumed_from"]["trial"] == 0
+
+
+def _run_worker_subprocess(url: str, run_dir: Path) -> Any:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": TESTS, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lightstudy", "worker", "--study", "tiny",
+                             "--run-dir", str(run_dir), "--threads", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_kill_9_of_a_worker_is_reaped_retried_and_resumed(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url")
+    doc = _slow(tiny_spec(n_trials=2), step_sleep=0.03, epochs=6)
+    create_study(spec_from_dict(doc), url)
+    run_dir = tmp_path / "run"
+    victim = _run_worker_subprocess(url, run_dir)
+    last = run_dir / "trials" / "trial-0000" / "checkpoints" / "last.ckpt"
+    _when(lambda: last.exists())
+    victim.kill()  # kill -9 of the worker: its trial process dies with it
+    victim.wait()
+    survivor = _run_worker_subprocess(url, run_dir)
+    out, _ = survivor.communicate(timeout=300)
+    assert survivor.returncode == 0, out
+    study, _ = load_study(url, "tiny")
+    trials = study.get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 2
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    resumed = [t for t in trials if t.user_attrs.get("resumed_from")]
+    assert resumed and resumed[0].user_attrs["resumed_from"]["trial"] == 0
+    log = (run_dir / "trials" / "trial-0000" / "trial.log").read_text()
+    assert any(line.startswith("training starts at epoch") and not line.endswith(" 0")
+               for line in log.splitlines()), log
