@@ -14,8 +14,9 @@ def _complete(study: optuna.Study, run_dir: Path, number: int, value: float) -> 
     rel = f"trials/trial-{number:04d}/checkpoints/best.ckpt"
     (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
     (run_dir / rel).write_bytes(b"x")
-    study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=value,
-                                              user_attrs={"checkpoint": rel}))
+    study.add_trial(
+        optuna.trial.create_trial(state=TrialState.COMPLETE, value=value, user_attrs={"checkpoint": rel})
+    )
 
 
 def test_keeps_exactly_the_top_k_with_ties_by_number(tmp_path: Path) -> None:
@@ -38,8 +39,11 @@ def test_running_and_waiting_lineages_keep_their_files(tmp_path: Path) -> None:
     last.parent.mkdir(parents=True)
     last.write_bytes(b"x")
     study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
-    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING,
-                                              system_attrs={"failed_trial": 1, "retry_history": [1]}))
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING, system_attrs={"failed_trial": 1, "retry_history": [1]}
+        )
+    )
     assert lineage_root(study.get_trials()[2]) == 1
     enforce_retention(study, spec, tmp_path)
     assert last.exists()

@@ -14,16 +14,19 @@ def _spec(**study: object):
 
 
 def test_sampler_and_pruner_by_name_with_kwargs() -> None:
-    spec = _spec(sampler={"name": "TPESampler", "n_startup_trials": 3},
-                 pruner={"name": "HyperbandPruner", "min_resource": 1})
+    spec = _spec(
+        sampler={"name": "TPESampler", "n_startup_trials": 3},
+        pruner={"name": "HyperbandPruner", "min_resource": 1},
+    )
     sampler = build_sampler(spec)
     assert isinstance(sampler, optuna.samplers.TPESampler)
     assert isinstance(build_pruner(spec), optuna.pruners.HyperbandPruner)
 
 
 def test_class_path_form_and_none_pruner() -> None:
-    spec = _spec(sampler={"class_path": "optuna.samplers.RandomSampler", "init_args": {"seed": 3}},
-                 pruner="none")
+    spec = _spec(
+        sampler={"class_path": "optuna.samplers.RandomSampler", "init_args": {"seed": 3}}, pruner="none"
+    )
     assert isinstance(build_sampler(spec), optuna.samplers.RandomSampler)
     assert isinstance(build_pruner(spec), optuna.pruners.NopPruner)
 
@@ -39,8 +42,10 @@ def test_reseeding_gives_each_claim_its_own_stream() -> None:
 
 def test_grid_sampler_gets_the_grid_from_the_search_space() -> None:
     doc = tiny_spec(sampler="GridSampler")
-    doc["search_space"] = {"model.init_args.channels": {"type": "int", "low": 8, "high": 16, "step": 8},
-                           "data.init_args.batch_size": {"type": "categorical", "choices": [32, 64]}}
+    doc["search_space"] = {
+        "model.init_args.channels": {"type": "int", "low": 8, "high": 16, "step": 8},
+        "data.init_args.batch_size": {"type": "categorical", "choices": [32, 64]},
+    }
     sampler = build_sampler(spec_from_dict(doc))
     assert isinstance(sampler, optuna.samplers.GridSampler)
     doc["search_space"]["model.init_args.lr"] = {"type": "float", "low": 0.1, "high": 0.2}

@@ -15,12 +15,15 @@ from lightstudy.search_space import (
 
 
 def test_parses_each_distribution() -> None:
-    params = parse_search_space("s.yaml", {
-        "model.init_args.lr": {"type": "float", "low": 1e-4, "high": 0.1, "log": True},
-        "model.init_args.dropout": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.1},
-        "model.init_args.channels": {"type": "int", "low": 8, "high": 64, "step": 8},
-        "data.init_args.batch_size": {"type": "categorical", "choices": [32, 64]},
-    })
+    params = parse_search_space(
+        "s.yaml",
+        {
+            "model.init_args.lr": {"type": "float", "low": 1e-4, "high": 0.1, "log": True},
+            "model.init_args.dropout": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.1},
+            "model.init_args.channels": {"type": "int", "low": 8, "high": 64, "step": 8},
+            "data.init_args.batch_size": {"type": "categorical", "choices": [32, 64]},
+        },
+    )
     assert params == (
         FloatParam("model.init_args.lr", 1e-4, 0.1, log=True),
         FloatParam("model.init_args.dropout", 0.0, 0.5, step=0.1),
@@ -71,11 +74,14 @@ def test_bad_paths_and_shapes() -> None:
 
 
 def test_suggest_uses_the_path_as_name_and_respects_bounds() -> None:
-    params = parse_search_space("s.yaml", {
-        "model.init_args.lr": {"type": "float", "low": 1e-4, "high": 0.1, "log": True},
-        "model.init_args.channels": {"type": "int", "low": 8, "high": 64, "step": 8},
-        "data.init_args.batch_size": {"type": "categorical", "choices": [32, 64]},
-    })
+    params = parse_search_space(
+        "s.yaml",
+        {
+            "model.init_args.lr": {"type": "float", "low": 1e-4, "high": 0.1, "log": True},
+            "model.init_args.channels": {"type": "int", "low": 8, "high": 64, "step": 8},
+            "data.init_args.batch_size": {"type": "categorical", "choices": [32, 64]},
+        },
+    )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(20):
         values = suggest_params(study.ask(), params)
@@ -93,11 +99,16 @@ def test_fixed_params_of_an_enqueued_trial_come_back() -> None:
 
 def test_apply_params_sets_dotted_paths_on_a_copy() -> None:
     config = {"model": {"class_path": "x.Y"}, "trainer": {"callbacks": [{"init_args": {"patience": 1}}]}}
-    out = apply_params(config, {"model.init_args.lr": 0.1, "trainer.callbacks.0.init_args.patience": 5,
-                                "trainer.max_epochs": 3})
+    out = apply_params(
+        config,
+        {"model.init_args.lr": 0.1, "trainer.callbacks.0.init_args.patience": 5, "trainer.max_epochs": 3},
+    )
     assert out["model"]["init_args"] == {"lr": 0.1}
     assert out["trainer"]["callbacks"][0]["init_args"]["patience"] == 5
     assert out["trainer"]["max_epochs"] == 3
-    assert config == {"model": {"class_path": "x.Y"}, "trainer": {"callbacks": [{"init_args": {"patience": 1}}]}}
+    assert config == {
+        "model": {"class_path": "x.Y"},
+        "trainer": {"callbacks": [{"init_args": {"patience": 1}}]},
+    }
     with pytest.raises(KeyError):
         apply_params({"model": "Adam"}, {"model.init_args.lr": 1})

@@ -57,7 +57,7 @@ def test_overrides_replace_file_values_and_are_validated() -> None:
     spec = spec_from_dict(tiny_spec())
     assert with_overrides(spec, n_trials=7).study.n_trials == 7
     assert with_overrides(spec, n_trials=None) is spec
-    with pytest.raises(SpecError, match="study.n_trials"):
+    with pytest.raises(SpecError, match=r"study\.n_trials"):
         with_overrides(spec, n_trials=0)
 
 

@@ -19,7 +19,7 @@ def test_create_stores_the_spec_and_is_idempotent(sqlite_url: str) -> None:
     assert study.user_attrs[SPEC_ATTR]["study"]["name"] == "tiny"
     assert study.user_attrs[FINGERPRINT_ATTR] == spec.fingerprint()
     create_study(spec, sqlite_url)
-    loaded, again = load_study(sqlite_url, "tiny")
+    _loaded, again = load_study(sqlite_url, "tiny")
     assert again.to_dict(with_storage=False) == spec.to_dict(with_storage=False)
     assert len(optuna.get_all_study_summaries(sqlite_url)) == 1
 
@@ -63,7 +63,8 @@ def test_a_foreign_study_is_refused(sqlite_url: str) -> None:
 
 def _trial(state: TrialState, number_attrs: dict | None = None, value: float | None = 0.5):
     return optuna.trial.create_trial(
-        state=state, value=value if state == TrialState.COMPLETE else None,
+        state=state,
+        value=value if state == TrialState.COMPLETE else None,
         system_attrs=number_attrs or {},
     )
 

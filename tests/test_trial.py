@@ -18,9 +18,18 @@ def _run(tmp_path: Path, doc: dict[str, Any]) -> tuple[TrialOutcome, Any]:
     study, spec = load_study(url, spec.study.name)
     trial, _ = claim_trial(study, spec)
     assert trial is not None
-    job = TrialJob(storage_url=url, study_name=spec.study.name, trial_id=trial._trial_id,
-                   number=trial.number, spec=spec.to_dict(), params=dict(trial.params), seed=7,
-                   run_dir=str(tmp_path / "run"), trial_dir=trial_dir_name(trial.number), threads=1)
+    job = TrialJob(
+        storage_url=url,
+        study_name=spec.study.name,
+        trial_id=trial._trial_id,
+        number=trial.number,
+        spec=spec.to_dict(),
+        params=dict(trial.params),
+        seed=7,
+        run_dir=str(tmp_path / "run"),
+        trial_dir=trial_dir_name(trial.number),
+        threads=1,
+    )
     return run_trial(job), study.get_trials()[0]
 
 
@@ -30,7 +39,10 @@ def test_a_trial_trains_and_records_config_and_versions(tmp_path: Path) -> None:
     assert outcome.values is not None and 0.0 < outcome.values[0] <= 1.0
     assert outcome.checkpoint and (tmp_path / "run" / outcome.checkpoint).exists()
     assert frozen.user_attrs["config"]["model"]["init_args"]["lr"] == frozen.params["model.init_args.lr"]
-    assert frozen.user_attrs["config"]["data"]["init_args"]["batch_size"] == frozen.params["data.init_args.batch_size"]
+    assert (
+        frozen.user_attrs["config"]["data"]["init_args"]["batch_size"]
+        == frozen.params["data.init_args.batch_size"]
+    )
     assert frozen.user_attrs["versions"]["namespace"] == "lightning.pytorch"
     assert set(frozen.intermediate_values) == {0, 1}  # val_acc reported every epoch
     assert (tmp_path / "run" / "trials" / "trial-0000").is_dir()  # one log folder per trial

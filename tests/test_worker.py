@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from optuna.trial import TrialState
 
-from conftest import cli, tiny_spec, write_spec
+from conftest import cli, tiny_spec
 from lightstudy.spec import spec_from_dict
 from lightstudy.study import create_study, load_study
 from lightstudy.worker import Worker
@@ -76,7 +76,11 @@ def test_killed_trial_process_fails_is_retried_and_resumes(tmp_path: Path, sqlit
     assert retry.user_attrs["resumed_from"]["trial"] == 0
     assert set(first.intermediate_values) <= set(retry.intermediate_values)  # curves continue
     log = (tmp_path / "run" / "trials" / "trial-0000" / "trial.log").read_text()
-    starts = [int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if line.startswith("training starts at epoch")]
+    starts = [
+        int(line.rsplit(" ", 1)[1])
+        for line in log.splitlines()
+        if line.startswith("training starts at epoch")
+    ]
     assert starts[0] == 0 and starts[-1] > 0, log
 
 
@@ -99,9 +103,24 @@ def test_sigterm_hands_the_trial_back_and_exits_zero(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "lightstudy", "worker", "--study", "tiny",
-                             "--run-dir", str(tmp_path / "run"), "--threads", "1"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lightstudy",
+            "worker",
+            "--study",
+            "tiny",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--threads",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     last = tmp_path / "run" / "trials" / "trial-0000" / "checkpoints" / "last.ckpt"
     _when(lambda: last.exists())
     proc.send_signal(signal.SIGTERM)
@@ -112,8 +131,16 @@ def test_sigterm_hands_the_trial_back_and_exits_zero(tmp_path: Path) -> None:
     assert first.state == TrialState.FAIL and first.user_attrs["interrupted"] is True
     assert retry.state == TrialState.WAITING
     # Another worker finishes it, from the saved checkpoint.
-    result = cli("worker", "--study", "tiny", "--run-dir", str(tmp_path / "run"), "--threads", "1",
-                 env={"PYTHONPATH": TESTS, "LIGHTSTUDY_STORAGE": url})
+    result = cli(
+        "worker",
+        "--study",
+        "tiny",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--threads",
+        "1",
+        env={"PYTHONPATH": TESTS, "LIGHTSTUDY_STORAGE": url},
+    )
     assert result.returncode == 0, result.stderr
     study, _ = load_study(url, "tiny")
     states = [t.state for t in study.get_trials()]
@@ -126,9 +153,24 @@ def _run_worker_subprocess(url: str, run_dir: Path) -> Any:
     import sys
 
     env = {**os.environ, "PYTHONPATH": TESTS, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lightstudy", "worker", "--study", "tiny",
-                             "--run-dir", str(run_dir), "--threads", "1"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lightstudy",
+            "worker",
+            "--study",
+            "tiny",
+            "--run-dir",
+            str(run_dir),
+            "--threads",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -156,5 +198,6 @@ def test_kill_9_of_a_worker_is_reaped_retried_and_resumed(
     resumed = [t for t in trials if t.user_attrs.get("resumed_from")]
     assert resumed and resumed[0].user_attrs["resumed_from"]["trial"] == 0
     log = (run_dir / "trials" / "trial-0000" / "trial.log").read_text()
-    assert any(line.startswith("training starts at epoch") and not line.endswith(" 0")
-               for line in log.splitlines()), log
+    assert any(
+        line.startswith("training starts at epoch") and not line.endswith(" 0") for line in log.splitlines()
+    ), log

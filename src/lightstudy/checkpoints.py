@@ -66,8 +66,7 @@ def pareto_front(trials: Sequence[FrozenTrial], directions: Sequence[str]) -> li
     scored = [(t, [s * v for s, v in zip(signs, t.values)]) for t in trials]
 
     def dominated(v: list[float]) -> bool:
-        return any(all(x >= y for x, y in zip(o, v)) and any(x > y for x, y in zip(o, v))
-                   for _, o in scored)
+        return any(all(x >= y for x, y in zip(o, v)) and any(x > y for x, y in zip(o, v)) for _, o in scored)
 
     return sorted((t for t, v in scored if not dominated(v)), key=lambda t: t.number)
 
@@ -85,9 +84,7 @@ def enforce_retention(study: optuna.Study, spec: StudySpec, run_dir: Path) -> li
 
     trials = study.get_trials(deepcopy=False)
     kept = {(run_dir / t.user_attrs[CHECKPOINT_ATTR]).resolve() for t in kept_trials(trials, spec)}
-    live = {
-        lineage_root(t) for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)
-    }
+    live = {lineage_root(t) for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)}
     deleted = []
     for folder in sorted((run_dir / "trials").glob("trial-*")):
         try:
@@ -101,6 +98,9 @@ def enforce_retention(study: optuna.Study, spec: StudySpec, run_dir: Path) -> li
                 path.unlink(missing_ok=True)
                 deleted.append(path)
     if deleted:
-        _log.info("retention: removed %d checkpoint(s) outside the study's top %d",
-                  len(deleted), spec.study.checkpoints.keep)
+        _log.info(
+            "retention: removed %d checkpoint(s) outside the study's top %d",
+            len(deleted),
+            spec.study.checkpoints.keep,
+        )
     return deleted

@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -33,14 +33,21 @@ app = typer.Typer(
 _state = {"debug": False}
 
 StorageOpt = Annotated[
-    Optional[str],
-    typer.Option("--storage", help="Study database URL (default: $LIGHTSTUDY_STORAGE, else the "
-                 "spec's, else sqlite:///runs/<study>/study.db).", show_default=False),
+    str | None,
+    typer.Option(
+        "--storage",
+        help="Study database URL (default: $LIGHTSTUDY_STORAGE, else the "
+        "spec's, else sqlite:///runs/<study>/study.db).",
+        show_default=False,
+    ),
 ]
 RunDirOpt = Annotated[
-    Optional[Path],
-    typer.Option("--run-dir", help="Run folder for checkpoints and logs (default: the spec's, "
-                 "runs/<study>).", show_default=False),
+    Path | None,
+    typer.Option(
+        "--run-dir",
+        help="Run folder for checkpoints and logs (default: the spec's, runs/<study>).",
+        show_default=False,
+    ),
 ]
 
 
@@ -60,8 +67,9 @@ def _version(value: bool) -> None:
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more (DEBUG).")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """Hyperparameter optimization for PyTorch Lightning, on Optuna.
 
@@ -72,8 +80,9 @@ def _main(
     if sys.stderr.isatty():
         from rich.logging import RichHandler
 
-        handler = RichHandler(console=_console(stderr=True), show_path=False, markup=False,
-                              log_time_format="%H:%M:%S")
+        handler = RichHandler(
+            console=_console(stderr=True), show_path=False, markup=False, log_time_format="%H:%M:%S"
+        )
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:  # log files: one line per record
         handler = logging.StreamHandler()
@@ -129,18 +138,22 @@ def validate(file: Annotated[Path, typer.Argument(help="Study spec (YAML).")]) -
 
     url = resolve_url(None, spec.study.storage, spec.run_dir)
     check_url(url)
-    _console().print(f"[green]ok[/green] {file}: study {spec.study.name!r}, "
-                     f"{len(spec.search_space)} parameters, "
-                     f"{spec.study.n_trials or 'unlimited'} trials, metric "
-                     f"{', '.join(spec.study.metrics)} ({', '.join(spec.study.directions)})")
+    _console().print(
+        f"[green]ok[/green] {file}: study {spec.study.name!r}, "
+        f"{len(spec.search_space)} parameters, "
+        f"{spec.study.n_trials or 'unlimited'} trials, metric "
+        f"{', '.join(spec.study.metrics)} ({', '.join(spec.study.directions)})"
+    )
 
 
 @app.command()
 def create(
     file: Annotated[Path, typer.Argument(help="Study spec (YAML).")],
     storage: StorageOpt = None,
-    update_spec: Annotated[bool, typer.Option("--update-spec", help="Replace the stored spec of an "
-                                              "existing study of the same name.")] = False,
+    update_spec: Annotated[
+        bool,
+        typer.Option("--update-spec", help="Replace the stored spec of an existing study of the same name."),
+    ] = False,
 ) -> None:
     """Create the study in the database and store its spec (idempotent).
 
@@ -155,26 +168,40 @@ def create(
     spec = _load(file)
     url = resolve_url(storage, spec.study.storage, spec.run_dir)
     create_study(spec, url, update_spec=update_spec)
-    _console().print(f"study {spec.study.name!r} ready in {redact(url)}\n"
-                     f"start workers: lightstudy worker --storage {redact(url)} --study {spec.study.name}")
+    _console().print(
+        f"study {spec.study.name!r} ready in {redact(url)}\n"
+        f"start workers: lightstudy worker --storage {redact(url)} --study {spec.study.name}"
+    )
 
 
 @app.command()
 def run(
     file: Annotated[Path, typer.Argument(help="Study spec (YAML).")],
     storage: StorageOpt = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-w", help="CPU workers (when no "
-                       "--gpus).", show_default=False)] = None,
-    gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPUs to use: 'auto' or indices like "
-                    "0,1,2 (one worker per GPU).", show_default=False)] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", "-w", help="CPU workers (when no --gpus).", show_default=False),
+    ] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            "--gpus",
+            help="GPUs to use: 'auto' or indices like 0,1,2 (one worker per GPU).",
+            show_default=False,
+        ),
+    ] = None,
     trials_per_gpu: Annotated[int, typer.Option("--trials-per-gpu", help="Workers sharing each GPU.")] = 1,
-    n_trials: Annotated[Optional[int], typer.Option("--n-trials", help="Override study.n_trials.",
-                        show_default=False)] = None,
-    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Override study.timeout "
-                       "(seconds).", show_default=False)] = None,
+    n_trials: Annotated[
+        int | None, typer.Option("--n-trials", help="Override study.n_trials.", show_default=False)
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", help="Override study.timeout (seconds).", show_default=False),
+    ] = None,
     run_dir: RunDirOpt = None,
-    update_spec: Annotated[bool, typer.Option("--update-spec", help="Replace the stored spec of an "
-                                              "existing study.")] = False,
+    update_spec: Annotated[
+        bool, typer.Option("--update-spec", help="Replace the stored spec of an existing study.")
+    ] = False,
 ) -> None:
     """Create (or resume) a study and run it to the end with local workers, showing progress.
 
@@ -188,15 +215,18 @@ def run(
     from lightstudy.storage import redact, resolve_url
     from lightstudy.study import create_study
 
-    spec = with_overrides(_load(file), n_trials=n_trials, timeout=timeout,
-                          run_dir=str(run_dir) if run_dir else None)
+    spec = with_overrides(
+        _load(file), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None
+    )
     url = resolve_url(storage, spec.study.storage, spec.run_dir)
     slots = plan_slots(gpus, workers, trials_per_gpu)
     create_study(spec, url, update_spec=update_spec or any(v is not None for v in (n_trials, timeout)))
     console = _console()
     where = ", ".join(f"GPU {s.gpu}" if s.gpu is not None else "CPU" for s in slots)
-    console.print(f"study [bold]{spec.study.name}[/bold] in {redact(url)}: {len(slots)} worker(s) "
-                  f"({where}); logs in {spec.run_dir / 'workers'}")
+    console.print(
+        f"study [bold]{spec.study.name}[/bold] in {redact(url)}: {len(slots)} worker(s) "
+        f"({where}); logs in {spec.run_dir / 'workers'}"
+    )
     result = Launcher(url, spec, slots, spec.run_dir, console).run()
     _print_best(spec.study.name, url, spec.run_dir, console, final=True)
     failed = [i for i, code in enumerate(result.exit_codes) if code not in (0, None)]
@@ -211,13 +241,22 @@ def run(
 def worker(
     study: Annotated[str, typer.Option("--study", help="Study name.")],
     storage: StorageOpt = None,
-    gpu: Annotated[Optional[str], typer.Option("--gpu", help="GPU(s) this worker owns, e.g. 2 "
-                   "(sets CUDA_VISIBLE_DEVICES); 'cpu' hides all GPUs.", show_default=False)] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads per trial.",
-                       show_default=False)] = None,
+    gpu: Annotated[
+        str | None,
+        typer.Option(
+            "--gpu",
+            help="GPU(s) this worker owns, e.g. 2 (sets CUDA_VISIBLE_DEVICES); 'cpu' hides all GPUs.",
+            show_default=False,
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="torch threads per trial.", show_default=False)
+    ] = None,
     run_dir: RunDirOpt = None,
-    max_trials: Annotated[Optional[int], typer.Option("--max-trials", help="Exit after this many "
-                          "trials of this worker.", show_default=False)] = None,
+    max_trials: Annotated[
+        int | None,
+        typer.Option("--max-trials", help="Exit after this many trials of this worker.", show_default=False),
+    ] = None,
 ) -> None:
     """Run trials of a study until its study-wide budget is spent (start one per GPU).
 
@@ -234,18 +273,29 @@ def worker(
         url = _read_storage(study, None)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = "" if gpu.lower() == "cpu" else gpu
-    w = Worker(url, study, run_dir=run_dir, gpu=None if gpu is None or gpu.lower() == "cpu" else gpu,
-               threads=threads, max_trials=max_trials)
+    w = Worker(
+        url,
+        study,
+        run_dir=run_dir,
+        gpu=None if gpu is None or gpu.lower() == "cpu" else gpu,
+        threads=threads,
+        max_trials=max_trials,
+    )
     report = w.run()
     logging.getLogger("lightstudy").info(
         "worker done: %d complete, %d pruned, %d failed, %d handed back",
-        report.complete, report.pruned, report.failed, report.interrupted)
+        report.complete,
+        report.pruned,
+        report.failed,
+        report.interrupted,
+    )
 
 
 @app.command()
 def status(
-    name: Annotated[Optional[str], typer.Argument(help="Study name (omit to list the studies).",
-                    show_default=False)] = None,
+    name: Annotated[
+        str | None, typer.Argument(help="Study name (omit to list the studies).", show_default=False)
+    ] = None,
     storage: StorageOpt = None,
 ) -> None:
     """Show the studies in a database, or one study's trials.
@@ -260,11 +310,16 @@ def status(
 
     console = _console()
     if name is None:
-        urls = [_read_storage(None, storage)] if (storage or os.environ.get("LIGHTSTUDY_STORAGE")) else [
-            f"sqlite:///{p}" for p in sorted(Path("runs").glob("*/study.db"))]
+        urls = (
+            [_read_storage(None, storage)]
+            if (storage or os.environ.get("LIGHTSTUDY_STORAGE"))
+            else [f"sqlite:///{p}" for p in sorted(Path("runs").glob("*/study.db"))]
+        )
         if not urls:
-            raise LightstudyError("no storage given and no runs/*/study.db here",
-                                  fix="pass --storage URL or set LIGHTSTUDY_STORAGE")
+            raise LightstudyError(
+                "no storage given and no runs/*/study.db here",
+                fix="pass --storage URL or set LIGHTSTUDY_STORAGE",
+            )
         table = Table("study", "storage", "direction", "complete", "pruned", "failed", "running", "best")
         for url in urls:
             st = open_storage(url, create=False)
@@ -274,9 +329,16 @@ def status(
                 s = optuna.load_study(study_name=summary.study_name, storage=st)
                 c = counts(s.get_trials(deepcopy=False))
                 best = s.best_value if c["complete"] and len(s.directions) == 1 else None
-                table.add_row(summary.study_name, redact(url),
-                              ", ".join(d.name.lower() for d in s.directions), str(c["complete"]),
-                              str(c["pruned"]), str(c["fail"]), str(c["running"]), format_value(best))
+                table.add_row(
+                    summary.study_name,
+                    redact(url),
+                    ", ".join(d.name.lower() for d in s.directions),
+                    str(c["complete"]),
+                    str(c["pruned"]),
+                    str(c["fail"]),
+                    str(c["running"]),
+                    format_value(best),
+                )
         console.print(table)
         return
     url = _read_storage(name, storage)
@@ -284,27 +346,43 @@ def status(
     trials = study.get_trials(deepcopy=False)
     b = budget(trials, spec)
     c = counts(trials)
-    table = Table("#", "state", *spec.study.metrics, *[p.path.rsplit(".", 1)[-1] for p in spec.search_space],
-                  "time", "note", title=f"{name} ({redact(url)})")
+    table = Table(
+        "#",
+        "state",
+        *spec.study.metrics,
+        *[p.path.rsplit(".", 1)[-1] for p in spec.search_space],
+        "time",
+        "note",
+        title=f"{name} ({redact(url)})",
+    )
     for t in trials:
         values = list(t.values) if t.values else [None] * len(spec.study.metrics)
         note = ""
         if t.user_attrs.get("resumed_from"):
             r = t.user_attrs["resumed_from"]
-            note = f"resumed from trial {r.get('trial')}" + (f" epoch {r['epoch']}" if r.get("epoch") is not None else "")
+            note = f"resumed from trial {r.get('trial')}" + (
+                f" epoch {r['epoch']}" if r.get("epoch") is not None else ""
+            )
         if t.user_attrs.get("interrupted"):
             note = "handed back (retried)"
         elif t.state.name == "FAIL":
             note = str(t.user_attrs.get("fail_reason", "worker died (heartbeat stale)"))[:80]
         seconds = t.duration.total_seconds() if t.duration else None
-        table.add_row(str(t.number), t.state.name.lower(), *[format_value(v) for v in values],
-                      *[format_value(t.params.get(p.path)) for p in spec.search_space],
-                      f"{seconds:.1f}s" if seconds is not None else "-", note)
+        table.add_row(
+            str(t.number),
+            t.state.name.lower(),
+            *[format_value(v) for v in values],
+            *[format_value(t.params.get(p.path)) for p in spec.search_space],
+            f"{seconds:.1f}s" if seconds is not None else "-",
+            note,
+        )
     console.print(table)
     total = spec.study.n_trials or "∞"
-    console.print(f"{b.used - c['running'] - c['waiting']}/{total} trials done: {c['complete']} complete, "
-                  f"{c['pruned']} pruned, {c['fail']} failed, {c['running']} running, {c['waiting']} waiting"
-                  + (" — study done" if b.done else ""))
+    console.print(
+        f"{b.used - c['running'] - c['waiting']}/{total} trials done: {c['complete']} complete, "
+        f"{c['pruned']} pruned, {c['fail']} failed, {c['running']} running, {c['waiting']} waiting"
+        + (" — study done" if b.done else "")
+    )
 
 
 @app.command()
@@ -321,8 +399,10 @@ def best(
     Example: lightstudy best digits --format json
     """
     if output_format not in ("table", "json"):
-        raise LightstudyError(f"--format must be table or json, but got {output_format!r}",
-                              fix="pass --format table or --format json")
+        raise LightstudyError(
+            f"--format must be table or json, but got {output_format!r}",
+            fix="pass --format table or --format json",
+        )
     url = _read_storage(name, storage)
     if output_format == "json":
         from lightstudy.study import load_study
@@ -354,8 +434,12 @@ def _print_best(name: str, url: str, run_dir: Path | None, console: Any, *, fina
         raise
     shown = records if spec.study.is_multi_objective else records[:1]
     for r in shown:
-        table = Table(show_header=False, title=f"best trial of {name}" if not spec.study.is_multi_objective
-                      else f"Pareto-optimal trial {r.number} of {name}")
+        table = Table(
+            show_header=False,
+            title=f"best trial of {name}"
+            if not spec.study.is_multi_objective
+            else f"Pareto-optimal trial {r.number} of {name}",
+        )
         table.add_column(no_wrap=True)
         table.add_column(overflow="fold")
         table.add_row("trial", str(r.number))
@@ -367,18 +451,27 @@ def _print_best(name: str, url: str, run_dir: Path | None, console: Any, *, fina
         table.add_row("seed", format_value(r.seed))
         console.print(table)
     if final:
-        console.print(f"dashboard: lightstudy dashboard --storage {redact(url)}\n"
-                      f"details:   lightstudy status {name}" + ("" if "LIGHTSTUDY_STORAGE" in os.environ
-                                                                 else f" --storage {redact(url)}"))
+        console.print(
+            f"dashboard: lightstudy dashboard --storage {redact(url)}\n"
+            f"details:   lightstudy status {name}"
+            + ("" if "LIGHTSTUDY_STORAGE" in os.environ else f" --storage {redact(url)}")
+        )
 
 
 @app.command()
 def dashboard(
     storage: StorageOpt = None,
-    study: Annotated[Optional[str], typer.Option("--study", help="Study whose run folder holds the "
-                     "database (when --storage is not given).", show_default=False)] = None,
-    host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the "
-                                      "network.")] = "127.0.0.1",
+    study: Annotated[
+        str | None,
+        typer.Option(
+            "--study",
+            help="Study whose run folder holds the database (when --storage is not given).",
+            show_default=False,
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the network.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port.")] = 8080,
 ) -> None:
     """Serve optuna-dashboard on the study database (loopback only unless --host says otherwise).

@@ -19,8 +19,16 @@ __all__ = ["build_pruner", "build_sampler", "check_components"]
 # Samplers whose `seed` only seeds a random stream: lightstudy reseeds them for every claim so
 # that workers sharing one study never draw the same numbers. QMC's seed scrambles one shared
 # sequence, so it keeps the spec's seed.
-_RESEEDABLE = {"TPESampler", "RandomSampler", "CmaEsSampler", "GPSampler", "NSGAIISampler",
-               "NSGAIIISampler", "BruteForceSampler", "GridSampler"}
+_RESEEDABLE = {
+    "TPESampler",
+    "RandomSampler",
+    "CmaEsSampler",
+    "GPSampler",
+    "NSGAIISampler",
+    "NSGAIIISampler",
+    "BruteForceSampler",
+    "GridSampler",
+}
 
 
 def _resolve(component: Component, kind: str, source: str) -> type:
@@ -35,19 +43,27 @@ def _resolve(component: Component, kind: str, source: str) -> type:
         try:
             cls = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
-            raise SpecError(source, key, f"class path does not import ({e})", name,
-                            fix="check the module and class name") from e
+            raise SpecError(
+                source, key, f"class path does not import ({e})", name, fix="check the module and class name"
+            ) from e
     else:
         cls = getattr(module, name, None)
         if cls is None:
-            known = sorted(n for n in dir(module) if n.endswith(("Sampler", "Pruner"))
-                           and not n.startswith("Base"))
-            raise SpecError(source, key, f"is not an optuna.{kind}s class", name,
-                            fix="use one of " + ", ".join(known))
+            known = sorted(
+                n for n in dir(module) if n.endswith(("Sampler", "Pruner")) and not n.startswith("Base")
+            )
+            raise SpecError(
+                source, key, f"is not an optuna.{kind}s class", name, fix="use one of " + ", ".join(known)
+            )
     if not (inspect.isclass(cls) and issubclass(cls, base)):
-        raise SpecError(source, key, f"must be a subclass of {base.__module__}.{base.__name__}",
-                        name, fix=f"name an Optuna {kind}")
-    return cls  # type: ignore[no-any-return]
+        raise SpecError(
+            source,
+            key,
+            f"must be a subclass of {base.__module__}.{base.__name__}",
+            name,
+            fix=f"name an Optuna {kind}",
+        )
+    return cls
 
 
 def _instantiate(cls: type, kwargs: dict[str, Any], key: str, source: str) -> Any:
@@ -55,15 +71,25 @@ def _instantiate(cls: type, kwargs: dict[str, Any], key: str, source: str) -> An
         inspect.signature(cls).bind(**kwargs)
     except TypeError as e:
         params = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
-        raise SpecError(source, key, f"{cls.__name__} does not accept these arguments ({e})",
-                        kwargs, fix="use its arguments: " + ", ".join(params)) from e
+        raise SpecError(
+            source,
+            key,
+            f"{cls.__name__} does not accept these arguments ({e})",
+            kwargs,
+            fix="use its arguments: " + ", ".join(params),
+        ) from e
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return cls(**kwargs)
     except Exception as e:  # the class's own validation (ValueError, TypeError, ...)
-        raise SpecError(source, key, f"{cls.__name__} rejected its arguments: {e}", kwargs,
-                        fix=f"see the {cls.__name__} documentation") from e
+        raise SpecError(
+            source,
+            key,
+            f"{cls.__name__} rejected its arguments: {e}",
+            kwargs,
+            fix=f"see the {cls.__name__} documentation",
+        ) from e
 
 
 def build_sampler(spec: StudySpec, *, seed_offset: int | None = None) -> optuna.samplers.BaseSampler:
@@ -77,14 +103,14 @@ def build_sampler(spec: StudySpec, *, seed_offset: int | None = None) -> optuna.
         kwargs["seed"] = kwargs["seed"] + seed_offset
     if cls.__name__ == "GridSampler" and "search_space" not in kwargs:
         kwargs["search_space"] = _grid(spec)
-    return _instantiate(cls, kwargs, "study.sampler", spec.source)  # type: ignore[no-any-return]
+    return _instantiate(cls, kwargs, "study.sampler", spec.source)
 
 
 def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """The spec's pruner (NopPruner when it says none)."""
     component = spec.study.pruner
     cls = _resolve(component, "pruner", spec.source)
-    return _instantiate(cls, dict(component.kwargs), "study.pruner", spec.source)  # type: ignore[no-any-return]
+    return _instantiate(cls, dict(component.kwargs), "study.pruner", spec.source)
 
 
 def check_components(spec: StudySpec) -> None:
@@ -106,7 +132,11 @@ def _grid(spec: StudySpec) -> dict[str, list[Any]]:
             n = int(round((p.high - p.low) / p.step))
             grid[p.path] = [p.low + i * p.step for i in range(n + 1)]
         else:
-            raise SpecError(spec.source, f'search_space["{p.path}"]',
-                            "GridSampler needs a finite grid: a float needs `step`", p.to_dict(),
-                            fix="add step: to the float, or give GridSampler a search_space")
+            raise SpecError(
+                spec.source,
+                f'search_space["{p.path}"]',
+                "GridSampler needs a finite grid: a float needs `step`",
+                p.to_dict(),
+                fix="add step: to the float, or give GridSampler a search_space",
+            )
     return grid

@@ -8,6 +8,7 @@ shows is what every other client sees.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
     from lightstudy.spec import StudySpec
 
-__all__ = ["Slot", "detect_gpus", "plan_slots", "Launcher"]
+__all__ = ["Launcher", "Slot", "detect_gpus", "plan_slots"]
 
 REFRESH = 1.0  # seconds between progress updates read from the database
 
@@ -56,8 +57,13 @@ def detect_gpus() -> list[str]:
     if smi is None:
         return []
     try:
-        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=True).stdout
+        out = subprocess.run(
+            [smi, "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
     except (subprocess.SubprocessError, OSError):
         return []
     return [line.strip() for line in out.splitlines() if line.strip()]
@@ -79,8 +85,9 @@ def plan_slots(
     """
     cores = cpu_count or os.cpu_count() or 1
     if trials_per_gpu < 1:
-        raise LightstudyError(f"--trials-per-gpu must be >= 1, but got {trials_per_gpu}",
-                              fix="pass --trials-per-gpu 1 or more")
+        raise LightstudyError(
+            f"--trials-per-gpu must be >= 1, but got {trials_per_gpu}", fix="pass --trials-per-gpu 1 or more"
+        )
     if workers is not None and workers < 1:
         raise LightstudyError(f"--workers must be >= 1, but got {workers}", fix="pass --workers 1 or more")
     ids: list[str]
@@ -93,8 +100,10 @@ def plan_slots(
     else:
         ids = [g.strip() for g in gpus.split(",")]
         if not all(g.isdigit() for g in ids) or len(set(ids)) != len(ids):
-            raise LightstudyError(f"--gpus must be 'auto' or distinct GPU indices like 0,1,2, but got {gpus!r}",
-                                  fix="e.g. --gpus 0,1 (see nvidia-smi -L)")
+            raise LightstudyError(
+                f"--gpus must be 'auto' or distinct GPU indices like 0,1,2, but got {gpus!r}",
+                fix="e.g. --gpus 0,1 (see nvidia-smi -L)",
+            )
     if ids:
         n = len(ids) * trials_per_gpu
         threads = max(1, cores // n)
@@ -128,22 +137,34 @@ class Launcher:
         base[ENV_VAR] = self.url  # not in argv: a password would show in `ps`
         base.setdefault("PYTHONUNBUFFERED", "1")
         for slot in self.slots:
-            cmd = [sys.executable, "-m", "lightstudy", "worker", "--study", self.spec.study.name,
-                   "--run-dir", str(self.run_dir), "--threads", str(slot.threads),
-                   "--gpu", slot.gpu if slot.gpu is not None else "cpu"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "lightstudy",
+                "worker",
+                "--study",
+                self.spec.study.name,
+                "--run-dir",
+                str(self.run_dir),
+                "--threads",
+                str(slot.threads),
+                "--gpu",
+                slot.gpu if slot.gpu is not None else "cpu",
+            ]
             log = open(logs / f"worker-{slot.index}.log", "ab")  # noqa: SIM115 (kept for the process)
-            self.processes.append(subprocess.Popen(cmd, env=slot.env(base), stdout=log,
-                                                   stderr=subprocess.STDOUT, start_new_session=True))
+            self.processes.append(
+                subprocess.Popen(
+                    cmd, env=slot.env(base), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
             log.close()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
         for proc in self.processes:
             if proc.poll() is None:
-                try:
+                with contextlib.suppress(OSError):
                     proc.send_signal(signal.SIGTERM)
-                except OSError:
-                    pass
 
     def run(self) -> LaunchResult:
         from lightstudy.storage import open_storage
@@ -168,9 +189,15 @@ class Launcher:
 
         total = spec.study.n_trials
         seen: set[int] = set()
-        progress = Progress(TextColumn("[bold]{task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("{task.description}"), console=self.console,
-                            disable=not self.console.is_terminal)
+        progress = Progress(
+            TextColumn("[bold]{task.fields[name]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=self.console,
+            disable=not self.console.is_terminal,
+        )
         with progress:
             task = progress.add_task("starting workers", total=total, name=spec.study.name)
             while True:
@@ -184,9 +211,14 @@ class Launcher:
                 c = counts(trials)
                 best = _best_value(study, spec)
                 used = budget(trials, spec).used - c["running"] - c["waiting"]
-                progress.update(task, completed=used, description=(
-                    f"best {format_value(best)} · running {c['running']} · pruned {c['pruned']} · "
-                    f"failed {c['fail']}"))
+                progress.update(
+                    task,
+                    completed=used,
+                    description=(
+                        f"best {format_value(best)} · running {c['running']} · pruned {c['pruned']} · "
+                        f"failed {c['fail']}"
+                    ),
+                )
                 if not alive:
                     break
                 time.sleep(REFRESH)

@@ -51,7 +51,7 @@ def import_class(path: str) -> type:
         raise ImportError(f"{path!r} is not a dotted path (package.module.Class)")
     module = importlib.import_module(module_name)
     try:
-        return getattr(module, attr)  # type: ignore[no-any-return]
+        return getattr(module, attr)
     except AttributeError as e:
         raise ImportError(f"module {module_name!r} has no attribute {attr!r}") from e
 
@@ -83,14 +83,22 @@ def lightning_namespace(config: Mapping[str, Any], source: str = "<spec>") -> st
         cls = _import_for_spec(source, f"{section}.class_path", path)
         ns = _namespace_of(cls, base) if inspect.isclass(cls) else None
         if ns is None:
-            raise SpecError(source, f"{section}.class_path", f"must name a {base} subclass", path,
-                            fix=f"subclass lightning.pytorch.{base} (or pytorch_lightning.{base})")
+            raise SpecError(
+                source,
+                f"{section}.class_path",
+                f"must name a {base} subclass",
+                path,
+                fix=f"subclass lightning.pytorch.{base} (or pytorch_lightning.{base})",
+            )
         namespaces[section] = ns
     if len(set(namespaces.values())) > 1:
-        raise SpecError(source, "data.class_path",
-                        f"is a {namespaces['data']} class but the model is a {namespaces['model']} one",
-                        config["data"]["class_path"],
-                        fix="use model and data module from the same namespace (lightning.pytorch or pytorch_lightning)")
+        raise SpecError(
+            source,
+            "data.class_path",
+            f"is a {namespaces['data']} class but the model is a {namespaces['model']} one",
+            config["data"]["class_path"],
+            fix="use model and data module from the same namespace (lightning.pytorch or pytorch_lightning)",
+        )
     return namespaces["model"]
 
 
@@ -98,11 +106,21 @@ def _import_for_spec(source: str, key: str, path: str) -> type:
     try:
         return import_class(path)
     except ImportError as e:
-        raise SpecError(source, key, f"does not import ({e})", path,
-                        fix="check the spelling, and that the package is installed or on PYTHONPATH") from e
+        raise SpecError(
+            source,
+            key,
+            f"does not import ({e})",
+            path,
+            fix="check the spelling, and that the package is installed or on PYTHONPATH",
+        ) from e
     except Exception as e:  # the user's module raised while importing
-        raise SpecError(source, key, f"raised {type(e).__name__} while importing: {e}", path,
-                        fix="fix the module so that it imports") from e
+        raise SpecError(
+            source,
+            key,
+            f"raised {type(e).__name__} while importing: {e}",
+            path,
+            fix="fix the module so that it imports",
+        ) from e
 
 
 @functools.cache
@@ -156,9 +174,13 @@ def parse_config(config: Mapping[str, Any], namespace: str) -> Any:
     _, parse_only = _cli_classes(namespace)
     try:
         with _quiet(), _own_argv():
-            return parse_only(args=dict(config), run=False, save_config_callback=None,
-                              seed_everything_default=False,
-                              parser_kwargs={"exit_on_error": False})
+            return parse_only(
+                args=dict(config),
+                run=False,
+                save_config_callback=None,
+                seed_everything_default=False,
+                parser_kwargs={"exit_on_error": False},
+            )
     except (Exception, SystemExit) as e:
         raise ValueError(_one_line(e)) from e
 
@@ -193,13 +215,19 @@ def check_spec(spec: StudySpec) -> None:
             _check_trainer_arg(source, f'search_space["{param.path}"]', rest[0], trainer_cls)
         elif head in ("model", "data") and rest[0] == "init_args":
             cls = import_class(config[head]["class_path"])
-            _check_arg_names(source, f'search_space["{param.path}"]', cls, [rest[1]], config[head]["class_path"])
+            _check_arg_names(
+                source, f'search_space["{param.path}"]', cls, [rest[1]], config[head]["class_path"]
+            )
     try:
         cli = parse_config(config, namespace)
     except ValueError as e:
         key, reason = _explain(str(e))
-        raise SpecError(source, key or "config", f"LightningCLI rejects it: {reason}",
-                        fix="give a value of the type the class argument declares") from e
+        raise SpecError(
+            source,
+            key or "config",
+            f"LightningCLI rejects it: {reason}",
+            fix="give a value of the type the class argument declares",
+        ) from e
     defaults = {p.path: p.candidates()[0] for p in spec.search_space}
     for param in spec.search_space:
         for value in param.candidates():
@@ -208,9 +236,13 @@ def check_spec(spec: StudySpec) -> None:
                 with _quiet():
                     cli.parser.parse_object(candidate)
             except (Exception, SystemExit) as e:
-                raise SpecError(source, f'search_space["{param.path}"]',
-                                f"LightningCLI rejects this value: {_explain(_one_line(e))[1]}",
-                                value, fix="use values of the type the class argument declares") from e
+                raise SpecError(
+                    source,
+                    f'search_space["{param.path}"]',
+                    f"LightningCLI rejects this value: {_explain(_one_line(e))[1]}",
+                    value,
+                    fix="use values of the type the class argument declares",
+                ) from e
 
 
 def _explain(text: str) -> tuple[str | None, str]:
@@ -218,13 +250,18 @@ def _explain(text: str) -> tuple[str | None, str]:
     import re
 
     outer = re.match(r'Parser key "([^"]+)"', text)
-    inner = re.search(r"Problem with given class_path '([^']+)':\s*Parser key \"([^\"]+)\":\s*(.+?)"
-                      r"(?:\s+- Expected a <class 'NoneType'>.*)?$", text)
+    inner = re.search(
+        r"Problem with given class_path '([^']+)':\s*Parser key \"([^\"]+)\":\s*(.+?)"
+        r"(?:\s+- Expected a <class 'NoneType'>.*)?$",
+        text,
+    )
     if outer and inner:
-        return (f"{outer.group(1)}.init_args.{inner.group(2)}",
-                f"{inner.group(3).strip()} ({inner.group(1)})")
+        return (
+            f"{outer.group(1)}.init_args.{inner.group(2)}",
+            f"{inner.group(3).strip()} ({inner.group(1)})",
+        )
     if outer:
-        return outer.group(1), text[outer.end():].lstrip(": ")
+        return outer.group(1), text[outer.end() :].lstrip(": ")
     return None, text
 
 
@@ -236,9 +273,8 @@ def _check_init_args(source: str, section: str, value: Mapping[str, Any]) -> Non
 
 def _accepted(cls: type) -> tuple[list[str], bool]:
     """The constructor's argument names, and whether it takes ``**kwargs``."""
-    params = inspect.signature(cls.__init__).parameters.values()
-    names = [p.name for p in params if p.name != "self"
-             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    params = inspect.signature(cls).parameters.values()
+    names = [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     return names, any(p.kind == p.VAR_KEYWORD for p in params)
 
 
@@ -249,8 +285,9 @@ def _check_arg_names(source: str, key: str, cls: type, given: Sequence[str], pat
     for arg in given:
         if arg not in names:
             where = key if key.startswith("search_space") else f"{key}.{arg}"
-            raise SpecError(source, where, f"is not an argument of {path}", arg,
-                            fix="use one of " + ", ".join(names))
+            raise SpecError(
+                source, where, f"is not an argument of {path}", arg, fix="use one of " + ", ".join(names)
+            )
 
 
 def _check_trainer_arg(source: str, key: str, arg: str, trainer_cls: type) -> None:
@@ -259,8 +296,13 @@ def _check_trainer_arg(source: str, key: str, arg: str, trainer_cls: type) -> No
         import difflib
 
         close = difflib.get_close_matches(arg, names, n=1)
-        raise SpecError(source, key, "is not an argument of Trainer", arg,
-                        fix=f"did you mean {close[0]!r}?" if close else "see Trainer's arguments")
+        raise SpecError(
+            source,
+            key,
+            "is not an argument of Trainer",
+            arg,
+            fix=f"did you mean {close[0]!r}?" if close else "see Trainer's arguments",
+        )
 
 
 def build(config: Mapping[str, Any], *, callbacks: Sequence[Any], seed: int | None) -> Built:

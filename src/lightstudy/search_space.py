@@ -16,7 +16,7 @@ import copy
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from lightstudy.errors import SpecError
 
@@ -34,7 +34,7 @@ __all__ = [
     "suggest_params",
 ]
 
-CategoricalChoice = Union[None, bool, int, float, str]
+CategoricalChoice = None | bool | int | float | str
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class CategoricalParam:
         return CategoricalDistribution(self.choices)
 
     def suggest(self, trial: optuna.Trial) -> CategoricalChoice:
-        return trial.suggest_categorical(self.path, self.choices)  # type: ignore[no-any-return]
+        return trial.suggest_categorical(self.path, self.choices)
 
     def candidates(self) -> tuple[Any, ...]:
         return self.choices
@@ -120,7 +120,7 @@ class CategoricalParam:
         return {"type": "categorical", "choices": list(self.choices)}
 
 
-Param = Union[FloatParam, IntParam, CategoricalParam]
+Param = FloatParam | IntParam | CategoricalParam
 
 _KEYS = {
     "float": {"type", "low", "high", "log", "step"},
@@ -143,7 +143,7 @@ def parse_search_space(source: str, raw: Any) -> tuple[Param, ...]:
             "search_space",
             "must be a mapping of dotted config paths to distributions",
             raw,
-            fix='write e.g. `model.init_args.lr: {type: float, low: 1.0e-4, high: 0.1, log: true}`',
+            fix="write e.g. `model.init_args.lr: {type: float, low: 1.0e-4, high: 0.1, log: true}`",
         )
     params = []
     for path, dist in raw.items():
@@ -232,9 +232,7 @@ def _is_number(value: Any) -> bool:
 def _parse_numeric(source: str, key: str, path: str, kind: str, raw: Mapping[str, Any]) -> Param:
     for bound in ("low", "high"):
         value = raw.get(bound)
-        ok = isinstance(value, int) and not isinstance(value, bool) if kind == "int" else (
-            _is_number(value)
-        )
+        ok = isinstance(value, int) and not isinstance(value, bool) if kind == "int" else (_is_number(value))
         if not ok:
             noun = "an integer" if kind == "int" else "a finite number"
             raise SpecError(
@@ -282,9 +280,7 @@ def _parse_numeric(source: str, key: str, path: str, kind: str, raw: Mapping[str
     if step is None:
         step = 1
     if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-        raise SpecError(
-            source, f"{key}.step", "must be an integer >= 1", step, fix="set step to 1 or more"
-        )
+        raise SpecError(source, f"{key}.step", "must be an integer >= 1", step, fix="set step to 1 or more")
     if log and step != 1:
         raise SpecError(
             source,

@@ -37,10 +37,25 @@ CLASS_SECTIONS = ("model", "data", "optimizer", "lr_scheduler")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 # Metric-name words that say which way is better; a direction that contradicts them is an error.
-_HIGHER_IS_BETTER = {"acc", "accuracy", "f1", "fbeta", "auroc", "auc", "precision", "recall",
-                     "iou", "jaccard", "dice", "r2", "map", "bleu", "psnr", "ssim"}
-_LOWER_IS_BETTER = {"loss", "error", "err", "mse", "mae", "rmse", "nll", "perplexity", "ppl",
-                    "wer", "cer"}
+_HIGHER_IS_BETTER = {
+    "acc",
+    "accuracy",
+    "f1",
+    "fbeta",
+    "auroc",
+    "auc",
+    "precision",
+    "recall",
+    "iou",
+    "jaccard",
+    "dice",
+    "r2",
+    "map",
+    "bleu",
+    "psnr",
+    "ssim",
+}
+_LOWER_IS_BETTER = {"loss", "error", "err", "mse", "mae", "rmse", "nll", "perplexity", "ppl", "wer", "cer"}
 
 
 @dataclass(frozen=True)
@@ -196,8 +211,7 @@ def spec_from_dict(doc: Any, *, source: str = "<spec>") -> StudySpec:
             fix = _did_you_mean(key, allowed)
             if key == "seed_everything":
                 fix = "remove it: each trial's seed is derived from study.seed"
-            raise SpecError(source, str(key), "is not a top-level key of a study spec", doc[key],
-                            fix=fix)
+            raise SpecError(source, str(key), "is not a top-level key of a study spec", doc[key], fix=fix)
     if "study" not in doc:
         raise SpecError(source, "study", "is required", fix="add a `study:` block with at least `name:`")
     settings = _parse_study(source, doc["study"])
@@ -236,8 +250,13 @@ def _parse_study(source: str, raw: Any) -> StudySettings:
         raise SpecError(source, "study", "must be a mapping", raw, fix="write `study: {name: my-study, ...}`")
     for key in raw:
         if key not in _STUDY_KEYS:
-            raise SpecError(source, f"study.{key}", "is not a key of the study block", raw[key],
-                            fix=_did_you_mean(key, sorted(_STUDY_KEYS)))
+            raise SpecError(
+                source,
+                f"study.{key}",
+                "is not a key of the study block",
+                raw[key],
+                fix=_did_you_mean(key, sorted(_STUDY_KEYS)),
+            )
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise SpecError(
@@ -258,16 +277,13 @@ def _parse_study(source: str, raw: Any) -> StudySettings:
         n_trials=_positive_int(source, raw, "n_trials"),
         timeout=_positive_number(source, raw, "timeout"),
         seed=_seed(source, raw),
-        sampler=_parse_component(source, "study.sampler", raw.get("sampler", "TPESampler"),
-                                 allow_none=False),
-        pruner=_parse_component(source, "study.pruner", raw.get("pruner", "MedianPruner"),
-                                allow_none=True),
+        sampler=_parse_component(source, "study.sampler", raw.get("sampler", "TPESampler"), allow_none=False),
+        pruner=_parse_component(source, "study.pruner", raw.get("pruner", "MedianPruner"), allow_none=True),
         checkpoints=_parse_checkpoints(source, raw.get("checkpoints")),
         run_dir=_optional(source, raw, "run_dir", str, "a folder path such as runs/digits"),
         trial_timeout=_positive_number(source, raw, "trial_timeout"),
         max_retry=_count(source, raw, "max_retry", defaults.max_retry),
-        heartbeat_interval=_positive_int(source, raw, "heartbeat_interval")
-        or defaults.heartbeat_interval,
+        heartbeat_interval=_positive_int(source, raw, "heartbeat_interval") or defaults.heartbeat_interval,
         grace_period=_positive_int(source, raw, "grace_period") or defaults.grace_period,
     )
 
@@ -294,42 +310,79 @@ def _check_budget_and_heartbeat(source: str, raw: Mapping[str, Any]) -> None:
 
 def _parse_objectives(source: str, raw: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if "direction" in raw and "directions" in raw:
-        raise SpecError(source, "study.directions", "cannot be given with study.direction",
-                        raw["directions"], fix="keep one: direction (one metric) or directions (several)")
+        raise SpecError(
+            source,
+            "study.directions",
+            "cannot be given with study.direction",
+            raw["directions"],
+            fix="keep one: direction (one metric) or directions (several)",
+        )
     if "metric" in raw and "metrics" in raw:
-        raise SpecError(source, "study.metrics", "cannot be given with study.metric",
-                        raw["metrics"], fix="keep one: metric (one objective) or metrics (several)")
+        raise SpecError(
+            source,
+            "study.metrics",
+            "cannot be given with study.metric",
+            raw["metrics"],
+            fix="keep one: metric (one objective) or metrics (several)",
+        )
     multi = "directions" in raw or "metrics" in raw
     dkey, mkey = ("study.directions", "study.metrics") if multi else ("study.direction", "study.metric")
     directions = raw.get("directions") if multi else [raw.get("direction", "maximize")]
     metrics = raw.get("metrics") if multi else [raw.get("metric")]
     if not isinstance(directions, list) or not directions:
-        raise SpecError(source, dkey, "must be a list of minimize/maximize", directions,
-                        fix="e.g. directions: [maximize, minimize]")
+        raise SpecError(
+            source,
+            dkey,
+            "must be a list of minimize/maximize",
+            directions,
+            fix="e.g. directions: [maximize, minimize]",
+        )
     if not isinstance(metrics, list) or not metrics:
-        raise SpecError(source, mkey, "must be a list of metric names", metrics,
-                        fix="e.g. metrics: [val_acc, param_count]")
+        raise SpecError(
+            source,
+            mkey,
+            "must be a list of metric names",
+            metrics,
+            fix="e.g. metrics: [val_acc, param_count]",
+        )
     for d in directions:
         if d not in ("minimize", "maximize"):
-            raise SpecError(source, dkey, "must be minimize or maximize", d,
-                            fix="write direction: maximize (or minimize)")
+            raise SpecError(
+                source, dkey, "must be minimize or maximize", d, fix="write direction: maximize (or minimize)"
+            )
     for m in metrics:
         if not isinstance(m, str) or not m:
-            raise SpecError(source, mkey, "must name a metric the LightningModule logs", m,
-                            fix="e.g. metric: val_acc")
+            raise SpecError(
+                source, mkey, "must name a metric the LightningModule logs", m, fix="e.g. metric: val_acc"
+            )
     if len(directions) != len(metrics):
-        raise SpecError(source, dkey, f"needs one direction per metric ({len(metrics)} metrics)",
-                        directions, fix="give as many directions as metrics")
+        raise SpecError(
+            source,
+            dkey,
+            f"needs one direction per metric ({len(metrics)} metrics)",
+            directions,
+            fix="give as many directions as metrics",
+        )
     if len(set(metrics)) != len(metrics):
         raise SpecError(source, mkey, "must not repeat a metric", metrics, fix="list each metric once")
     for d, m in zip(directions, metrics):
         words = set(re.split(r"[^a-z0-9]+", m.lower()))
         if d == "maximize" and words & _LOWER_IS_BETTER:
-            raise SpecError(source, dkey, f"maximize contradicts metric {m!r}, where lower is better",
-                            d, fix=f"set minimize for {m}, or name a higher-is-better metric")
+            raise SpecError(
+                source,
+                dkey,
+                f"maximize contradicts metric {m!r}, where lower is better",
+                d,
+                fix=f"set minimize for {m}, or name a higher-is-better metric",
+            )
         if d == "minimize" and words & _HIGHER_IS_BETTER and not words & _LOWER_IS_BETTER:
-            raise SpecError(source, dkey, f"minimize contradicts metric {m!r}, where higher is better",
-                            d, fix=f"set maximize for {m}, or name a lower-is-better metric")
+            raise SpecError(
+                source,
+                dkey,
+                f"minimize contradicts metric {m!r}, where higher is better",
+                d,
+                fix=f"set maximize for {m}, or name a lower-is-better metric",
+            )
     return tuple(directions), tuple(metrics)
 
 
@@ -342,20 +395,29 @@ def _parse_component(source: str, key: str, raw: Any, *, allow_none: bool) -> Co
     if isinstance(raw, str):
         return Component(raw)
     if not isinstance(raw, Mapping):
-        raise SpecError(source, key, "must be a class name or a mapping with `name:`", raw,
-                        fix="e.g. {name: TPESampler, multivariate: true}")
+        raise SpecError(
+            source,
+            key,
+            "must be a class name or a mapping with `name:`",
+            raw,
+            fix="e.g. {name: TPESampler, multivariate: true}",
+        )
     if "class_path" in raw:
         extra = set(raw) - {"class_path", "init_args"}
         if extra:
-            raise SpecError(source, f"{key}.{sorted(extra)[0]}", "is not allowed beside class_path",
-                            raw[sorted(extra)[0]], fix="put arguments under init_args")
+            raise SpecError(
+                source,
+                f"{key}.{sorted(extra)[0]}",
+                "is not allowed beside class_path",
+                raw[sorted(extra)[0]],
+                fix="put arguments under init_args",
+            )
         name, kwargs = raw["class_path"], raw.get("init_args") or {}
     else:
         kwargs = {k: v for k, v in raw.items() if k != "name"}
         name = raw.get("name")
     if not isinstance(name, str) or not name:
-        raise SpecError(source, f"{key}.name", "must be a class name", name,
-                        fix="e.g. name: TPESampler")
+        raise SpecError(source, f"{key}.name", "must be a class name", name, fix="e.g. name: TPESampler")
     if not isinstance(kwargs, Mapping):
         raise SpecError(source, f"{key}.init_args", "must be a mapping", kwargs, fix="e.g. {seed: 0}")
     return Component(name, dict(kwargs))
@@ -365,11 +427,18 @@ def _parse_checkpoints(source: str, raw: Any) -> CheckpointSettings:
     if raw is None:
         return CheckpointSettings()
     if not isinstance(raw, Mapping):
-        raise SpecError(source, "study.checkpoints", "must be a mapping", raw, fix="e.g. checkpoints: {keep: 3}")
+        raise SpecError(
+            source, "study.checkpoints", "must be a mapping", raw, fix="e.g. checkpoints: {keep: 3}"
+        )
     for key in raw:
         if key != "keep":
-            raise SpecError(source, f"study.checkpoints.{key}", "is not a checkpoints key", raw[key],
-                            fix="the only key is keep")
+            raise SpecError(
+                source,
+                f"study.checkpoints.{key}",
+                "is not a checkpoints key",
+                raw[key],
+                fix="the only key is keep",
+            )
     return CheckpointSettings(keep=_count(source, raw, "keep", 3, prefix="study.checkpoints"))
 
 
@@ -389,9 +458,10 @@ def _storage(source: str, raw: Mapping[str, Any]) -> str | None:
         try:
             check_url(url)
         except StorageError as e:
-            raise SpecError(source, "study.storage", e.message.split(": ", 1)[-1], redact(url),
-                            fix=e.fix) from e
-    return url  # type: ignore[no-any-return]
+            raise SpecError(
+                source, "study.storage", e.message.split(": ", 1)[-1], redact(url), fix=e.fix
+            ) from e
+    return url
 
 
 def _positive_int(source: str, raw: Mapping[str, Any], key: str) -> int | None:
@@ -399,8 +469,13 @@ def _positive_int(source: str, raw: Mapping[str, Any], key: str) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise SpecError(source, f"study.{key}", "must be an integer >= 1", value,
-                        fix=f"set {key}: to a positive whole number")
+        raise SpecError(
+            source,
+            f"study.{key}",
+            "must be an integer >= 1",
+            value,
+            fix=f"set {key}: to a positive whole number",
+        )
     return value
 
 
@@ -409,43 +484,74 @@ def _positive_number(source: str, raw: Mapping[str, Any], key: str) -> float | N
     if value is None:
         return None
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise SpecError(source, f"study.{key}", "must be a number of seconds > 0 (or null)", value,
-                        fix=f"set {key}: to e.g. 3600")
+        raise SpecError(
+            source,
+            f"study.{key}",
+            "must be a number of seconds > 0 (or null)",
+            value,
+            fix=f"set {key}: to e.g. 3600",
+        )
     return float(value)
 
 
 def _count(source: str, raw: Mapping[str, Any], key: str, default: int, prefix: str = "study") -> int:
     value = raw.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise SpecError(source, f"{prefix}.{key}", "must be an integer >= 0", value,
-                        fix=f"set {key}: to 0 or more")
+        raise SpecError(
+            source, f"{prefix}.{key}", "must be an integer >= 0", value, fix=f"set {key}: to 0 or more"
+        )
     return value
 
 
 def _seed(source: str, raw: Mapping[str, Any]) -> int | None:
     value = raw.get("seed", 0)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-        raise SpecError(source, "study.seed", "must be an integer >= 0 or null", value,
-                        fix="set seed: 0 (or null for a random seed)")
+        raise SpecError(
+            source,
+            "study.seed",
+            "must be an integer >= 0 or null",
+            value,
+            fix="set seed: 0 (or null for a random seed)",
+        )
     return value
 
 
 # --- the LightningCLI config ---------------------------------------------------------------------
 
+
 def _check_config(source: str, config: Mapping[str, Any]) -> None:
     if "model" not in config:
-        raise SpecError(source, "model", "is required",
-                        fix="add `model: {class_path: lightstudy.examples.ConvNet, init_args: {...}}`")
+        raise SpecError(
+            source,
+            "model",
+            "is required",
+            fix="add `model: {class_path: lightstudy.examples.ConvNet, init_args: {...}}`",
+        )
     trainer = config.get("trainer", {})
     if not isinstance(trainer, Mapping):
-        raise SpecError(source, "trainer", "must be a mapping of Trainer arguments", trainer,
-                        fix="e.g. trainer: {max_epochs: 10}")
+        raise SpecError(
+            source,
+            "trainer",
+            "must be a mapping of Trainer arguments",
+            trainer,
+            fix="e.g. trainer: {max_epochs: 10}",
+        )
     if not any(trainer.get(k) not in (None, -1) for k in ("max_epochs", "max_steps", "max_time")):
-        raise SpecError(source, "trainer.max_epochs", "a trial needs an end: max_epochs, max_steps or max_time",
-                        trainer.get("max_epochs"), fix="set trainer.max_epochs, e.g. 10")
+        raise SpecError(
+            source,
+            "trainer.max_epochs",
+            "a trial needs an end: max_epochs, max_steps or max_time",
+            trainer.get("max_epochs"),
+            fix="set trainer.max_epochs, e.g. 10",
+        )
     if trainer.get("enable_checkpointing") is False:
-        raise SpecError(source, "trainer.enable_checkpointing", "must stay on: lightstudy keeps the best checkpoints",
-                        False, fix="remove enable_checkpointing, or set study.checkpoints.keep: 0")
+        raise SpecError(
+            source,
+            "trainer.enable_checkpointing",
+            "must stay on: lightstudy keeps the best checkpoints",
+            False,
+            fix="remove enable_checkpointing, or set study.checkpoints.keep: 0",
+        )
     for section in CLASS_SECTIONS:
         if section not in config:
             continue
@@ -453,16 +559,30 @@ def _check_config(source: str, config: Mapping[str, Any]) -> None:
         if isinstance(value, str) and section in ("optimizer", "lr_scheduler"):
             continue  # LightningCLI takes a bare class name here
         if not isinstance(value, Mapping) or not isinstance(value.get("class_path"), str):
-            raise SpecError(source, f"{section}.class_path", "is required: the class to instantiate",
-                            value if not isinstance(value, Mapping) else value.get("class_path"),
-                            fix=f"write `{section}: {{class_path: package.module.Class, init_args: {{...}}}}`")
+            raise SpecError(
+                source,
+                f"{section}.class_path",
+                "is required: the class to instantiate",
+                value if not isinstance(value, Mapping) else value.get("class_path"),
+                fix=f"write `{section}: {{class_path: package.module.Class, init_args: {{...}}}}`",
+            )
         for key in value:
             if key not in ("class_path", "init_args", "dict_kwargs"):
-                raise SpecError(source, f"{section}.{key}", "is not allowed here (only class_path, init_args)",
-                                value[key], fix=f"move it under {section}.init_args")
+                raise SpecError(
+                    source,
+                    f"{section}.{key}",
+                    "is not allowed here (only class_path, init_args)",
+                    value[key],
+                    fix=f"move it under {section}.init_args",
+                )
         if value.get("init_args") is not None and not isinstance(value["init_args"], Mapping):
-            raise SpecError(source, f"{section}.init_args", "must be a mapping of constructor arguments",
-                            value["init_args"], fix="e.g. init_args: {lr: 0.01}")
+            raise SpecError(
+                source,
+                f"{section}.init_args",
+                "must be a mapping of constructor arguments",
+                value["init_args"],
+                fix="e.g. init_args: {lr: 0.01}",
+            )
 
 
 def _check_paths(source: str, params: tuple[Param, ...], config: Mapping[str, Any]) -> None:
@@ -474,26 +594,56 @@ def _check_paths(source: str, params: tuple[Param, ...], config: Mapping[str, An
         seen.add(param.path)
         head, *rest = param.path.split(".")
         if head not in CONFIG_SECTIONS:
-            raise SpecError(source, key, "must start with a config section (" + ", ".join(CONFIG_SECTIONS) + ")",
-                            head, fix=_did_you_mean(head, CONFIG_SECTIONS))
+            raise SpecError(
+                source,
+                key,
+                "must start with a config section (" + ", ".join(CONFIG_SECTIONS) + ")",
+                head,
+                fix=_did_you_mean(head, CONFIG_SECTIONS),
+            )
         if not rest:
-            raise SpecError(source, key, "must name a value inside the section", param.path,
-                            fix=f"e.g. {head}.init_args.<argument>")
+            raise SpecError(
+                source,
+                key,
+                "must name a value inside the section",
+                param.path,
+                fix=f"e.g. {head}.init_args.<argument>",
+            )
         if head in CLASS_SECTIONS:
             if head not in config:
-                raise SpecError(source, key, f"points into `{head}:`, which the config does not have",
-                                param.path, fix=f"add a `{head}:` section with class_path, or fix the path")
+                raise SpecError(
+                    source,
+                    key,
+                    f"points into `{head}:`, which the config does not have",
+                    param.path,
+                    fix=f"add a `{head}:` section with class_path, or fix the path",
+                )
             if rest[0] != "init_args" and rest != ["class_path"]:
-                raise SpecError(source, key, f"must go through {head}.init_args (or be {head}.class_path)",
-                                param.path, fix=f"write {head}.init_args.{'.'.join(rest)}")
+                raise SpecError(
+                    source,
+                    key,
+                    f"must go through {head}.init_args (or be {head}.class_path)",
+                    param.path,
+                    fix=f"write {head}.init_args.{'.'.join(rest)}",
+                )
             if rest[0] == "init_args" and len(rest) < 2:
-                raise SpecError(source, key, "must name an argument under init_args", param.path,
-                                fix=f"e.g. {head}.init_args.lr")
+                raise SpecError(
+                    source,
+                    key,
+                    "must name an argument under init_args",
+                    param.path,
+                    fix=f"e.g. {head}.init_args.lr",
+                )
     for a in params:
         for b in params:
             if b.path.startswith(a.path + "."):
-                raise SpecError(source, f'search_space["{b.path}"]', f"lies inside {a.path}, also searched",
-                                b.path, fix="search one of them")
+                raise SpecError(
+                    source,
+                    f'search_space["{b.path}"]',
+                    f"lies inside {a.path}, also searched",
+                    b.path,
+                    fix="search one of them",
+                )
 
 
 def _did_you_mean(word: Any, options: Any) -> str:

@@ -156,9 +156,7 @@ def open_storage(url: str, *, create: bool = True) -> RDBStorage:
             connect_args={"connect_timeout": 10},
         )
     try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, skip_table_creation=not create
-        )
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
     except (sqlalchemy.exc.SQLAlchemyError, OSError, RuntimeError) as e:
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
         raise StorageError(
@@ -268,7 +266,11 @@ def retry_db(fn: Callable[[], T], *, what: str, seconds: float = DB_RETRY_SECOND
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as e:
             if time.monotonic() + delay > deadline:
                 raise
-            _log.warning("%s: database unavailable (%s); retrying in %.1fs", what,
-                         str(getattr(e, "orig", e)).strip().splitlines()[0][:200], delay)
+            _log.warning(
+                "%s: database unavailable (%s); retrying in %.1fs",
+                what,
+                str(getattr(e, "orig", e)).strip().splitlines()[0][:200],
+                delay,
+            )
             time.sleep(delay)
             delay = min(delay * 2, 5.0)

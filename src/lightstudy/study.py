@@ -83,7 +83,7 @@ def create_study(spec: StudySpec, url: str, *, update_spec: bool = False) -> opt
         study = optuna.create_study(
             storage=storage,
             study_name=name,
-            directions=list(spec.study.directions),
+            directions=[d for d in spec.study.directions],  # type: ignore[misc]
             sampler=build_sampler(spec),
             pruner=build_pruner(spec),
             load_if_exists=True,  # a worker elsewhere may create it at the same moment
@@ -197,8 +197,7 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
     from lightstudy.components import build_sampler
     from lightstudy.search_space import suggest_params
 
-    storage = study._storage
-    backend = getattr(storage, "_backend", storage)
+    backend: RDBStorage = getattr(study._storage, "_backend", study._storage)  # type: ignore[arg-type]
     with claim_lock(backend, spec.study.name):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -85,8 +85,7 @@ def best_records(study: optuna.Study, spec: StudySpec, run_dir: Path) -> list[Tr
         raise LightstudyError(
             f"study {spec.study.name!r} has no complete trial yet "
             f"({c['running']} running, {c['pruned']} pruned, {c['fail']} failed)",
-            fix="wait for a trial to finish, or run workers: lightstudy worker --study "
-            f"{spec.study.name}",
+            fix=f"wait for a trial to finish, or run workers: lightstudy worker --study {spec.study.name}",
         )
     kept = {t.number for t in kept_trials(trials, spec)}
     return [trial_record(t, run_dir, kept) for t in ranked]

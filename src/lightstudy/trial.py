@@ -71,8 +71,9 @@ def trial_main(job: TrialJob, conn: Any) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
     try:
         outcome = run_trial(job)
     except BaseException as e:  # never let the worker guess what happened
@@ -91,8 +92,9 @@ def run_trial(job: TrialJob) -> TrialOutcome:
     from lightstudy.errors import LightstudyError
 
     timings = {"start": time.time() - job.started}
-    print(f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()}, params {job.params}",
-          flush=True)
+    print(
+        f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()}, params {job.params}", flush=True
+    )
     t = time.time()
     trial = _open_trial(job)
     timings["storage"] = time.time() - t
@@ -166,8 +168,9 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
     t = time.time()
     if job.resume:
         epoch = _checkpoint_epoch(job.resume)
-        print(f"resuming from {job.resume} (saved at epoch {epoch}; training continues from there)",
-              flush=True)
+        print(
+            f"resuming from {job.resume} (saved at epoch {epoch}; training continues from there)", flush=True
+        )
     built.trainer.fit(built.model, datamodule=built.datamodule, ckpt_path=job.resume)
     timings["fit"] = time.time() - t
     print(f"training ended at epoch {built.trainer.current_epoch}", flush=True)
@@ -218,8 +221,17 @@ def _versions(namespace: str) -> dict[str, str]:
     from importlib import metadata
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for dist in ("lightstudy", "torch", "torchvision", "lightning", "pytorch-lightning", "optuna",
-                 "optuna-integration", "torchmetrics", "jsonargparse"):
+    for dist in (
+        "lightstudy",
+        "torch",
+        "torchvision",
+        "lightning",
+        "pytorch-lightning",
+        "optuna",
+        "optuna-integration",
+        "torchmetrics",
+        "jsonargparse",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -43,8 +43,17 @@ __all__ = ["Worker", "WorkerReport"]
 
 POLL_INTERVAL = 2.0  # seconds between budget checks while other workers' trials run
 # User attrs that describe one attempt; a retry does not inherit them.
-ATTEMPT_ATTRS = ("fail_reason", "interrupted", "timings", CHECKPOINT_ATTR, "worker", "gpu",
-                 "resumed_from", "config", "versions")
+ATTEMPT_ATTRS = (
+    "fail_reason",
+    "interrupted",
+    "timings",
+    CHECKPOINT_ATTR,
+    "worker",
+    "gpu",
+    "resumed_from",
+    "config",
+    "versions",
+)
 
 _log = logging.getLogger(__name__)
 
@@ -146,9 +155,12 @@ class Worker:
             TRIAL_DIR_ATTR: trial_dir,
         }
         if resumed_trial is not None:
-            attrs["resumed_from"] = {"trial": resumed_trial, "checkpoint": os.path.relpath(last, self.run_dir)}
+            attrs["resumed_from"] = {
+                "trial": resumed_trial,
+                "checkpoint": os.path.relpath(last, self.run_dir),
+            }
         for key, value in attrs.items():
-            retry_db(lambda k=key, v=value: trial.set_user_attr(k, v), what="record the trial")
+            _record(trial, key, value)
         job = TrialJob(
             storage_url=self.url,
             study_name=self.study_name,
@@ -162,8 +174,12 @@ class Worker:
             resume=resume,
             threads=self.threads,
         )
-        _log.info("trial %d started%s: %s", trial.number,
-                  f" (retry of {resumed_trial}, resuming)" if resume else "", _short(job.params))
+        _log.info(
+            "trial %d started%s: %s",
+            trial.number,
+            f" (retry of {resumed_trial}, resuming)" if resume else "",
+            _short(job.params),
+        )
         start = time.time()
         with _Heartbeat(self._storage, trial._trial_id, self.spec.study.heartbeat_interval):
             outcome, reason = self._run_child(job)
@@ -218,8 +234,7 @@ class Worker:
                 if deadline is not None and time.monotonic() > deadline:
                     child.kill()
                     child.join()
-                    reason = (f"exceeded study.trial_timeout ({limit:g} s); the trial process "
-                              "was killed")
+                    reason = f"exceeded study.trial_timeout ({limit:g} s); the trial process was killed"
                     break
             child.join(timeout=30)
             if child.is_alive():
@@ -234,13 +249,22 @@ class Worker:
 
     # --- telling Optuna ---------------------------------------------------------------------
 
-    def _finish(self, trial: optuna.Trial, outcome: TrialOutcome | None, reason: str | None,
-                trial_dir: str, seconds: float) -> None:
+    def _finish(
+        self,
+        trial: optuna.Trial,
+        outcome: TrialOutcome | None,
+        reason: str | None,
+        trial_dir: str,
+        seconds: float,
+    ) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
-        state = outcome.state if outcome is not None else ("timeout" if reason and "timeout" in reason
-                                                           else "died")
+        state = (
+            outcome.state
+            if outcome is not None
+            else ("timeout" if reason and "timeout" in reason else "died")
+        )
         attrs: dict[str, Any] = {}
         if outcome is not None:
             attrs["timings"] = {k: round(v, 4) for k, v in outcome.timings.items()}
@@ -253,15 +277,21 @@ class Worker:
                 self.report.complete += 1
                 (self.run_dir / trial_dir / "checkpoints" / "last.ckpt").unlink(missing_ok=True)
                 retry_db(lambda: enforce_retention(self.study, self.spec, self.run_dir), what="retention")
-                _log.info("trial %d complete: %s=%s in %.1fs", trial.number,
-                          ",".join(self.spec.study.metrics), _fmt(outcome.values), seconds)
+                _log.info(
+                    "trial %d complete: %s=%s in %.1fs",
+                    trial.number,
+                    ",".join(self.spec.study.metrics),
+                    _fmt(outcome.values),
+                    seconds,
+                )
             elif state == "pruned":
                 self._set_attrs(trial, attrs)
                 retry_db(lambda: self.study.tell(trial, state=TrialState.PRUNED), what="tell")
                 self.report.pruned += 1
                 remove_checkpoints(self.run_dir, trial_dir)
-                _log.info("trial %d pruned in %.1fs (%s)", trial.number, seconds,
-                          outcome.reason if outcome else "")
+                _log.info(
+                    "trial %d pruned in %.1fs (%s)", trial.number, seconds, outcome.reason if outcome else ""
+                )
             elif state == "interrupted" or (state == "died" and self._signals):
                 attrs["interrupted"] = True
                 attrs["fail_reason"] = (outcome.reason if outcome else reason) or "stopped by signal"
@@ -279,7 +309,9 @@ class Worker:
                 if not retried:
                     remove_checkpoints(self.run_dir, trial_dir)
                 self.report.failed += 1
-                _log.warning("trial %d failed%s: %s", trial.number, " (will be retried)" if retried else "", why)
+                _log.warning(
+                    "trial %d failed%s: %s", trial.number, " (will be retried)" if retried else "", why
+                )
         except UpdateFinishedTrialError:
             # The database was away longer than the grace period and another worker failed the
             # trial as stale (and retried it); its outcome here is lost, the study is not.
@@ -288,7 +320,7 @@ class Worker:
 
     def _set_attrs(self, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
         for key, value in attrs.items():
-            retry_db(lambda k=key, v=value: trial.set_user_attr(k, v), what="record the trial")
+            _record(trial, key, value)
 
     def _retry(self, trial: optuna.Trial, *, max_retry: int | None) -> bool:
         """Queue a WAITING copy of a failed trial (same params, inherited intermediate values)."""
@@ -309,8 +341,11 @@ class Worker:
         self._signals += 1
         child = self._child
         if self._signals == 1:
-            _log.warning("%s: no new trials; the running one saves a checkpoint and is handed back "
-                         "(signal again to stop at once)", signal.Signals(signum).name)
+            _log.warning(
+                "%s: no new trials; the running one saves a checkpoint and is handed back "
+                "(signal again to stop at once)",
+                signal.Signals(signum).name,
+            )
             if child is not None and child.pid:
                 with contextlib.suppress(OSError):
                     os.kill(child.pid, signal.SIGTERM)
@@ -322,7 +357,7 @@ class Worker:
     def _install_signal_handlers(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
             return {}
-        previous = {}
+        previous: dict[int, Any] = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, self._on_signal)
         return previous
@@ -367,6 +402,10 @@ class _Heartbeat:
                 _log.warning("heartbeat of trial %d failed: %s", self._trial_id, str(e).splitlines()[0][:200])
 
 
+def _record(trial: optuna.Trial, key: str, value: Any) -> None:
+    retry_db(lambda: trial.set_user_attr(key, value), what="record the trial")
+
+
 def _exit_reason(exitcode: int | None) -> str:
     if exitcode is None:
         return "the trial process did not exit"
@@ -387,4 +426,3 @@ def _fmt(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(_fmt(v) for v in value)
     return str(value)
-

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as lp
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-__all__ = ["DigitsDataModule", "DigitsDataMixin"]
+__all__ = ["DigitsDataMixin", "DigitsDataModule"]
 
 
 class _Transformed(Dataset):

@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from conftest import REPO, cli, tiny_spec, write_spec
+from lightstudy.cli import app
+from lightstudy.study import load_study
+
+COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
+
+
+def test_every_command_has_help_with_an_example() -> None:
+    assert {"validate", "create", "run", "worker", "status", "best", "dashboard"} <= set(COMMANDS)
+    for name in COMMANDS:
+        result = cli(name, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "Example" in result.stdout, name
+
+
+def test_help_is_instant_and_imports_no_torch() -> None:
+    code = (
+        "import sys, time; t = time.time(); from lightstudy.cli import main; "
+        "sys.argv = ['lightstudy', '--help']\n"
+        "try:\n    main(['--help'])\nfinally:\n"
+        "    print('TORCH' if 'torch' in sys.modules else 'NOTORCH', time.time() - t, file=sys.stderr)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    tag, seconds = result.stderr.strip().splitlines()[-1].split()
+    assert tag == "NOTORCH"
+    assert float(seconds) < 1.0
+
+
+def test_python_dash_m_and_version() -> None:
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("lightstudy ")
+
+
+def test_errors_are_one_line_exit_2_and_debug_shows_traceback(tmp_path: Path) -> None:
+    result = cli("best", "nosuch", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: no storage given")
+    assert len(result.stderr.strip().splitlines()) == 1
+    debug = cli("--debug", "best", "nosuch", cwd=tmp_path)
+    assert "Traceback" in debug.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end_with_real_clients(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "tiny.yaml", tiny_spec(n_trials=4, checkpoints={"keep": 2}))
+    run = cli("run", str(spec), "--workers", "2", cwd=tmp_path, check=True)
+    assert "best trial of tiny" in run.stdout
+    url = f"sqlite:///{tmp_path / 'runs' / 'tiny' / 'study.db'}"
+    study, _ = load_study(url, "tiny")
+    assert len([t for t in study.get_trials() if t.state == TrialState.COMPLETE]) == 4
+
+    status = cli("status", "tiny", cwd=tmp_path, check=True)
+    assert "4/4 trials done" in status.stdout and "study done" in status.stdout
+    listing = cli("status", cwd=tmp_path, check=True)
+    assert "tiny" in listing.stdout
+
+    best = json.loads(cli("best", "tiny", "--format", "json", cwd=tmp_path, check=True).stdout)
+    assert best["number"] == study.best_trial.number
+    assert best["values"]["val_acc"] == pytest.approx(study.best_value)
+    assert Path(best["checkpoint"]).exists()
+    assert set(best["params"]) == {"model.init_args.lr", "data.init_args.batch_size"}
+
+    # Optuna's own CLI reads the same database.
+    optuna_cli = Path(sys.executable).with_name("optuna")
+    trials = subprocess.run(
+        [str(optuna_cli), "trials", "--storage", url, "--study-name", "tiny", "-f", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert len(json.loads(trials.stdout)) == 4
+
+    # optuna-dashboard serves it over HTTP on loopback.
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lightstudy", "dashboard", "--storage", url, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
+                    studies = json.loads(r.read())["study_summaries"]
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "dashboard did not answer"
+                time.sleep(0.5)
+        assert [s["study_name"] for s in studies] == ["tiny"]
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}", timeout=30
+        ) as r:
+            detail = json.loads(r.read())
+        assert len(detail["trials"]) == 4
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_two_hand_started_workers_share_the_budget(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "tiny.yaml", tiny_spec(n_trials=6))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    cli("create", str(spec), "--storage", url, cwd=tmp_path, check=True)
+    env = {**os.environ, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lightstudy", "worker", "--study", "tiny", "--threads", "1"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    study, _ = load_study(url, "tiny")
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert len(workers) == 2, "both workers should have run trials"
+
+
+def test_create_is_idempotent_and_refuses_a_changed_spec(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "tiny.yaml", tiny_spec())
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    cli("create", str(spec), "--storage", url, check=True)
+    cli("create", str(spec), "--storage", url, check=True)
+    write_spec(spec, tiny_spec(n_trials=9))
+    changed = cli("create", str(spec), "--storage", url)
+    assert changed.returncode == 2 and "--update-spec" in changed.stderr
+    cli("create", str(spec), "--storage", url, "--update-spec", check=True)
+
+
+def test_the_default_study_file_validates() -> None:
+    cli("validate", str(REPO / "studies" / "digits.yaml"), check=True)

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import pytest
+
+from conftest import tiny_spec
+from lightstudy.errors import SpecError
+from lightstudy.lightning_config import build, check_spec, lightning_namespace, parse_config
+from lightstudy.spec import spec_from_dict
+
+
+def test_namespace_follows_the_model_class() -> None:
+    assert lightning_namespace(tiny_spec()) == "lightning.pytorch"
+    doc = tiny_spec()
+    doc["model"]["class_path"] = "lightstudy.examples.classic.ConvNet"
+    doc["data"]["class_path"] = "lightstudy.examples.classic.DigitsDataModule"
+    assert lightning_namespace(doc) == "pytorch_lightning"
+
+
+def test_build_instantiates_through_lightning_cli() -> None:
+    import lightning.pytorch as lp
+
+    doc = tiny_spec()
+    built = build({k: doc[k] for k in ("trainer", "model", "data")}, callbacks=[], seed=3)
+    assert isinstance(built.trainer, lp.Trainer)
+    assert built.model.hparams["channels"] == 8
+    assert built.config["model"]["init_args"]["dropout"] == 0.1  # defaults resolved
+    assert built.config["seed_everything"] == 3
+
+
+def test_optimizer_section_is_searchable_like_any_path() -> None:
+    doc = tiny_spec()
+    doc["optimizer"] = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}
+    doc["search_space"] = {"optimizer.init_args.momentum": {"type": "float", "low": 0.0, "high": 0.9}}
+    check_spec(spec_from_dict(doc))
+
+
+def test_parse_errors_are_one_line() -> None:
+    doc = tiny_spec()
+    doc["model"]["init_args"]["channels"] = "wide"
+    with pytest.raises(ValueError) as info:
+        parse_config({k: doc[k] for k in ("trainer", "model", "data")}, "lightning.pytorch")
+    assert "\n" not in str(info.value)
+
+
+def test_check_spec_reports_the_user_module_raising_on_import(tmp_path, monkeypatch) -> None:
+    (tmp_path / "broken_models.py").write_text("raise RuntimeError('import-time failure')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    doc = tiny_spec()
+    doc["model"]["class_path"] = "broken_models.Net"
+    with pytest.raises(SpecError, match="raised RuntimeError while importing"):
+        check_spec(spec_from_dict(doc))
