@@ -74,6 +74,7 @@ def test_killed_trial_process_fails_is_retried_and_resumes(tmp_path: Path, sqlit
     assert retry.state == TrialState.COMPLETE
     assert retry.params == first.params
     assert retry.user_attrs["resumed_from"]["trial"] == 0
+    assert retry.user_attrs["resumed_from"]["epoch"] >= 0
     assert set(first.intermediate_values) <= set(retry.intermediate_values)  # curves continue
     log = (tmp_path / "run" / "trials" / "trial-0000" / "trial.log").read_text()
     starts = [
@@ -201,3 +202,61 @@ def test_kill_9_of_a_worker_is_reaped_retried_and_resumed(
     assert any(
         line.startswith("training starts at epoch") and not line.endswith(" 0") for line in log.splitlines()
     ), log
+
+
+def _tiny_fast(n_trials: int, **study: Any) -> dict[str, Any]:
+    doc = tiny_spec(n_trials=n_trials, **study)
+    doc["trainer"].update(max_epochs=1, limit_train_batches=2, limit_val_batches=2)
+    return doc
+
+
+def _workers(url: str, run_dir: Path, n: int) -> list[Any]:
+    return [_run_worker_subprocess(url, run_dir) for _ in range(n)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("backend", "n_workers"), [("sqlite", 4), ("postgres", 8)])
+def test_many_workers_one_study_no_duplicates_no_locks(
+    backend: str, n_workers: int, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url")
+    n_trials = 30
+    create_study(spec_from_dict(_tiny_fast(n_trials, grace_period=60, heartbeat_interval=5)), url)
+    procs = _workers(url, tmp_path / "run", n_workers)
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * n_workers, outs
+    for out in outs:
+        assert "locked" not in out and "deadlock" not in out.lower(), out
+        assert "Traceback" not in out, out
+    study, _ = load_study(url, "tiny")
+    trials = study.get_trials()
+    numbers = [t.number for t in trials]
+    assert sorted(numbers) == list(range(n_trials))  # no number twice, none lost
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) > 1
+
+
+@pytest.mark.slow
+def test_postgres_restart_during_a_study_costs_no_trial(pg_url: str, tmp_path: Path) -> None:
+    import subprocess
+
+    doc = _slow(tiny_spec(n_trials=8, grace_period=60, heartbeat_interval=2), step_sleep=0.02, epochs=4)
+    create_study(spec_from_dict(doc), pg_url)
+    procs = _workers(pg_url, tmp_path / "run", 2)
+    study, _ = load_study(pg_url, "tiny")
+    _when(lambda: len([t for t in study.get_trials() if t.state == TrialState.COMPLETE]) >= 2, timeout=300)
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    ctl = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+    subprocess.run([*ctl, "stop", "-m", "fast"], check=True, timeout=120)
+    time.sleep(3)
+    subprocess.run([*ctl, "start"], check=True, timeout=120)
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    (tmp_path / "workers.log").write_text("\n=====\n".join(outs))
+    assert [p.returncode for p in procs] == [0, 0], f"see {tmp_path / 'workers.log'}"
+    logs = "".join(outs) + "".join(p.read_text() for p in (tmp_path / "run").rglob("trial.log"))
+    assert "database unavailable" in logs or "heartbeat of trial" in logs, "the restart went unnoticed"
+    study, _ = load_study(pg_url, "tiny")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 8, [
+        (t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials
+    ]

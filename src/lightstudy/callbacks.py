@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightstudy.errors import TrialError
 from lightstudy.lightning_config import pl_module
+from lightstudy.storage import retry_db
 
 if TYPE_CHECKING:
     import optuna
@@ -66,7 +67,9 @@ def _pruning_class(namespace: str) -> type:
         def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
             if not trainer.sanity_checking and self.monitor not in trainer.callback_metrics:
                 raise _missing(trainer.callback_metrics, [self.monitor])
-            super().on_validation_end(trainer, pl_module)
+            # report() and should_prune() talk to the database: ride out a restart.
+            parent: Any = super()
+            retry_db(lambda: parent.on_validation_end(trainer, pl_module), what="report to the study")
 
     return LightstudyPruningCallback
 

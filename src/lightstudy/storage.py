@@ -28,6 +28,7 @@ __all__ = [
     "ENV_VAR",
     "claim_lock",
     "configure_heartbeat",
+    "connection_error",
     "default_url",
     "open_storage",
     "redact",
@@ -157,8 +158,14 @@ def open_storage(url: str, *, create: bool = True) -> RDBStorage:
         )
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
-    except (sqlalchemy.exc.SQLAlchemyError, OSError, RuntimeError) as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+    except (
+        sqlalchemy.exc.SQLAlchemyError,
+        optuna.exceptions.StorageInternalError,
+        OSError,
+        RuntimeError,
+    ) as e:
+        cause = connection_error(e) or e
+        reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
         raise StorageError(
             f"cannot open storage {redact(url)}: {redact_text(reason, url)}",
             fix="check that the database server is running and the URL is right",
@@ -253,24 +260,37 @@ def retry_db(fn: Callable[[], T], *, what: str, seconds: float = DB_RETRY_SECOND
     """Call ``fn``, retrying with backoff while the database is unreachable or locked.
 
     A PostgreSQL restart or a busy SQLite file must not cost a trial: connection errors
-    (``OperationalError``/``InterfaceError``) are retried for up to ``seconds``; other errors
-    propagate at once.
+    (SQLAlchemy's ``OperationalError``/``InterfaceError``, also when Optuna wraps them in
+    ``StorageInternalError``) are retried for up to ``seconds``; other errors propagate at once.
     """
-    import sqlalchemy.exc
-
     deadline = time.monotonic() + seconds
     delay = 0.2
     while True:
         try:
             return fn()
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as e:
-            if time.monotonic() + delay > deadline:
+        except Exception as e:
+            cause = connection_error(e)
+            if cause is None or time.monotonic() + delay > deadline:
                 raise
             _log.warning(
                 "%s: database unavailable (%s); retrying in %.1fs",
                 what,
-                str(getattr(e, "orig", e)).strip().splitlines()[0][:200],
+                str(getattr(cause, "orig", cause)).strip().splitlines()[0][:200],
                 delay,
             )
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def connection_error(error: BaseException) -> BaseException | None:
+    """The connection-level error in ``error``'s chain, if there is one."""
+    import sqlalchemy.exc
+
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return current
+        current = current.__cause__ or current.__context__
+    return None

@@ -42,6 +42,7 @@ class TrialJob:
     run_dir: str
     trial_dir: str  # relative to run_dir
     resume: str | None = None  # checkpoint to continue from (a retry)
+    resumed_trial: int | None = None  # the trial whose checkpoint `resume` is
     threads: int | None = None  # torch threads on CPU
     started: float = field(default_factory=time.time)
 
@@ -96,7 +97,9 @@ def run_trial(job: TrialJob) -> TrialOutcome:
         f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()}, params {job.params}", flush=True
     )
     t = time.time()
-    trial = _open_trial(job)
+    from lightstudy.storage import retry_db
+
+    trial = retry_db(lambda: _open_trial(job), what="open the study")
     timings["storage"] = time.time() - t
     try:
         return _train(job, trial, timings)
@@ -161,16 +164,20 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
     if not settings.is_multi_objective:
         callbacks.insert(0, pruning_callback(namespace, trial, settings.metric))
     built = build(config, callbacks=callbacks, seed=job.seed)
-    trial.set_user_attr("config", built.config)
-    trial.set_user_attr("versions", _versions(namespace))
+    record = {"config": built.config, "versions": _versions(namespace)}
+    if job.resume:
+        epoch = _checkpoint_epoch(job.resume)
+        record["resumed_from"] = {
+            "trial": job.resumed_trial,
+            "epoch": epoch,
+            "checkpoint": os.path.relpath(job.resume, run_dir),
+        }
+        print(f"resuming trial {job.resumed_trial} from {job.resume} (saved in epoch {epoch})", flush=True)
+    for key, value in record.items():
+        _record(trial, key, value)
     timings["setup"] = time.time() - t
 
     t = time.time()
-    if job.resume:
-        epoch = _checkpoint_epoch(job.resume)
-        print(
-            f"resuming from {job.resume} (saved at epoch {epoch}; training continues from there)", flush=True
-        )
     built.trainer.fit(built.model, datamodule=built.datamodule, ckpt_path=job.resume)
     timings["fit"] = time.time() - t
     print(f"training ended at epoch {built.trainer.current_epoch}", flush=True)
@@ -215,6 +222,12 @@ def _add_trial_defaults(config: dict[str, Any], namespace: str, run_dir: Path, t
             "class_path": f"{namespace}.loggers.{logger}",
             "init_args": {"save_dir": str(run_dir), "name": name, "version": version, **extra},
         }
+
+
+def _record(trial: Any, key: str, value: Any) -> None:
+    from lightstudy.storage import retry_db
+
+    retry_db(lambda: trial.set_user_attr(key, value), what="record the trial")
 
 
 def _versions(namespace: str) -> dict[str, str]:

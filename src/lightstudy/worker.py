@@ -32,7 +32,7 @@ from lightstudy.checkpoints import (
     lineage_root,
     remove_checkpoints,
 )
-from lightstudy.storage import open_storage, retry_db
+from lightstudy.storage import connection_error, open_storage, retry_db
 from lightstudy.study import load_study
 from lightstudy.trial import TrialJob, TrialOutcome, trial_dir_name, trial_main
 
@@ -154,11 +154,6 @@ class Worker:
             "gpu": self.gpu,
             TRIAL_DIR_ATTR: trial_dir,
         }
-        if resumed_trial is not None:
-            attrs["resumed_from"] = {
-                "trial": resumed_trial,
-                "checkpoint": os.path.relpath(last, self.run_dir),
-            }
         for key, value in attrs.items():
             _record(trial, key, value)
         job = TrialJob(
@@ -172,6 +167,7 @@ class Worker:
             run_dir=str(self.run_dir),
             trial_dir=trial_dir,
             resume=resume,
+            resumed_trial=resumed_trial,
             threads=self.threads,
         )
         _log.info(
@@ -399,7 +395,9 @@ class _Heartbeat:
             try:
                 self._storage.record_heartbeat(self._trial_id)
             except Exception as e:  # the database may be restarting: keep trying
-                _log.warning("heartbeat of trial %d failed: %s", self._trial_id, str(e).splitlines()[0][:200])
+                cause = connection_error(e) or e
+                text = str(getattr(cause, "orig", cause)).strip().splitlines()[0][:200]
+                _log.warning("heartbeat of trial %d failed (%s); will try again", self._trial_id, text)
 
 
 def _record(trial: optuna.Trial, key: str, value: Any) -> None:
