@@ -99,3 +99,77 @@ def cli(
 @pytest.fixture(autouse=True)
 def _no_env_storage(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LIGHTSTUDY_STORAGE", raising=False)
+
+
+class Finished:
+    """A small study that has run to its end (shared by the tests that only read it)."""
+
+    def __init__(self, url: str, run_dir: Path, spec_path: Path, name: str) -> None:
+        self.url = url
+        self.run_dir = run_dir
+        self.spec_path = spec_path
+        self.name = name
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Finished:
+    """Four deterministic trials of the digits ConvNet, best two checkpoints kept."""
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.study import create_study
+    from lightstudy.worker import Worker
+
+    root = tmp_path_factory.mktemp("finished")
+    doc = tiny_spec("finished", n_trials=4, max_epochs=3, checkpoints={"keep": 2})
+    doc["trainer"]["deterministic"] = True
+    spec_path = write_spec(root / "finished.yaml", doc)
+    url = f"sqlite:///{root / 'study.db'}"
+    create_study(spec_from_dict(doc), url)
+    Worker(url, "finished", run_dir=root / "run", threads=1).run()
+    return Finished(url, root / "run", spec_path, "finished")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Dashboard:
+    """``lightstudy dashboard`` running in a subprocess; ``get`` fetches its HTTP API."""
+
+    def __init__(self, *args: str, cwd: Path | None = None) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lightstudy", "dashboard", *args, "--port", str(self.port)],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+
+    def get(self, path: str, timeout: float = 60) -> bytes:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=30) as r:
+                    return bytes(r.read())
+            except ConnectionError:
+                pass
+            except OSError as e:
+                if "refused" not in str(e).lower():
+                    raise
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                out = self.proc.stdout.read().decode() if self.proc.poll() is not None and self.proc.stdout else ""
+                raise AssertionError(f"dashboard did not answer {path}: {out}")
+            time.sleep(0.5)
+
+    def __enter__(self) -> Dashboard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)

@@ -2,17 +2,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
 
-from conftest import REPO, cli, tiny_spec, write_spec
+from conftest import REPO, Dashboard, cli, tiny_spec, write_spec
 from lightstudy.cli import app
 from lightstudy.study import load_study
 
@@ -54,12 +51,6 @@ def test_errors_are_one_line_exit_2_and_debug_shows_traceback(tmp_path: Path) ->
     assert "Traceback" in debug.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_tiny_study_end_to_end_with_real_clients(tmp_path: Path) -> None:
     spec = write_spec(tmp_path / "tiny.yaml", tiny_spec(n_trials=4, checkpoints={"keep": 2}))
@@ -92,31 +83,11 @@ def test_tiny_study_end_to_end_with_real_clients(tmp_path: Path) -> None:
     assert len(json.loads(trials.stdout)) == 4
 
     # optuna-dashboard serves it over HTTP on loopback.
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "lightstudy", "dashboard", "--storage", url, "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
-                    studies = json.loads(r.read())["study_summaries"]
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "dashboard did not answer"
-                time.sleep(0.5)
+    with Dashboard("--storage", url) as dashboard:
+        studies = json.loads(dashboard.get("/api/studies"))["study_summaries"]
         assert [s["study_name"] for s in studies] == ["tiny"]
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}", timeout=30
-        ) as r:
-            detail = json.loads(r.read())
+        detail = json.loads(dashboard.get(f"/api/studies/{studies[0]['study_id']}"))
         assert len(detail["trials"]) == 4
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.mark.slow

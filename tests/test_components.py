@@ -24,9 +24,7 @@ def test_sampler_and_pruner_by_name_with_kwargs() -> None:
 
 
 def test_class_path_form_and_none_pruner() -> None:
-    spec = _spec(
-        sampler={"class_path": "optuna.samplers.RandomSampler", "init_args": {"seed": 3}}, pruner="none"
-    )
+    spec = _spec(sampler={"class_path": "optuna.samplers.RandomSampler", "init_args": {"seed": 3}}, pruner="none")
     assert isinstance(build_sampler(spec), optuna.samplers.RandomSampler)
     assert isinstance(build_pruner(spec), optuna.pruners.NopPruner)
 

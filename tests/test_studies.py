@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import glob
+import json
 from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
 
-from conftest import REPO, cli
+from conftest import REPO, Dashboard, cli
 from lightstudy.spec import load_spec
 from lightstudy.study import load_study
 
@@ -24,12 +25,13 @@ def test_every_study_file_validates(path: Path) -> None:
 
 @pytest.mark.slow
 def test_default_digits_study_meets_its_promise(tmp_path: Path) -> None:
-    """`lightstudy run studies/digits.yaml`, as the README runs it, on 2 CPU workers."""
+    """`lightstudy run studies/digits.yaml` with 4 CPU workers, then the dashboard serves the kept checkpoints."""
     import lightning.pytorch as lp
 
+    from lightstudy.checkpoints import load_checkpoint
     from lightstudy.examples import ConvNet, DigitsDataModule
 
-    result = cli("run", str(REPO / "studies" / "digits.yaml"), "--workers", "2", cwd=tmp_path, check=True)
+    result = cli("run", str(REPO / "studies" / "digits.yaml"), "--workers", "4", cwd=tmp_path, check=True)
     assert "best trial of digits" in result.stdout
     spec = load_spec(REPO / "studies" / "digits.yaml")
     study, _ = load_study(f"sqlite:///{tmp_path / 'runs/digits/study.db'}", "digits")
@@ -38,12 +40,29 @@ def test_default_digits_study_meets_its_promise(tmp_path: Path) -> None:
     assert len(finished) == len(trials) == spec.study.n_trials
     assert any(t.state == TrialState.PRUNED for t in trials)
     assert study.best_value >= 0.97
-    files = glob.glob(str(tmp_path / "runs/digits/**/*.ckpt"), recursive=True)
-    assert len(files) == spec.study.checkpoints.keep
+    assert not glob.glob(str(tmp_path / "runs/digits/**/*.ckpt"), recursive=True)
+    stored = sorted(p.name for p in (tmp_path / "runs/digits/artifacts").iterdir())
+    assert len(stored) == spec.study.checkpoints.keep
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    kept = sorted(complete, key=lambda t: (-t.value, t.number))[: spec.study.checkpoints.keep]
+    assert stored == sorted(t.user_attrs["checkpoint"]["artifact_id"] for t in kept)
 
-    best = tmp_path / "runs/digits" / study.best_trial.user_attrs["checkpoint"]
+    best = tmp_path / "runs/digits/artifacts" / study.best_trial.user_attrs["checkpoint"]["artifact_id"]
     model = ConvNet.load_from_checkpoint(best, weights_only=True)
     data = DigitsDataModule(**study.best_trial.user_attrs["config"]["data"]["init_args"])
     trainer = lp.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     score = trainer.validate(model, datamodule=data, verbose=False)[0]["val_acc"]
     assert score == pytest.approx(study.best_value, abs=1e-4)
+
+    # optuna-dashboard lists exactly the kept checkpoints on their trials' pages, and serves them.
+    with Dashboard("--study", "digits", cwd=tmp_path) as dashboard:
+        study_id = json.loads(dashboard.get("/api/studies"))["study_summaries"][0]["study_id"]
+        detail = json.loads(dashboard.get(f"/api/studies/{study_id}"))
+        listed = {t["number"]: t["artifacts"] for t in detail["trials"] if t["artifacts"]}
+        assert sorted(listed) == sorted(t.number for t in kept)
+        trial = next(t for t in detail["trials"] if t["number"] == study.best_trial.number)
+        artifact = trial["artifacts"][0]
+        body = dashboard.get(f"/artifacts/{study_id}/{trial['trial_id']}/{artifact['artifact_id']}")
+    downloaded = tmp_path / artifact["filename"]
+    downloaded.write_bytes(body)
+    assert load_checkpoint(downloaded)["state_dict"]

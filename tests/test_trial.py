@@ -39,10 +39,7 @@ def test_a_trial_trains_and_records_config_and_versions(tmp_path: Path) -> None:
     assert outcome.values is not None and 0.0 < outcome.values[0] <= 1.0
     assert outcome.checkpoint and (tmp_path / "run" / outcome.checkpoint).exists()
     assert frozen.user_attrs["config"]["model"]["init_args"]["lr"] == frozen.params["model.init_args.lr"]
-    assert (
-        frozen.user_attrs["config"]["data"]["init_args"]["batch_size"]
-        == frozen.params["data.init_args.batch_size"]
-    )
+    assert frozen.user_attrs["config"]["data"]["init_args"]["batch_size"] == frozen.params["data.init_args.batch_size"]
     assert frozen.user_attrs["versions"]["namespace"] == "lightning.pytorch"
     assert set(frozen.intermediate_values) == {0, 1}  # val_acc reported every epoch
     assert (tmp_path / "run" / "trials" / "trial-0000").is_dir()  # one log folder per trial

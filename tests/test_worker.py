@@ -41,7 +41,8 @@ def test_worker_runs_the_study_to_its_budget(tmp_path: Path, sqlite_url: str) ->
     study, _ = load_study(sqlite_url, "tiny")
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
-    assert len(list((tmp_path / "run").rglob("*.ckpt"))) == 2  # keep: 2, no last.ckpt left
+    assert not list((tmp_path / "run").rglob("*.ckpt"))  # local files gone once stored
+    assert len(list((tmp_path / "run" / "artifacts").iterdir())) == 2  # keep: 2
     for t in trials:
         assert t.user_attrs["seed"] == t.number  # study seed 0 + trial number
         assert t.user_attrs["trial_dir"] == f"trials/trial-{t.number:04d}"
@@ -77,11 +78,7 @@ def test_killed_trial_process_fails_is_retried_and_resumes(tmp_path: Path, sqlit
     assert retry.user_attrs["resumed_from"]["epoch"] >= 0
     assert set(first.intermediate_values) <= set(retry.intermediate_values)  # curves continue
     log = (tmp_path / "run" / "trials" / "trial-0000" / "trial.log").read_text()
-    starts = [
-        int(line.rsplit(" ", 1)[1])
-        for line in log.splitlines()
-        if line.startswith("training starts at epoch")
-    ]
+    starts = [int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if line.startswith("training starts at epoch")]
     assert starts[0] == 0 and starts[-1] > 0, log
 
 
@@ -199,9 +196,9 @@ def test_kill_9_of_a_worker_is_reaped_retried_and_resumed(
     resumed = [t for t in trials if t.user_attrs.get("resumed_from")]
     assert resumed and resumed[0].user_attrs["resumed_from"]["trial"] == 0
     log = (run_dir / "trials" / "trial-0000" / "trial.log").read_text()
-    assert any(
-        line.startswith("training starts at epoch") and not line.endswith(" 0") for line in log.splitlines()
-    ), log
+    assert any(line.startswith("training starts at epoch") and not line.endswith(" 0") for line in log.splitlines()), (
+        log
+    )
 
 
 def _tiny_fast(n_trials: int, **study: Any) -> dict[str, Any]:

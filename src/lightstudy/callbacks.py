@@ -101,16 +101,13 @@ def _guard_class(namespace: str) -> type:
             print(f"training starts at epoch {trainer.current_epoch}", flush=True)
             self._stop_if_asked(trainer)
 
-        def on_train_batch_end(
-            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-        ) -> None:
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             if isinstance(loss, torch.Tensor) and not torch.isfinite(loss).all():
                 raise TrialError(
                     f"the training loss became {loss.item()} at epoch {trainer.current_epoch}, "
                     f"step {trainer.global_step}",
-                    fix="lower the learning rate (or its search range), or clip gradients "
-                    "(trainer.gradient_clip_val)",
+                    fix="lower the learning rate (or its search range), or clip gradients (trainer.gradient_clip_val)",
                 )
             self._stop_if_asked(trainer)
 

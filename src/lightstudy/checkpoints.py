@@ -1,12 +1,15 @@
-"""Study-wide checkpoint retention: only the best k trials' best checkpoints stay on disk.
+"""Which checkpoints a study keeps, and loading them safely.
 
-Each trial writes its checkpoints under ``<run dir>/trials/trial-NNNN/checkpoints/`` (a retry
-continues in the folder of the trial it retries). The trial records its best checkpoint in the
-``checkpoint`` user attr, relative to the run folder. After every finished trial a worker
-recomputes the study's top k from the database and deletes every other checkpoint file, except in
-folders of trials still running or waiting for a retry. The computation needs no lock: a file in
-the top k of some view of the study is in the top k of every earlier view that holds it, so no
-pass deletes what another pass keeps.
+Study-wide top k: a trial that completes uploads its best checkpoint to the artifact store only
+if it ranks among the best ``checkpoints.keep`` complete trials at that moment (ties: lower trial
+number first; several objectives: the Pareto front), and after every finished trial the kept set
+is recomputed from the database and every other stored checkpoint is removed. No lock is needed:
+a trial that ranks in the top k of some view of the study ranks in the top k of every earlier
+view that holds it, so no pass removes what another pass keeps, and a trial outside the top k
+when it finishes can never enter it later.
+
+Local files (``<run dir>/trials/trial-NNNN/checkpoints``) only serve a retry: once a trial's
+lineage is finished they are deleted.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
+
+from lightstudy.artifacts import CheckpointRef, is_listed, remove_checkpoint
+from lightstudy.errors import CheckpointError
 
 if TYPE_CHECKING:
     import optuna
@@ -27,8 +33,11 @@ __all__ = [
     "enforce_retention",
     "kept_trials",
     "lineage_root",
+    "load_checkpoint",
     "pareto_front",
-    "remove_checkpoints",
+    "remove_local",
+    "sweep_local",
+    "would_keep",
 ]
 
 CHECKPOINT_ATTR = "checkpoint"
@@ -42,26 +51,8 @@ def lineage_root(trial: FrozenTrial) -> int:
     return int(trial.system_attrs.get("failed_trial", trial.number))
 
 
-def kept_trials(trials: Sequence[FrozenTrial], spec: StudySpec) -> list[FrozenTrial]:
-    """The trials whose checkpoints the study keeps, best first (ties: lower number first).
-
-    One objective: the best ``checkpoints.keep`` complete trials. Several: the Pareto front.
-    """
-    from optuna.trial import TrialState
-
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get(CHECKPOINT_ATTR)]
-    keep = spec.study.checkpoints.keep
-    if keep == 0 or not done:
-        return []
-    if spec.study.is_multi_objective:
-        return pareto_front(done, spec.study.directions)
-    sign = -1.0 if spec.study.direction == "maximize" else 1.0
-    ranked = sorted(done, key=lambda t: (sign * float(t.values[0]), t.number))
-    return ranked[:keep]
-
-
 def pareto_front(trials: Sequence[FrozenTrial], directions: Sequence[str]) -> list[FrozenTrial]:
-    """The complete trials no other trial dominates, by number."""
+    """The trials no other trial dominates, by number."""
     signs = [1.0 if d == "maximize" else -1.0 for d in directions]
     scored = [(t, [s * v for s, v in zip(signs, t.values)]) for t in trials]
 
@@ -71,36 +62,118 @@ def pareto_front(trials: Sequence[FrozenTrial], directions: Sequence[str]) -> li
     return sorted((t for t, v in scored if not dominated(v)), key=lambda t: t.number)
 
 
-def remove_checkpoints(run_dir: Path, trial_dir: str) -> None:
-    """Delete a trial folder's checkpoints (logs stay)."""
-    folder = run_dir / trial_dir / "checkpoints"
-    for path in folder.glob("*.ckpt"):
+def _rank(done: Sequence[Any], spec: StudySpec) -> list[Any]:
+    """Best first; ties by lower number. Several objectives: the Pareto front by number."""
+    if spec.study.is_multi_objective:
+        return pareto_front(done, spec.study.directions)
+    sign = -1.0 if spec.study.direction == "maximize" else 1.0
+    ranked = sorted(done, key=lambda t: (sign * float(t.values[0]), t.number))
+    return ranked[: spec.study.checkpoints.keep]
+
+
+def _with_checkpoint(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    from optuna.trial import TrialState
+
+    return [t for t in trials if t.state == TrialState.COMPLETE and CheckpointRef.of(t) is not None]
+
+
+def kept_trials(trials: Sequence[FrozenTrial], spec: StudySpec) -> list[FrozenTrial]:
+    """The trials whose checkpoints the study keeps, best first (several objectives: by number)."""
+    if spec.study.checkpoints.keep == 0:
+        return []
+    return _rank(_with_checkpoint(trials), spec)
+
+
+class _Candidate:
+    def __init__(self, number: int, values: Sequence[float]) -> None:
+        self.number = number
+        self.values = list(values)
+
+
+def would_keep(trials: Sequence[FrozenTrial], spec: StudySpec, number: int, values: Sequence[float]) -> bool:
+    """Whether a trial completing now with ``values`` enters the kept set."""
+    if spec.study.checkpoints.keep == 0:
+        return False
+    candidate = _Candidate(number, values)
+    others: list[Any] = [t for t in _with_checkpoint(trials) if t.number != number]
+    return any(t is candidate for t in _rank([*others, candidate], spec))
+
+
+def enforce_retention(study: optuna.Study, spec: StudySpec, store: Any) -> list[int]:
+    """Remove every stored checkpoint outside the kept set; returns the trial numbers removed."""
+    trials = study.get_trials(deepcopy=False)
+    kept = {t.number for t in kept_trials(trials, spec)}
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    removed = []
+    for trial in _with_checkpoint(trials):
+        ref = CheckpointRef.of(trial)
+        if trial.number in kept or ref is None or not is_listed(study, trial, ref, attrs):
+            continue
+        remove_checkpoint(store, study, trial, ref)
+        removed.append(trial.number)
+    if removed:
+        _log.info(
+            "retention: removed the checkpoints of trial(s) %s, outside the study's top %d",
+            ", ".join(map(str, removed)),
+            spec.study.checkpoints.keep,
+        )
+    return removed
+
+
+def remove_local(run_dir: Path, trial_dir: str) -> None:
+    """Delete a trial folder's local checkpoint files (its logs stay)."""
+    for path in (run_dir / trial_dir / "checkpoints").glob("*.ckpt"):
         path.unlink(missing_ok=True)
 
 
-def enforce_retention(study: optuna.Study, spec: StudySpec, run_dir: Path) -> list[Path]:
-    """Delete every checkpoint file not kept by the study; returns the files deleted."""
+def sweep_local(study: optuna.Study, run_dir: Path) -> None:
+    """Delete local checkpoint files of lineages that no running or waiting trial continues."""
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
-    kept = {(run_dir / t.user_attrs[CHECKPOINT_ATTR]).resolve() for t in kept_trials(trials, spec)}
-    live = {lineage_root(t) for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)}
-    deleted = []
-    for folder in sorted((run_dir / "trials").glob("trial-*")):
+    live = {lineage_root(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))}
+    for folder in (run_dir / "trials").glob("trial-*"):
         try:
             root = int(folder.name.split("-", 1)[1])
         except ValueError:
             continue
-        if root in live:
-            continue
-        for path in (folder / "checkpoints").glob("*.ckpt"):
-            if path.resolve() not in kept:
+        if root not in live:
+            for path in (folder / "checkpoints").glob("*.ckpt"):
                 path.unlink(missing_ok=True)
-                deleted.append(path)
-    if deleted:
-        _log.info(
-            "retention: removed %d checkpoint(s) outside the study's top %d",
-            len(deleted),
-            spec.study.checkpoints.keep,
+
+
+def load_checkpoint(source: str | Path | IO[bytes], *, name: str | None = None) -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``torch.load(weights_only=True)``: tensors and plain data
+    only, so a tampered file cannot run code.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, not a checkpoint, or holds objects that
+            need unpickling code.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    label = name or str(source)
+    try:
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint {label} does not exist", fix="check the path") from e
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(
+            f"checkpoint {label} is refused by the safe loader (weights_only=True): {first}",
+            fix="load only checkpoints written by lightstudy or Lightning; this one may be tampered with",
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(
+            f"checkpoint {label} is truncated or not a torch checkpoint ({first})",
+            fix="re-export it from the study (lightstudy best NAME --export DIR), or retrain the trial",
+        ) from e
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"checkpoint {label} is not a Lightning checkpoint (no state_dict)",
+            fix="pass a .ckpt file written by Lightning's ModelCheckpoint",
         )
-    return deleted
+    return checkpoint

@@ -54,7 +54,10 @@ RunDirOpt = Annotated[
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output (logs, CI, grep) gets room for wide tables instead of 80 columns.
+    width = None if stream.isatty() else 220
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
 def _version(value: bool) -> None:
@@ -80,9 +83,7 @@ def _main(
     if sys.stderr.isatty():
         from rich.logging import RichHandler
 
-        handler = RichHandler(
-            console=_console(stderr=True), show_path=False, markup=False, log_time_format="%H:%M:%S"
-        )
+        handler = RichHandler(console=_console(stderr=True), show_path=False, markup=False, log_time_format="%H:%M:%S")
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:  # log files: one line per record
         handler = logging.StreamHandler()
@@ -215,9 +216,7 @@ def run(
     from lightstudy.storage import redact, resolve_url
     from lightstudy.study import create_study
 
-    spec = with_overrides(
-        _load(file), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None
-    )
+    spec = with_overrides(_load(file), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None)
     url = resolve_url(storage, spec.study.storage, spec.run_dir)
     slots = plan_slots(gpus, workers, trials_per_gpu)
     create_study(spec, url, update_spec=update_spec or any(v is not None for v in (n_trials, timeout)))
@@ -304,6 +303,8 @@ def status(
     """
     from rich.table import Table
 
+    from lightstudy.checkpoints import kept_trials
+    from lightstudy.evaluate import stored_test_metrics
     from lightstudy.storage import open_storage, redact
     from lightstudy.study import budget, load_study
     from lightstudy.summary import counts, format_value
@@ -344,39 +345,36 @@ def status(
     url = _read_storage(name, storage)
     study, spec = load_study(url, name)
     trials = study.get_trials(deepcopy=False)
-    b = budget(trials, spec)
-    c = counts(trials)
+    kept = {t.number for t in kept_trials(trials, spec)}
+    tests = stored_test_metrics(study)
+    test_keys = sorted({k for m in tests.values() for k in m})
     table = Table(
         "#",
         "state",
         *spec.study.metrics,
         *[p.path.rsplit(".", 1)[-1] for p in spec.search_space],
+        "kept",
+        *test_keys,
         "time",
         "note",
         title=f"{name} ({redact(url)})",
     )
     for t in trials:
         values = list(t.values) if t.values else [None] * len(spec.study.metrics)
-        note = ""
-        if t.user_attrs.get("resumed_from"):
-            r = t.user_attrs["resumed_from"]
-            note = f"resumed from trial {r.get('trial')}" + (
-                f" epoch {r['epoch']}" if r.get("epoch") is not None else ""
-            )
-        if t.user_attrs.get("interrupted"):
-            note = "handed back (retried)"
-        elif t.state.name == "FAIL":
-            note = str(t.user_attrs.get("fail_reason", "worker died (heartbeat stale)"))[:80]
         seconds = t.duration.total_seconds() if t.duration else None
         table.add_row(
             str(t.number),
             t.state.name.lower(),
             *[format_value(v) for v in values],
             *[format_value(t.params.get(p.path)) for p in spec.search_space],
+            "✓" if t.number in kept else "",
+            *[format_value(tests.get(t.number, {}).get(k)) for k in test_keys],
             f"{seconds:.1f}s" if seconds is not None else "-",
-            note,
+            _note(t),
         )
     console.print(table)
+    b = budget(trials, spec)
+    c = counts(trials)
     total = spec.study.n_trials or "∞"
     console.print(
         f"{b.used - c['running'] - c['waiting']}/{total} trials done: {c['complete']} complete, "
@@ -385,36 +383,162 @@ def status(
     )
 
 
+def _note(trial: Any) -> str:
+    """What status says beside a trial: why it failed, what it resumed from."""
+    attrs = trial.user_attrs
+    if attrs.get("interrupted"):
+        return "handed back (retried)"
+    if trial.state.name == "FAIL":
+        return str(attrs.get("fail_reason", "worker died (heartbeat stale)"))[:100]
+    resumed = attrs.get("resumed_from")
+    if resumed:
+        epoch = f" epoch {resumed['epoch']}" if resumed.get("epoch") is not None else ""
+        return f"resumed from trial {resumed.get('trial')}{epoch}"
+    return ""
+
+
 @app.command()
 def best(
     name: Annotated[str, typer.Argument(help="Study name.")],
     storage: StorageOpt = None,
     run_dir: RunDirOpt = None,
     output_format: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    export: Annotated[
+        Path | None,
+        typer.Option(
+            "--export",
+            help="Write the checkpoint, config.yaml (LightningCLI fit --config), "
+            "params.json and metrics.json to this folder.",
+            show_default=False,
+        ),
+    ] = None,
+    rank: Annotated[int, typer.Option("--rank", help="Which trial: 1 is the best, 2 the second best, ...")] = 1,
 ) -> None:
-    """Show the best trial: value, parameters, checkpoint path, trial number.
+    """Show the best trial (value, parameters, checkpoint, trial number), or export it.
 
     Several objectives: the Pareto front.
 
-    Example: lightstudy best digits --format json
+    Example: lightstudy best digits --export exported/ --rank 1
     """
+    from lightstudy.study import load_study
+
     if output_format not in ("table", "json"):
         raise LightstudyError(
             f"--format must be table or json, but got {output_format!r}",
             fix="pass --format table or --format json",
         )
     url = _read_storage(name, storage)
+    study, spec = load_study(url, name)
+    folder = Path(run_dir or spec.run_dir)
+    if export is not None:
+        from lightstudy.evaluate import export_trial, select_trial
+
+        trial = select_trial(study, spec, rank=rank)
+        paths = export_trial(study, spec, folder, trial, export)
+        console = _console()
+        console.print(f"exported trial {trial.number} of {name} to {export}:")
+        for kind, path in paths.items():
+            console.print(f"  {kind:<10} {path}")
+        console.print(
+            f"train it again: python -c 'from lightning.pytorch.cli import LightningCLI; "
+            f"LightningCLI()' fit --config {paths['config']}"
+        )
+        return
     if output_format == "json":
-        from lightstudy.study import load_study
         from lightstudy.summary import best_records
 
-        study, spec = load_study(url, name)
-        records = best_records(study, spec, Path(run_dir or spec.run_dir))
+        records = best_records(study, spec, folder)
         doc = [r.to_json(spec.study.metrics) for r in records]
-        out = doc if spec.study.is_multi_objective else doc[0]
+        out = doc if spec.study.is_multi_objective else doc[min(rank, len(doc)) - 1]
         typer.echo(json.dumps(out, indent=2, default=str))
         return
     _print_best(name, url, run_dir, _console(), final=False)
+
+
+@app.command("test")
+def test_command(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    storage: StorageOpt = None,
+    run_dir: RunDirOpt = None,
+    top: Annotated[int, typer.Option("--top", help="Test the kept checkpoints of the best K trials.")] = 1,
+) -> None:
+    """Run trainer.test with the kept checkpoints of the best trials; store the test metrics.
+
+    The metrics appear in `status`, `best` and `report`.
+
+    Example: lightstudy test digits --top 3
+    """
+    from rich.table import Table
+
+    from lightstudy.evaluate import evaluate_on_test
+    from lightstudy.study import load_study
+    from lightstudy.summary import format_value
+
+    if top < 1:
+        raise LightstudyError(f"--top must be >= 1, but got {top}", fix="pass --top 1 or more")
+    url = _read_storage(name, storage)
+    study, spec = load_study(url, name)
+    results = evaluate_on_test(study, spec, Path(run_dir or spec.run_dir), top)
+    keys = sorted({k for m in results.values() for k in m})
+    table = Table("trial", *keys, title=f"test metrics of {name}")
+    for number, metrics in results.items():
+        table.add_row(str(number), *[format_value(metrics.get(k)) for k in keys])
+    _console().print(table)
+
+
+@app.command()
+def reproduce(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    trial: Annotated[int, typer.Option("--trial", help="Trial number.")],
+    storage: StorageOpt = None,
+) -> None:
+    """Train a finished trial again from its record (config, seed, threads) and compare values.
+
+    With trainer.deterministic: true on CPU the values agree to 1e-6.
+
+    Example: lightstudy reproduce digits --trial 12
+    """
+    from lightstudy.reproduce import reproduce as run_again
+    from lightstudy.study import load_study
+    from lightstudy.summary import format_value
+
+    url = _read_storage(name, storage)
+    study, spec = load_study(url, name)
+    result = run_again(study, spec, trial)
+    console = _console()
+    for metric, old, new, diff in zip(result.metrics, result.recorded, result.new, result.differences):
+        console.print(
+            f"trial {trial} {metric}: recorded {format_value(old)}, new {format_value(new)}, difference {diff:+.3g}"
+        )
+    for package, (then, now) in result.changed_versions.items():
+        console.print(f"[yellow]note:[/yellow] {package} was {then}, is {now}")
+    if result.resumed:
+        console.print(
+            "[yellow]note:[/yellow] the recorded run resumed from a checkpoint of an earlier "
+            "attempt; this run trained from the start"
+        )
+
+
+@app.command()
+def report(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    storage: StorageOpt = None,
+    run_dir: RunDirOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="HTML file to write.")] = Path("report.html"),
+) -> None:
+    """Write one self-contained HTML page: optuna.visualization plots and the kept trials.
+
+    Example: lightstudy report digits --out digits.html
+    """
+    from lightstudy.report import render_report
+    from lightstudy.study import load_study
+
+    url = _read_storage(name, storage)
+    study, spec = load_study(url, name)
+    page = render_report(study, spec, Path(run_dir or spec.run_dir))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    _console().print(f"wrote {out} ({len(page) // 1024} KiB)")
 
 
 def _print_best(name: str, url: str, run_dir: Path | None, console: Any, *, final: bool) -> None:
@@ -473,6 +597,7 @@ def dashboard(
         str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the network.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port.")] = 8080,
+    run_dir: RunDirOpt = None,
 ) -> None:
     """Serve optuna-dashboard on the study database (loopback only unless --host says otherwise).
 
@@ -481,7 +606,7 @@ def dashboard(
     from lightstudy.dashboard import serve
 
     url = _read_storage(study, storage)
-    serve(url, host=host, port=port)
+    serve(url, host=host, port=port, run_dir=run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

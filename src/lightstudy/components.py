@@ -49,12 +49,8 @@ def _resolve(component: Component, kind: str, source: str) -> type:
     else:
         cls = getattr(module, name, None)
         if cls is None:
-            known = sorted(
-                n for n in dir(module) if n.endswith(("Sampler", "Pruner")) and not n.startswith("Base")
-            )
-            raise SpecError(
-                source, key, f"is not an optuna.{kind}s class", name, fix="use one of " + ", ".join(known)
-            )
+            known = sorted(n for n in dir(module) if n.endswith(("Sampler", "Pruner")) and not n.startswith("Base"))
+            raise SpecError(source, key, f"is not an optuna.{kind}s class", name, fix="use one of " + ", ".join(known))
     if not (inspect.isclass(cls) and issubclass(cls, base)):
         raise SpecError(
             source,

@@ -32,9 +32,7 @@ class SpecError(LightstudyError):
     Reads ``studies/x.yaml: study.n_trials: must be an integer >= 1, but got -3; fix: ...``.
     """
 
-    def __init__(
-        self, source: str, key: str, rule: str, got: Any = _UNSET, *, fix: str | None = None
-    ) -> None:
+    def __init__(self, source: str, key: str, rule: str, got: Any = _UNSET, *, fix: str | None = None) -> None:
         where = f"{source}: {key}" if key else source
         message = f"{where}: {rule}"
         if got is not _UNSET:

@@ -153,9 +153,7 @@ class Launcher:
             ]
             log = open(logs / f"worker-{slot.index}.log", "ab")  # noqa: SIM115 (kept for the process)
             self.processes.append(
-                subprocess.Popen(
-                    cmd, env=slot.env(base), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-                )
+                subprocess.Popen(cmd, env=slot.env(base), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             )
             log.close()
 

@@ -215,9 +215,7 @@ def check_spec(spec: StudySpec) -> None:
             _check_trainer_arg(source, f'search_space["{param.path}"]', rest[0], trainer_cls)
         elif head in ("model", "data") and rest[0] == "init_args":
             cls = import_class(config[head]["class_path"])
-            _check_arg_names(
-                source, f'search_space["{param.path}"]', cls, [rest[1]], config[head]["class_path"]
-            )
+            _check_arg_names(source, f'search_space["{param.path}"]', cls, [rest[1]], config[head]["class_path"])
     try:
         cli = parse_config(config, namespace)
     except ValueError as e:
@@ -285,9 +283,7 @@ def _check_arg_names(source: str, key: str, cls: type, given: Sequence[str], pat
     for arg in given:
         if arg not in names:
             where = key if key.startswith("search_space") else f"{key}.{arg}"
-            raise SpecError(
-                source, where, f"is not an argument of {path}", arg, fix="use one of " + ", ".join(names)
-            )
+            raise SpecError(source, where, f"is not an argument of {path}", arg, fix="use one of " + ", ".join(names))
 
 
 def _check_trainer_arg(source: str, key: str, arg: str, trainer_cls: type) -> None:

@@ -257,9 +257,7 @@ def _parse_numeric(source: str, key: str, path: str, kind: str, raw: Mapping[str
     step = raw.get("step")
     if kind == "float":
         if step is not None and (not _is_number(step) or step <= 0):
-            raise SpecError(
-                source, f"{key}.step", "must be a number > 0", step, fix="remove step or make it > 0"
-            )
+            raise SpecError(source, f"{key}.step", "must be a number > 0", step, fix="remove step or make it > 0")
         if log and step is not None:
             raise SpecError(
                 source,
@@ -290,9 +288,7 @@ def _parse_numeric(source: str, key: str, path: str, kind: str, raw: Mapping[str
             fix="drop step or log",
         )
     if log and low < 1:
-        raise SpecError(
-            source, f"{key}.low", "must be >= 1 when log is true", low, fix="raise low to 1 or more"
-        )
+        raise SpecError(source, f"{key}.low", "must be >= 1 when log is true", low, fix="raise low to 1 or more")
     return IntParam(path, low, high, log, step)
 
 

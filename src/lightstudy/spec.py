@@ -71,9 +71,19 @@ class Component:
 
 @dataclass(frozen=True)
 class CheckpointSettings:
-    """Study-wide checkpoint retention."""
+    """Study-wide checkpoint retention, in Optuna's artifact store."""
 
     keep: int = 3  # trials whose best checkpoint is kept, study-wide (0 keeps none)
+    store: str | None = None  # a folder or s3://bucket/prefix; None: <run dir>/artifacts
+    endpoint_url: str | None = None  # S3-compatible server (MinIO, moto, ...); None: AWS
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"keep": self.keep}
+        if self.store is not None:
+            out["store"] = self.store
+        if self.endpoint_url is not None:
+            out["endpoint_url"] = self.endpoint_url
+        return out
 
 
 @dataclass(frozen=True)
@@ -143,7 +153,7 @@ class StudySpec:
             seed=s.seed,
             sampler=s.sampler.to_dict(),
             pruner=s.pruner.to_dict(),
-            checkpoints={"keep": s.checkpoints.keep},
+            checkpoints=s.checkpoints.to_dict(),
             run_dir=s.run_dir,
             trial_timeout=s.trial_timeout,
             max_retry=s.max_retry,
@@ -189,9 +199,7 @@ def load_spec(path: str | Path) -> StudySpec:
         problem_mark = getattr(e, "problem_mark", None)
         if context and problem_mark is not None:
             problem = f"{context}: {problem} at line {problem_mark.line + 1}"
-        raise SpecError(
-            source, where, f"is not valid YAML ({problem})", fix="correct the YAML syntax there"
-        ) from e
+        raise SpecError(source, where, f"is not valid YAML ({problem})", fix="correct the YAML syntax there") from e
     return spec_from_dict(doc, source=source)
 
 
@@ -233,7 +241,7 @@ def with_overrides(spec: StudySpec, **overrides: Any) -> StudySpec:
     doc = spec.to_dict()
     for key, value in given.items():
         if key == "keep":
-            doc["study"]["checkpoints"] = {"keep": value}
+            doc["study"]["checkpoints"] = {**doc["study"]["checkpoints"], "keep": value}
         else:
             doc["study"][key] = value
     return spec_from_dict(doc, source=spec.source)
@@ -352,9 +360,7 @@ def _parse_objectives(source: str, raw: Mapping[str, Any]) -> tuple[tuple[str, .
             )
     for m in metrics:
         if not isinstance(m, str) or not m:
-            raise SpecError(
-                source, mkey, "must name a metric the LightningModule logs", m, fix="e.g. metric: val_acc"
-            )
+            raise SpecError(source, mkey, "must name a metric the LightningModule logs", m, fix="e.g. metric: val_acc")
     if len(directions) != len(metrics):
         raise SpecError(
             source,
@@ -427,19 +433,45 @@ def _parse_checkpoints(source: str, raw: Any) -> CheckpointSettings:
     if raw is None:
         return CheckpointSettings()
     if not isinstance(raw, Mapping):
-        raise SpecError(
-            source, "study.checkpoints", "must be a mapping", raw, fix="e.g. checkpoints: {keep: 3}"
-        )
+        raise SpecError(source, "study.checkpoints", "must be a mapping", raw, fix="e.g. checkpoints: {keep: 3}")
     for key in raw:
-        if key != "keep":
+        if key not in ("keep", "store", "endpoint_url"):
             raise SpecError(
                 source,
                 f"study.checkpoints.{key}",
                 "is not a checkpoints key",
                 raw[key],
-                fix="the only key is keep",
+                fix="use keep, store or endpoint_url",
             )
-    return CheckpointSettings(keep=_count(source, raw, "keep", 3, prefix="study.checkpoints"))
+    store, endpoint = raw.get("store"), raw.get("endpoint_url")
+    if store is not None and (not isinstance(store, str) or not store or store == "s3://"):
+        raise SpecError(
+            source,
+            "study.checkpoints.store",
+            "must be a folder path or s3://bucket[/prefix]",
+            store,
+            fix="e.g. store: s3://my-bucket/studies, or store: /shared/checkpoints",
+        )
+    if endpoint is not None:
+        if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+            raise SpecError(
+                source,
+                "study.checkpoints.endpoint_url",
+                "must be an http(s) URL",
+                endpoint,
+                fix="e.g. endpoint_url: http://minio:9000",
+            )
+        if not (isinstance(store, str) and store.startswith("s3://")):
+            raise SpecError(
+                source,
+                "study.checkpoints.endpoint_url",
+                "only applies to an s3:// store",
+                endpoint,
+                fix="set store: s3://bucket/prefix, or drop endpoint_url",
+            )
+    return CheckpointSettings(
+        keep=_count(source, raw, "keep", 3, prefix="study.checkpoints"), store=store, endpoint_url=endpoint
+    )
 
 
 def _optional(source: str, raw: Mapping[str, Any], key: str, kind: type, what: str) -> Any:
@@ -458,9 +490,7 @@ def _storage(source: str, raw: Mapping[str, Any]) -> str | None:
         try:
             check_url(url)
         except StorageError as e:
-            raise SpecError(
-                source, "study.storage", e.message.split(": ", 1)[-1], redact(url), fix=e.fix
-            ) from e
+            raise SpecError(source, "study.storage", e.message.split(": ", 1)[-1], redact(url), fix=e.fix) from e
     return url
 
 
@@ -497,9 +527,7 @@ def _positive_number(source: str, raw: Mapping[str, Any], key: str) -> float | N
 def _count(source: str, raw: Mapping[str, Any], key: str, default: int, prefix: str = "study") -> int:
     value = raw.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise SpecError(
-            source, f"{prefix}.{key}", "must be an integer >= 0", value, fix=f"set {key}: to 0 or more"
-        )
+        raise SpecError(source, f"{prefix}.{key}", "must be an integer >= 0", value, fix=f"set {key}: to 0 or more")
     return value
 
 

@@ -65,8 +65,7 @@ def create_study(spec: StudySpec, url: str, *, update_spec: bool = False) -> opt
             if not update_spec:
                 changed = ", ".join(_differences(old, stored)) or "formatting"
                 raise LightstudyError(
-                    f"study {name!r} already exists in {redact(url)} with a different spec "
-                    f"(changed: {changed})",
+                    f"study {name!r} already exists in {redact(url)} with a different spec (changed: {changed})",
                     fix="pass --update-spec to replace the stored spec, or change study.name",
                 )
             if [d.name.lower() for d in study.directions] != list(spec.study.directions):

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightstudy.checkpoints import CHECKPOINT_ATTR, kept_trials, pareto_front
+from lightstudy.artifacts import CheckpointRef, location
+from lightstudy.checkpoints import kept_trials, pareto_front
 from lightstudy.errors import LightstudyError
 
 if TYPE_CHECKING:
@@ -35,10 +36,11 @@ class TrialRecord:
     state: str
     values: list[float] | None
     params: dict[str, Any]
-    checkpoint: str | None  # absolute path, when the study keeps it and the file is there
+    checkpoint: str | None  # where the kept checkpoint is (file path or s3:// URL); None: not kept
     seed: int | None
     duration: float | None  # seconds
     attrs: dict[str, Any]
+    test_metrics: dict[str, float] | None = None  # stored by `lightstudy test`
 
     def to_json(self, metrics: Sequence[str]) -> dict[str, Any]:
         return {
@@ -49,16 +51,16 @@ class TrialRecord:
             "checkpoint": self.checkpoint,
             "seed": self.seed,
             "duration_s": self.duration,
+            "test_metrics": self.test_metrics,
             "user_attrs": {k: v for k, v in self.attrs.items() if k not in ("config", "versions")},
         }
 
 
-def trial_record(trial: FrozenTrial, run_dir: Path, kept: set[int]) -> TrialRecord:
+def trial_record(trial: FrozenTrial, spec: StudySpec, run_dir: Path, kept: set[int]) -> TrialRecord:
     checkpoint = None
-    rel = trial.user_attrs.get(CHECKPOINT_ATTR)
-    if rel and trial.number in kept:
-        path = (run_dir / rel).resolve()
-        checkpoint = str(path) if path.exists() else None
+    ref = CheckpointRef.of(trial)
+    if ref is not None and trial.number in kept:
+        checkpoint = location(spec, run_dir, ref)
     duration = trial.duration.total_seconds() if trial.duration is not None else None
     return TrialRecord(
         number=trial.number,
@@ -87,8 +89,14 @@ def best_records(study: optuna.Study, spec: StudySpec, run_dir: Path) -> list[Tr
             f"({c['running']} running, {c['pruned']} pruned, {c['fail']} failed)",
             fix=f"wait for a trial to finish, or run workers: lightstudy worker --study {spec.study.name}",
         )
+    from lightstudy.evaluate import stored_test_metrics
+
     kept = {t.number for t in kept_trials(trials, spec)}
-    return [trial_record(t, run_dir, kept) for t in ranked]
+    tests = stored_test_metrics(study)
+    records = [trial_record(t, spec, run_dir, kept) for t in ranked]
+    for record in records:
+        record.test_metrics = tests.get(record.number)
+    return records
 
 
 def _ranked(trials: Sequence[FrozenTrial], spec: StudySpec) -> list[FrozenTrial]:

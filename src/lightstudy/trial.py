@@ -14,9 +14,13 @@ import platform
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightstudy.spec import StudySettings
 
 __all__ = ["TrialJob", "TrialOutcome", "run_trial", "trial_dir_name", "trial_main"]
 
@@ -72,9 +76,7 @@ def trial_main(job: TrialJob, conn: Any) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     try:
         outcome = run_trial(job)
     except BaseException as e:  # never let the worker guess what happened
@@ -93,9 +95,7 @@ def run_trial(job: TrialJob) -> TrialOutcome:
     from lightstudy.errors import LightstudyError
 
     timings = {"start": time.time() - job.started}
-    print(
-        f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()}, params {job.params}", flush=True
-    )
+    print(f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()}, params {job.params}", flush=True)
     t = time.time()
     from lightstudy.storage import retry_db
 
@@ -137,11 +137,73 @@ def _open_trial(job: TrialJob) -> Any:
     return optuna.Trial(study, job.trial_id)
 
 
+@dataclass
+class Fitted:
+    """A finished ``Trainer.fit``: the objective values and the best checkpoint's path."""
+
+    values: list[float]
+    best_path: str | None
+    built: Any  # lightning_config.Built
+
+
+def fit_config(
+    config: dict[str, Any],
+    settings: StudySettings,
+    *,
+    ckpt_dir: Path,
+    seed: int | None,
+    trial: Any = None,
+    resume: str | None = None,
+    on_built: Callable[[Any], None] | None = None,
+) -> Fitted:
+    """Build the config with LightningCLI and fit it with lightstudy's callbacks.
+
+    Args:
+        config: A LightningCLI config (parameters already applied).
+        settings: The study block: metric(s) and direction(s).
+        ckpt_dir: Where ModelCheckpoint writes (best epoch, and last.ckpt for a resume).
+        seed: Passed to ``seed_everything`` before anything is built.
+        trial: The Optuna trial to report to and prune (None: no pruning, as in ``reproduce``).
+        resume: A checkpoint to continue from (loaded with ``weights_only=True``).
+        on_built: Called with the built objects before training starts.
+
+    Raises:
+        TrialError: no validation score for the metric was recorded.
+        optuna.TrialPruned: the pruner stopped the trial.
+    """
+    from lightstudy.callbacks import checkpoint_callback, guard_callback, pruning_callback
+    from lightstudy.errors import TrialError
+    from lightstudy.lightning_config import build, lightning_namespace
+
+    namespace = lightning_namespace(config)
+    metrics = list(settings.metrics)
+    monitor = None if settings.is_multi_objective else settings.metric
+    mode = "max" if settings.direction == "maximize" else "min"
+    checkpoint = checkpoint_callback(namespace, ckpt_dir, monitor, mode)
+    callbacks = [guard_callback(namespace, metrics, ckpt_dir / "last.ckpt"), checkpoint]
+    if trial is not None and not settings.is_multi_objective:
+        callbacks.insert(0, pruning_callback(namespace, trial, settings.metric))
+    built = build(config, callbacks=callbacks, seed=seed)
+    if on_built is not None:
+        on_built(built)
+    built.trainer.fit(built.model, datamodule=built.datamodule, ckpt_path=resume, weights_only=True)
+    print(f"training ended at epoch {built.trainer.current_epoch}", flush=True)
+    if settings.is_multi_objective:
+        values = [float(built.trainer.callback_metrics[m]) for m in metrics]
+        return Fitted(values, checkpoint.last_model_path or None, built)
+    if checkpoint.best_model_score is None:
+        logged = ", ".join(sorted(built.trainer.callback_metrics)) or "none"
+        raise TrialError(
+            f"no validation score for {settings.metric!r} was recorded (logged: {logged})",
+            fix="make sure validation runs (val_dataloader, limit_val_batches > 0)",
+        )
+    return Fitted([float(checkpoint.best_model_score)], checkpoint.best_model_path or None, built)
+
+
 def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome:
     import torch
 
-    from lightstudy.callbacks import checkpoint_callback, guard_callback, pruning_callback
-    from lightstudy.lightning_config import build, lightning_namespace
+    from lightstudy.lightning_config import lightning_namespace
     from lightstudy.search_space import apply_params
     from lightstudy.spec import spec_from_dict
 
@@ -149,57 +211,37 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
     if job.threads:
         torch.set_num_threads(job.threads)
     spec = spec_from_dict(job.spec, source=f"study {job.study_name!r}")
-    settings = spec.study
     run_dir = Path(job.run_dir)
-    trial_dir = run_dir / job.trial_dir
-    ckpt_dir = trial_dir / "checkpoints"
     config = apply_params(spec.lightning_config(), job.params)
-    namespace = lightning_namespace(config)
-    _add_trial_defaults(config, namespace, run_dir, job.trial_dir)
-    metrics = list(settings.metrics)
-    monitor = None if settings.is_multi_objective else settings.metric
-    mode = "max" if settings.direction == "maximize" else "min"
-    checkpoint = checkpoint_callback(namespace, ckpt_dir, monitor, mode)
-    callbacks = [guard_callback(namespace, metrics, ckpt_dir / "last.ckpt"), checkpoint]
-    if not settings.is_multi_objective:
-        callbacks.insert(0, pruning_callback(namespace, trial, settings.metric))
-    built = build(config, callbacks=callbacks, seed=job.seed)
-    record = {"config": built.config, "versions": _versions(namespace)}
-    if job.resume:
-        epoch = _checkpoint_epoch(job.resume)
-        record["resumed_from"] = {
-            "trial": job.resumed_trial,
-            "epoch": epoch,
-            "checkpoint": os.path.relpath(job.resume, run_dir),
-        }
-        print(f"resuming trial {job.resumed_trial} from {job.resume} (saved in epoch {epoch})", flush=True)
-    for key, value in record.items():
-        _record(trial, key, value)
-    timings["setup"] = time.time() - t
+    _add_trial_defaults(config, lightning_namespace(config), run_dir, job.trial_dir)
 
-    t = time.time()
-    built.trainer.fit(built.model, datamodule=built.datamodule, ckpt_path=job.resume)
-    timings["fit"] = time.time() - t
-    print(f"training ended at epoch {built.trainer.current_epoch}", flush=True)
+    def record(built: Any) -> None:
+        attrs: dict[str, Any] = {"config": built.config, "versions": _versions(built.namespace)}
+        if job.resume:
+            epoch = _checkpoint_epoch(job.resume)
+            attrs["resumed_from"] = {
+                "trial": job.resumed_trial,
+                "epoch": epoch,
+                "checkpoint": os.path.relpath(job.resume, run_dir),
+            }
+            print(f"resuming trial {job.resumed_trial} from {job.resume} (saved in epoch {epoch})", flush=True)
+        for key, value in attrs.items():
+            _record(trial, key, value)
+        timings["setup"] = time.time() - t
 
-    if settings.is_multi_objective:
-        values = [float(built.trainer.callback_metrics[m]) for m in metrics]
-        best_path = checkpoint.last_model_path
-    else:
-        if checkpoint.best_model_score is None:
-            from lightstudy.errors import TrialError
-
-            logged = ", ".join(sorted(built.trainer.callback_metrics)) or "none"
-            raise TrialError(
-                f"no validation score for {settings.metric!r} was recorded (logged: {logged})",
-                fix="make sure validation runs (val_dataloader, limit_val_batches > 0)",
-            )
-        values = [float(checkpoint.best_model_score)]
-        best_path = checkpoint.best_model_path
-    rel = os.path.relpath(best_path, run_dir) if best_path else None
-    timings["checkpoint"] = 0.0  # written during fit by ModelCheckpoint; counted in fit
-    print(f"finished: {dict(zip(metrics, values))}, checkpoint {rel}", flush=True)
-    return TrialOutcome("complete", values=values, checkpoint=rel, timings=timings)
+    fitted = fit_config(
+        config,
+        spec.study,
+        ckpt_dir=run_dir / job.trial_dir / "checkpoints",
+        seed=job.seed,
+        trial=trial,
+        resume=job.resume,
+        on_built=record,
+    )
+    timings["fit"] = time.time() - t - timings["setup"]
+    rel = os.path.relpath(fitted.best_path, run_dir) if fitted.best_path else None
+    print(f"finished: {dict(zip(spec.study.metrics, fitted.values))}, checkpoint {rel}", flush=True)
+    return TrialOutcome("complete", values=fitted.values, checkpoint=rel, timings=timings)
 
 
 def _add_trial_defaults(config: dict[str, Any], namespace: str, run_dir: Path, trial_dir: str) -> None:

@@ -25,12 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightstudy.artifacts import CheckpointRef, describe_store, make_store, upload_checkpoint
 from lightstudy.checkpoints import (
     CHECKPOINT_ATTR,
     TRIAL_DIR_ATTR,
     enforce_retention,
     lineage_root,
-    remove_checkpoints,
+    remove_local,
+    sweep_local,
+    would_keep,
 )
 from lightstudy.storage import connection_error, open_storage, retry_db
 from lightstudy.study import load_study
@@ -44,6 +47,7 @@ __all__ = ["Worker", "WorkerReport"]
 POLL_INTERVAL = 2.0  # seconds between budget checks while other workers' trials run
 # User attrs that describe one attempt; a retry does not inherit them.
 ATTEMPT_ATTRS = (
+    "threads",
     "fail_reason",
     "interrupted",
     "timings",
@@ -109,6 +113,7 @@ class Worker:
         self._signals = 0
         self._child: Any = None
         self._ctx: Any = None
+        self._store: Any = None
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -152,6 +157,7 @@ class Worker:
             "seed": seed,
             "worker": f"{socket.gethostname()}:{os.getpid()}",
             "gpu": self.gpu,
+            "threads": self.threads,
             TRIAL_DIR_ATTR: trial_dir,
         }
         for key, value in attrs.items():
@@ -256,63 +262,84 @@ class Worker:
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
-        state = (
-            outcome.state
-            if outcome is not None
-            else ("timeout" if reason and "timeout" in reason else "died")
-        )
+        died = "timeout" if reason and "trial_timeout" in reason else "died"
+        state = outcome.state if outcome is not None else died
         attrs: dict[str, Any] = {}
         if outcome is not None:
             attrs["timings"] = {k: round(v, 4) for k, v in outcome.timings.items()}
+        why = (outcome.reason if outcome else reason) or "unknown"
+        retried = False
         try:
             if state == "complete":
                 assert outcome is not None and outcome.values is not None
-                attrs[CHECKPOINT_ATTR] = outcome.checkpoint
+                values = outcome.values
+                ref = self._store_checkpoint(trial, values, outcome.checkpoint)
+                if ref is not None:
+                    attrs[CHECKPOINT_ATTR] = ref.to_dict()
                 self._set_attrs(trial, attrs)
-                retry_db(lambda: self.study.tell(trial, outcome.values), what="tell")
+                retry_db(lambda: self.study.tell(trial, values), what="tell")
                 self.report.complete += 1
-                (self.run_dir / trial_dir / "checkpoints" / "last.ckpt").unlink(missing_ok=True)
-                retry_db(lambda: enforce_retention(self.study, self.spec, self.run_dir), what="retention")
-                _log.info(
-                    "trial %d complete: %s=%s in %.1fs",
-                    trial.number,
-                    ",".join(self.spec.study.metrics),
-                    _fmt(outcome.values),
-                    seconds,
-                )
+                retry_db(lambda: enforce_retention(self.study, self.spec, self.store), what="retention")
+                metrics = ",".join(self.spec.study.metrics)
+                _log.info("trial %d complete: %s=%s in %.1fs", trial.number, metrics, _fmt(values), seconds)
             elif state == "pruned":
                 self._set_attrs(trial, attrs)
                 retry_db(lambda: self.study.tell(trial, state=TrialState.PRUNED), what="tell")
                 self.report.pruned += 1
-                remove_checkpoints(self.run_dir, trial_dir)
-                _log.info(
-                    "trial %d pruned in %.1fs (%s)", trial.number, seconds, outcome.reason if outcome else ""
-                )
+                _log.info("trial %d pruned in %.1fs (%s)", trial.number, seconds, why)
             elif state == "interrupted" or (state == "died" and self._signals):
                 attrs["interrupted"] = True
-                attrs["fail_reason"] = (outcome.reason if outcome else reason) or "stopped by signal"
+                attrs["fail_reason"] = why if outcome else "stopped by signal"
                 self._set_attrs(trial, attrs)
                 retry_db(lambda: self.study.tell(trial, state=TrialState.FAIL), what="tell")
-                self._retry(trial, max_retry=None)
+                retried = self._retry(trial, max_retry=None)
                 self.report.interrupted += 1
                 _log.info("trial %d handed back for a retry (%s)", trial.number, attrs["fail_reason"])
             else:
-                why = (outcome.reason if outcome else reason) or "unknown"
                 attrs["fail_reason"] = why
                 self._set_attrs(trial, attrs)
                 retry_db(lambda: self.study.tell(trial, state=TrialState.FAIL), what="tell")
                 retried = state == "died" and self._retry(trial, max_retry=self.spec.study.max_retry)
-                if not retried:
-                    remove_checkpoints(self.run_dir, trial_dir)
                 self.report.failed += 1
-                _log.warning(
-                    "trial %d failed%s: %s", trial.number, " (will be retried)" if retried else "", why
-                )
+                _log.warning("trial %d failed%s: %s", trial.number, " (will be retried)" if retried else "", why)
         except UpdateFinishedTrialError:
             # The database was away longer than the grace period and another worker failed the
             # trial as stale (and retried it); its outcome here is lost, the study is not.
             _log.warning("trial %d was failed as stale by another worker meanwhile", trial.number)
+            retried = True
+        if not retried:
+            remove_local(self.run_dir, trial_dir)
+        retry_db(lambda: sweep_local(self.study, self.run_dir), what="sweep checkpoints")
         self.report.trials.append(trial.number)
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            self._store = make_store(self.spec, self.run_dir)
+        return self._store
+
+    def _store_checkpoint(self, trial: optuna.Trial, values: list[float], rel: str | None) -> CheckpointRef | None:
+        """Upload the trial's best checkpoint if it enters the study's top k now."""
+        if rel is None:
+            return None
+        trials = retry_db(lambda: self.study.get_trials(deepcopy=False), what="rank the trial")
+        if not would_keep(trials, self.spec, trial.number, values):
+            return None
+        path = self.run_dir / rel
+        name = f"trial-{trial.number:04d}-{path.name}"
+        try:
+            return retry_db(
+                lambda: upload_checkpoint(self.store, self.study, trial._trial_id, path, name),
+                what="store the checkpoint",
+            )
+        except Exception as e:  # the trial still counts; only its checkpoint is lost
+            _log.error(
+                "trial %d: could not store its checkpoint in %s: %s",
+                trial.number,
+                describe_store(self.spec, self.run_dir),
+                e,
+            )
+            return None
 
     def _set_attrs(self, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
         for key, value in attrs.items():
