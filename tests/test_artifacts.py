@@ -20,7 +20,7 @@ def test_store_settings_are_validated() -> None:
         spec_from_dict(tiny_spec(checkpoints={"store": "/tmp/x", "endpoint_url": "http://h:9000"}))
     with pytest.raises(SpecError, match="http"):
         spec_from_dict(tiny_spec(checkpoints={"store": "s3://b", "endpoint_url": "ftp://h"}))
-    with pytest.raises(SpecError, match="study.checkpoints.bucket"):
+    with pytest.raises(SpecError, match=r"study\.checkpoints\.bucket"):
         spec_from_dict(tiny_spec(checkpoints={"bucket": "b"}))
 
 
