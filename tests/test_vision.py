@@ -47,9 +47,7 @@ def _case(name: str, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model init_args, data config) of one data module, with its files written under root."""
     small = {"arch": "resnet18", "small_images": True}
     if name in ("mnist", "fashion_mnist"):
-        folder, cls = (
-            ("MNIST", "MNISTDataModule") if name == "mnist" else ("FashionMNIST", "FashionMNISTDataModule")
-        )
+        folder, cls = ("MNIST", "MNISTDataModule") if name == "mnist" else ("FashionMNIST", "FashionMNISTDataModule")
         write_mnist(root, folder)
         init = {
             "root": str(root),
@@ -186,9 +184,7 @@ class _Recording(TorchvisionClassifier):
 
 def test_fit_mixes_training_batches_and_test_logs_per_class_scores(tmp_path: Path) -> None:
     write_mnist(tmp_path)
-    data = MNISTDataModule(
-        str(tmp_path), batch_size=8, val_fraction=0.25, num_workers=0, batch_transform="cutmix"
-    )
+    data = MNISTDataModule(str(tmp_path), batch_size=8, val_fraction=0.25, num_workers=0, batch_transform="cutmix")
     model = _Recording(small_images=True, in_channels=1)
     _trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1).fit(model, datamodule=data)
     assert model.seen == {"train": {(8, 10)}, "val": {(8,)}}  # soft labels in training only
@@ -263,9 +259,7 @@ def test_bad_data_arguments_are_refused_with_a_fix(kwargs: dict[str, Any], error
 
 
 def test_missing_files_name_the_root_and_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(
-        FileNotFoundError, match=r"MNISTDataModule: `root` .* 4 are missing .*download: true"
-    ) as e:
+    with pytest.raises(FileNotFoundError, match=r"MNISTDataModule: `root` .* 4 are missing .*download: true") as e:
         MNISTDataModule(str(tmp_path)).prepare_data()
     assert str(tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte") in str(e.value)
     with pytest.raises(FileNotFoundError, match="FashionMNIST/raw"):
@@ -278,9 +272,7 @@ def test_missing_files_name_the_root_and_the_fix(tmp_path: Path) -> None:
 
 def test_cifar10_checks_the_official_checksums_unless_told_not_to(tmp_path: Path) -> None:
     write_cifar10(tmp_path)
-    with pytest.raises(
-        ValueError, match=r"must match the official CIFAR-10 MD5 sums.*verify_integrity: false"
-    ):
+    with pytest.raises(ValueError, match=r"must match the official CIFAR-10 MD5 sums.*verify_integrity: false"):
         CIFAR10DataModule(str(tmp_path)).prepare_data()
     data = CIFAR10DataModule(str(tmp_path), verify_integrity=False, num_workers=0)
     data.prepare_data()
@@ -292,9 +284,7 @@ def test_cifar10_checks_the_official_checksums_unless_told_not_to(tmp_path: Path
 def test_image_folder_uses_given_dirs_and_sorted_class_names(tmp_path: Path) -> None:
     write_image_folder(tmp_path / "train")
     write_image_folder(tmp_path / "val", per_class=2)
-    data = ImageFolderDataModule(
-        str(tmp_path), val_dir="val", image_size=8, test_fraction=0.25, num_workers=0
-    )
+    data = ImageFolderDataModule(str(tmp_path), val_dir="val", image_size=8, test_fraction=0.25, num_workers=0)
     data.prepare_data()
     data.setup("fit")
     assert data.classes == ["cat", "dog", "fox"] and data.num_classes == 3 and data.image_shape == (3, 8, 8)
@@ -311,9 +301,7 @@ def test_image_folder_uses_given_dirs_and_sorted_class_names(tmp_path: Path) -> 
 @pytest.mark.parametrize("name", ["mixup", "cutmix", "mixup_or_cutmix"])
 def test_batch_transform_makes_soft_labels_for_training_batches_only(tmp_path: Path, name: str) -> None:
     write_mnist(tmp_path)
-    data = MNISTDataModule(
-        str(tmp_path), batch_size=16, val_fraction=0.25, batch_transform=name, num_workers=0
-    )
+    data = MNISTDataModule(str(tmp_path), batch_size=16, val_fraction=0.25, batch_transform=name, num_workers=0)
     data.setup("fit")
     torch.manual_seed(0)
     x, y = next(iter(data.train_dataloader()))
@@ -330,9 +318,7 @@ def test_batch_transform_makes_soft_labels_for_training_batches_only(tmp_path: P
 
 
 def test_batch_transform_from_a_class_path_gets_num_classes() -> None:
-    mix = build_batch_transform(
-        {"class_path": "torchvision.transforms.v2.MixUp", "init_args": {"alpha": 0.4}}, 7
-    )
+    mix = build_batch_transform({"class_path": "torchvision.transforms.v2.MixUp", "init_args": {"alpha": 0.4}}, 7)
     assert isinstance(mix, v2.MixUp) and mix.num_classes == 7 and mix.alpha == 0.4
     assert isinstance(build_batch_transform("mixup_or_cutmix", 10), v2.RandomChoice)
     assert build_batch_transform(None, 10) is None and build_batch_transform("none", 10) is None
@@ -401,7 +387,5 @@ def test_bad_weights_files_are_refused_with_a_fix(tmp_path: Path) -> None:
         TorchvisionClassifier(pretrained_weights=str(garbage))
     other = tmp_path / "resnet34.pth"
     torch.save(torchvision.models.resnet34().state_dict(), other)
-    with pytest.raises(
-        ValueError, match=r"must fit arch 'resnet18'.*layer1.2.conv1.weight \(not in the model\)"
-    ):
+    with pytest.raises(ValueError, match=r"must fit arch 'resnet18'.*layer1.2.conv1.weight \(not in the model\)"):
         TorchvisionClassifier(pretrained_weights=str(other))

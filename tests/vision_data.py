@@ -41,9 +41,7 @@ def write_mnist(root: Path, folder: str = "MNIST", n_train: int = 40, n_test: in
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
             bytes([0, 0, 8, 3]) + struct.pack(">3i", n, 28, 28) + images.tobytes()
         )
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
-            bytes([0, 0, 8, 1]) + struct.pack(">i", n) + labels.tobytes()
-        )
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">i", n) + labels.tobytes())
     return _labels(n_test, 1)
 
 
@@ -61,9 +59,7 @@ def write_cifar10(root: Path, per_batch: int = 8, n_test: int = 20) -> None:
         pickle.dump({"label_names": CIFAR_NAMES, "num_cases_per_batch": per_batch}, f)
 
 
-def write_image_folder(
-    root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), per_class: int = 8
-) -> Path:
+def write_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), per_class: int = 8) -> Path:
     """``root/<class>/<i>.png`` with PNGs of several sizes and modes (ImageFolder reads them as RGB)."""
     rng = np.random.default_rng(0)
     for c, name in enumerate(classes):

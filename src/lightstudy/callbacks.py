@@ -86,9 +86,29 @@ def _guard_class(namespace: str) -> type:
     base = pl_module(namespace).Callback
 
     class TrialGuard(base):  # type: ignore[misc, valid-type]
-        def __init__(self, metrics: list[str], save_to: Path) -> None:
+        def __init__(self, metrics: list[str], save_to: Path, directions: list[str] | None = None) -> None:
             self.metrics = metrics
             self.save_to = save_to
+            self.directions = directions or []
+            self.warnings: list[str] = []
+            self._batch: Any = None
+            self._checked_directions = False
+
+        def on_validation_batch_start(
+            self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        ) -> None:
+            if LATENCY in self.metrics and self._batch is None:
+                self._batch = batch
+
+        def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            # Built-in objectives the trial measures itself, unless the module logs them.
+            if trainer.sanity_checking:
+                return
+            if PARAM_COUNT in self.metrics and PARAM_COUNT not in trainer.callback_metrics:
+                count = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+                pl_module.log(PARAM_COUNT, float(count))
+            if LATENCY in self.metrics and LATENCY not in trainer.callback_metrics and self._batch is not None:
+                pl_module.log(LATENCY, _forward_ms(pl_module, self._batch))
 
         def _stop_if_asked(self, trainer: Any) -> None:
             if stop_requested():
@@ -124,13 +144,67 @@ def _guard_class(namespace: str) -> type:
                         f"the study metric {name!r} is {value} at epoch {trainer.current_epoch}",
                         fix="check the model for a diverging loss; lower the learning rate",
                     )
+            if not self._checked_directions:
+                self._checked_directions = True
+                self.warnings += _direction_warnings(pl_module, self.metrics, self.directions)
+                for text in self.warnings:
+                    print(f"warning: {text}", flush=True)
 
     return TrialGuard
 
 
-def guard_callback(namespace: str, metrics: list[str], save_to: Path) -> Any:
-    """Non-finite loss or metric fails the trial; a stop request saves to ``save_to`` and ends it."""
-    return _guard_class(namespace)(metrics, save_to)
+PARAM_COUNT = "param_count"  # objective lightstudy measures: trainable parameters of the model
+LATENCY = "latency_ms"  # objective lightstudy measures: milliseconds of one forward pass of a validation batch
+
+
+def _forward_ms(pl_module: Any, batch: Any, repeats: int = 5) -> float:
+    """Median wall time of a forward pass of ``batch`` (the inputs: its first item), in ms."""
+    import time
+
+    import torch
+
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    cuda = isinstance(x, torch.Tensor) and x.is_cuda
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            pl_module(x)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1000.0)
+    return sorted(times)[len(times) // 2]
+
+
+def _direction_warnings(pl_module: Any, metrics: list[str], directions: list[str]) -> list[str]:
+    """A torchmetrics Metric logged under a study metric's name whose higher_is_better says the
+    opposite of the study's direction."""
+    try:
+        from torchmetrics import Metric
+    except ImportError:
+        return []
+    found = {name.rsplit(".", 1)[-1]: m for name, m in pl_module.named_modules() if isinstance(m, Metric)}
+    out = []
+    for metric, direction in zip(metrics, directions):
+        module = found.get(metric.replace("/", "_"))
+        better = getattr(module, "higher_is_better", None)
+        if better is None:
+            continue
+        if (better and direction == "minimize") or (not better and direction == "maximize"):
+            out.append(
+                f"study direction {direction} for {metric!r} contradicts {type(module).__name__}."
+                f"higher_is_better={better}; fix: set direction: {'maximize' if better else 'minimize'}"
+            )
+    return out
+
+
+def guard_callback(namespace: str, metrics: list[str], save_to: Path, directions: list[str] | None = None) -> Any:
+    """Non-finite loss or metric fails the trial; a stop request saves to ``save_to`` and ends it;
+    ``param_count``/``latency_ms`` objectives are measured; a direction that contradicts a
+    torchmetrics metric's ``higher_is_better`` is reported (``guard.warnings``)."""
+    return _guard_class(namespace)(metrics, save_to, directions)
 
 
 def checkpoint_callback(namespace: str, dirpath: Path, monitor: str | None, mode: str) -> Any:

@@ -455,6 +455,76 @@ def best(
     _print_best(name, url, run_dir, _console(), final=False)
 
 
+@app.command("enqueue")
+def enqueue_command(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    storage: StorageOpt = None,
+    params: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--params",
+            "-p",
+            help="path=value of one parameter; repeat for each (one configuration).",
+            show_default=False,
+        ),
+    ] = None,
+    from_study: Annotated[
+        str | None, typer.Option("--from-study", help="Queue the best trials of this study.", show_default=False)
+    ] = None,
+    from_storage: Annotated[
+        str | None,
+        typer.Option("--from-storage", help="Its database (default: this study's).", show_default=False),
+    ] = None,
+    top: Annotated[int, typer.Option("--top", help="How many of its best trials (with --from-study).")] = 5,
+) -> None:
+    """Queue configurations to evaluate before any sampled trial (Optuna's enqueue_trial).
+
+    Either one configuration from --params path=value (parameters left out are sampled), or the
+    parameters of the best trials of another study (a warm start). Queued trials count toward
+    n_trials; a configuration already in the study is not queued again.
+
+    Example: lightstudy enqueue digits -p model.init_args.lr=0.003 -p data.init_args.batch_size=64
+    """
+    import yaml
+
+    from lightstudy.study import best_params, enqueue, load_study
+
+    if bool(params) == bool(from_study):
+        raise LightstudyError(
+            "give either --params path=value ... or --from-study NAME",
+            fix="e.g. lightstudy enqueue NAME -p model.init_args.lr=0.01",
+        )
+    url = _read_storage(name, storage)
+    study, spec = load_study(url, name)
+    if params:
+        config: dict[str, Any] = {}
+        for item in params:
+            path, sep, text = item.partition("=")
+            if not sep or not path:
+                raise LightstudyError(
+                    f"--params expects path=value, but got {item!r}", fix="e.g. -p model.init_args.lr=0.01"
+                )
+            config[path.strip()] = yaml.safe_load(text)
+        configurations = [config]
+    else:
+        assert from_study is not None
+        if top < 1:
+            raise LightstudyError(f"--top must be >= 1, but got {top}", fix="pass --top 1 or more")
+        paths = {p.path: p for p in spec.search_space}
+        configurations = []
+        for found in best_params(from_storage or url, from_study, top):
+            kept = {k: v for k, v in found.items() if k in paths and paths[k].contains(v)}
+            dropped = sorted(set(found) - set(kept))
+            if dropped:
+                logging.getLogger("lightstudy").warning(
+                    "not carried over (not in this search space, or outside it): %s", ", ".join(dropped)
+                )
+            if kept:
+                configurations.append(kept)
+    added = enqueue(study, spec, configurations)
+    _console().print(f"queued {added} configuration(s) in {name} ({len(configurations) - added} already there)")
+
+
 @app.command("test")
 def test_command(
     name: Annotated[str, typer.Argument(help="Study name.")],

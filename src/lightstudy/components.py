@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import warnings
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from lightstudy.errors import SpecError
@@ -62,7 +63,22 @@ def _resolve(component: Component, kind: str, source: str) -> type:
     return cls
 
 
+def _nested(value: Any, key: str, source: str) -> Any:
+    """A kwarg that is itself a sampler or pruner (PatientPruner's wrapped_pruner, ...)."""
+    if not (isinstance(value, Mapping) and ("name" in value or "class_path" in value)):
+        return value
+    from lightstudy.spec import _parse_component
+
+    component = _parse_component(source, key, value, allow_none=False)
+    import optuna
+
+    kind = "pruner" if hasattr(optuna.pruners, component.name.rpartition(".")[2]) else "sampler"
+    cls = _resolve(component, kind, source)
+    return _instantiate(cls, dict(component.kwargs), key, source)
+
+
 def _instantiate(cls: type, kwargs: dict[str, Any], key: str, source: str) -> Any:
+    kwargs = {k: _nested(v, f"{key}.{k}", source) for k, v in kwargs.items()}
     try:
         inspect.signature(cls).bind(**kwargs)
     except TypeError as e:

@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from lightstudy.errors import SpecError
-from lightstudy.search_space import apply_params
+from lightstudy.search_space import apply_params, assignment
 from lightstudy.spec import CLASS_SECTIONS, StudySpec
 
 __all__ = ["Built", "build", "check_spec", "import_class", "lightning_namespace", "parse_config"]
@@ -214,8 +214,12 @@ def check_spec(spec: StudySpec) -> None:
         if head == "trainer":
             _check_trainer_arg(source, f'search_space["{param.path}"]', rest[0], trainer_cls)
         elif head in ("model", "data") and rest[0] == "init_args":
-            cls = import_class(config[head]["class_path"])
-            _check_arg_names(source, f'search_space["{param.path}"]', cls, [rest[1]], config[head]["class_path"])
+            # The class the argument goes to: the one its conditions select, else the config's.
+            class_path = assignment(spec.search_space, {param.path: param.candidates()[0]}).get(
+                f"{head}.class_path", config[head]["class_path"]
+            )
+            cls = _import_for_spec(source, f'search_space["{head}.class_path"]', class_path)
+            _check_arg_names(source, f'search_space["{param.path}"]', cls, [rest[1]], class_path)
     try:
         cli = parse_config(config, namespace)
     except ValueError as e:
@@ -226,10 +230,9 @@ def check_spec(spec: StudySpec) -> None:
             f"LightningCLI rejects it: {reason}",
             fix="give a value of the type the class argument declares",
         ) from e
-    defaults = {p.path: p.candidates()[0] for p in spec.search_space}
     for param in spec.search_space:
         for value in param.candidates():
-            candidate = apply_params(config, {**defaults, param.path: value})
+            candidate = apply_params(config, assignment(spec.search_space, {param.path: value}))
             try:
                 with _quiet():
                     cli.parser.parse_object(candidate)

@@ -13,6 +13,7 @@ config all speak of the same thing.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -26,15 +27,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CategoricalParam",
+    "Condition",
     "FloatParam",
     "IntParam",
     "Param",
     "apply_params",
+    "assignment",
+    "is_active",
     "parse_search_space",
     "suggest_params",
 ]
 
 CategoricalChoice = None | bool | int | float | str
+Condition = tuple[tuple[str, tuple[Any, ...]], ...]  # ((parent path, allowed values), ...)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class FloatParam:
     high: float
     log: bool = False
     step: float | None = None
+    when: Condition = ()  # sampled only when these parameters took one of these values
 
     def distribution(self) -> BaseDistribution:
         from optuna.distributions import FloatDistribution
@@ -59,13 +65,21 @@ class FloatParam:
         """Values that bound what the config must accept at this path."""
         return (self.low, self.high)
 
+    def contains(self, value: Any) -> bool:
+        if not _is_number(value) or not self.low <= value <= self.high:
+            return False
+        if self.step is None:
+            return True
+        k = (value - self.low) / self.step
+        return abs(k - round(k)) < 1e-8
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "float", "low": self.low, "high": self.high}
         if self.log:
             out["log"] = True
         if self.step is not None:
             out["step"] = self.step
-        return out
+        return _with_when(out, self.when)
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,7 @@ class IntParam:
     high: int
     log: bool = False
     step: int = 1
+    when: Condition = ()  # sampled only when these parameters took one of these values
 
     def distribution(self) -> BaseDistribution:
         from optuna.distributions import IntDistribution
@@ -89,13 +104,21 @@ class IntParam:
     def candidates(self) -> tuple[Any, ...]:
         return (self.low, self.high)
 
+    def contains(self, value: Any) -> bool:
+        return (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and self.low <= value <= self.high
+            and (value - self.low) % self.step == 0
+        )
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "int", "low": self.low, "high": self.high}
         if self.log:
             out["log"] = True
         if self.step != 1:
             out["step"] = self.step
-        return out
+        return _with_when(out, self.when)
 
 
 @dataclass(frozen=True)
@@ -104,6 +127,7 @@ class CategoricalParam:
 
     path: str
     choices: tuple[CategoricalChoice, ...]
+    when: Condition = ()  # sampled only when these parameters took one of these values
 
     def distribution(self) -> BaseDistribution:
         from optuna.distributions import CategoricalDistribution
@@ -117,15 +141,20 @@ class CategoricalParam:
         return self.choices
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "categorical", "choices": list(self.choices)}
+        return _with_when({"type": "categorical", "choices": list(self.choices)}, self.when)
+
+    def contains(self, value: Any) -> bool:
+        return any(
+            value == c and (type(value) is type(c) or (_is_number(value) and _is_number(c))) for c in self.choices
+        )
 
 
 Param = FloatParam | IntParam | CategoricalParam
 
 _KEYS = {
-    "float": {"type", "low", "high", "log", "step"},
-    "int": {"type", "low", "high", "log", "step"},
-    "categorical": {"type", "choices"},
+    "float": {"type", "low", "high", "log", "step", "when"},
+    "int": {"type", "low", "high", "log", "step", "when"},
+    "categorical": {"type", "choices", "when"},
 }
 
 
@@ -145,10 +174,78 @@ def parse_search_space(source: str, raw: Any) -> tuple[Param, ...]:
             raw,
             fix="write e.g. `model.init_args.lr: {type: float, low: 1.0e-4, high: 0.1, log: true}`",
         )
-    params = []
+    params: list[Param] = []
     for path, dist in raw.items():
-        params.append(_parse_param(source, path, dist))
+        param = _parse_param(source, path, dist)
+        if isinstance(dist, Mapping) and "when" in dist:
+            param = dataclasses.replace(param, when=_parse_when(source, param.path, dist["when"], params))
+        params.append(param)
     return tuple(params)
+
+
+def _parse_when(source: str, path: str, raw: Any, earlier: list[Param]) -> Condition:
+    """``when: {optimizer.class_path: torch.optim.SGD}`` (one value or a list of them; all must hold)."""
+    key = f'search_space["{path}"].when'
+    if not isinstance(raw, Mapping) or not raw:
+        raise SpecError(
+            source,
+            key,
+            "must map earlier parameters to the value(s) that turn this one on",
+            raw,
+            fix="e.g. when: {optimizer.class_path: torch.optim.SGD}",
+        )
+    by_path = {p.path: p for p in earlier}
+    condition = []
+    for parent, values in raw.items():
+        if parent not in by_path:
+            raise SpecError(
+                source,
+                key,
+                f"names {parent!r}, which is not a parameter listed before {path}",
+                parent,
+                fix="condition on a search-space parameter above this one",
+            )
+        allowed = tuple(values) if isinstance(values, list) else (values,)
+        if not allowed:
+            raise SpecError(source, key, "needs at least one value", values, fix="list the parent values")
+        for value in allowed:
+            if not by_path[parent].contains(value):
+                raise SpecError(
+                    source,
+                    f"{key}.{parent}",
+                    f"{value!r} is a value {parent} can never take",
+                    value,
+                    fix=f"use values from {parent}'s distribution {by_path[parent].to_dict()}",
+                )
+        condition.append((parent, allowed))
+    return tuple(condition)
+
+
+def is_active(param: Param, values: Mapping[str, Any]) -> bool:
+    """Whether the parameter's conditions hold for the values sampled so far."""
+    return all(parent in values and values[parent] in allowed for parent, allowed in param.when)
+
+
+def assignment(params: Iterable[Param], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A consistent set of values: each active parameter at its override or its first candidate.
+
+    The overrides of a conditional parameter's parents are added first, so the parameter is
+    active whenever it is overridden (used to check every branch of a conditional space).
+    """
+    params = list(params)
+    wanted = dict(overrides or {})
+    by_path = {p.path: p for p in params}
+    pending = list(wanted)
+    while pending:
+        for parent, allowed in by_path[pending.pop()].when:
+            if parent not in wanted:
+                wanted[parent] = allowed[0]
+                pending.append(parent)
+    values: dict[str, Any] = {}
+    for param in params:
+        if is_active(param, values):
+            values[param.path] = wanted.get(param.path, param.candidates()[0])
+    return values
 
 
 def _parse_param(source: str, path: Any, raw: Any) -> Param:
@@ -225,6 +322,12 @@ def _parse_categorical(source: str, key: str, path: str, raw: Mapping[str, Any])
     return CategoricalParam(path, tuple(choices))
 
 
+def _with_when(out: dict[str, Any], when: Condition) -> dict[str, Any]:
+    if when:
+        out["when"] = {parent: list(allowed) if len(allowed) > 1 else allowed[0] for parent, allowed in when}
+    return out
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -292,9 +395,53 @@ def _parse_numeric(source: str, key: str, path: str, kind: str, raw: Mapping[str
     return IntParam(path, low, high, log, step)
 
 
+def check_fixed_params(source: str, key: str, params: Iterable[Param], values: Mapping[str, Any]) -> None:
+    """Check a set of fixed values (an enqueued trial): known paths, values their distributions hold,
+    and no value for a parameter its conditions switch off.
+
+    Raises:
+        SpecError: naming the parameter and the value.
+    """
+    params = list(params)
+    by_path = {p.path: p for p in params}
+    for path, value in values.items():
+        if path not in by_path:
+            raise SpecError(
+                source,
+                f"{key}.{path}",
+                "is not a search-space parameter",
+                path,
+                fix="use the dotted paths of search_space: " + ", ".join(by_path),
+            )
+        if not by_path[path].contains(value):
+            raise SpecError(
+                source,
+                f"{key}.{path}",
+                f"is outside its distribution {by_path[path].to_dict()}",
+                value,
+                fix="pick a value the distribution can produce",
+            )
+        for parent, allowed in by_path[path].when:
+            if parent in values and values[parent] not in allowed:
+                raise SpecError(
+                    source,
+                    f"{key}.{path}",
+                    f"is switched off: it applies only when {parent} is one of {list(allowed)}",
+                    value,
+                    fix=f"drop it, or set {parent} to one of {list(allowed)}",
+                )
+
+
 def suggest_params(trial: optuna.Trial, params: Iterable[Param]) -> dict[str, Any]:
-    """Ask the trial for a value of every parameter (fixed values of a retried trial come back)."""
-    return {param.path: param.suggest(trial) for param in params}
+    """Ask the trial for every active parameter, in order (a retried trial gets its values back).
+
+    A conditional parameter is asked for only when its parents took one of its ``when`` values.
+    """
+    values: dict[str, Any] = {}
+    for param in params:
+        if is_active(param, values):
+            values[param.path] = param.suggest(trial)
+    return values
 
 
 def apply_params(config: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:

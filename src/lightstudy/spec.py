@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lightstudy.errors import SpecError
-from lightstudy.search_space import Param, parse_search_space
+from lightstudy.search_space import Param, check_fixed_params, parse_search_space
 
 __all__ = [
     "CheckpointSettings",
@@ -105,6 +105,7 @@ class StudySettings:
     max_retry: int = 2  # retries of a trial whose worker or process died
     heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
     grace_period: int = 60  # seconds without heartbeat before a trial counts as dead
+    enqueue: tuple[Mapping[str, Any], ...] = ()  # parameter sets to evaluate first (Optuna's enqueue_trial)
 
     @property
     def metric(self) -> str:
@@ -159,6 +160,7 @@ class StudySpec:
             max_retry=s.max_retry,
             heartbeat_interval=s.heartbeat_interval,
             grace_period=s.grace_period,
+            enqueue=[dict(e) for e in s.enqueue],
         )
         return {
             "study": study,
@@ -227,6 +229,16 @@ def spec_from_dict(doc: Any, *, source: str = "<spec>") -> StudySpec:
     config = {k: copy.deepcopy(doc[k]) for k in CONFIG_SECTIONS if k in doc}
     _check_config(source, config)
     _check_paths(source, search_space, config)
+    for i, params in enumerate(settings.enqueue):
+        check_fixed_params(source, f"study.enqueue[{i}]", search_space, params)
+    if settings.is_multi_objective and settings.pruner.name not in ("NopPruner", "optuna.pruners.NopPruner"):
+        raise SpecError(
+            source,
+            "study.pruner",
+            "Optuna cannot prune a study with several objectives",
+            settings.pruner.name,
+            fix="set pruner: null (several objectives), or keep one metric",
+        )
     return StudySpec(source, settings, search_space, config)
 
 
@@ -293,6 +305,7 @@ def _parse_study(source: str, raw: Any) -> StudySettings:
         max_retry=_count(source, raw, "max_retry", defaults.max_retry),
         heartbeat_interval=_positive_int(source, raw, "heartbeat_interval") or defaults.heartbeat_interval,
         grace_period=_positive_int(source, raw, "grace_period") or defaults.grace_period,
+        enqueue=_parse_enqueue(source, raw.get("enqueue")),
     )
 
 
@@ -479,6 +492,20 @@ def _optional(source: str, raw: Mapping[str, Any], key: str, kind: type, what: s
     if value is not None and not isinstance(value, kind):
         raise SpecError(source, f"study.{key}", f"must be {what}", value, fix=f"set {key}: to {what}")
     return value
+
+
+def _parse_enqueue(source: str, raw: Any) -> tuple[Mapping[str, Any], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(e, Mapping) and e for e in raw):
+        raise SpecError(
+            source,
+            "study.enqueue",
+            "must be a list of parameter sets (search-space path: value)",
+            raw,
+            fix="e.g. enqueue: [{model.init_args.lr: 0.01, data.init_args.batch_size: 64}]",
+        )
+    return tuple(dict(e) for e in raw)
 
 
 def _storage(source: str, raw: Mapping[str, Any]) -> str | None:

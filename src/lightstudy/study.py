@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,9 +20,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Budget",
+    "best_params",
     "budget",
     "claim_trial",
     "create_study",
+    "enqueue",
     "load_study",
     "retried_numbers",
 ]
@@ -75,6 +77,7 @@ def create_study(spec: StudySpec, url: str, *, update_spec: bool = False) -> opt
                 )
             study.set_user_attr(SPEC_ATTR, stored)
             study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())
+            enqueue(study, spec, spec.study.enqueue)
             _log.info("updated the stored spec of study %s", name)
         return study
     with warnings.catch_warnings():
@@ -90,11 +93,57 @@ def create_study(spec: StudySpec, url: str, *, update_spec: bool = False) -> opt
     study.set_user_attr(SPEC_ATTR, stored)
     study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())
     study.set_user_attr(VERSION_ATTR, __version__)
-    if spec.study.is_multi_objective:
-        study.set_metric_names(list(spec.study.metrics))
-    else:
-        study.set_metric_names([spec.study.metric])
+    study.set_metric_names(list(spec.study.metrics))
+    enqueue(study, spec, spec.study.enqueue)
     return study
+
+
+def enqueue(study: optuna.Study, spec: StudySpec, configurations: Sequence[Mapping[str, Any]]) -> int:
+    """Queue parameter sets to be evaluated before any sampled trial; returns how many are new.
+
+    A set already in the study (any state) is not queued again, so re-running ``create`` with the
+    same spec adds nothing.
+
+    Raises:
+        SpecError: a path that is not in the search space, or a value outside its distribution.
+    """
+    from optuna.trial import TrialState
+
+    from lightstudy.search_space import check_fixed_params
+
+    for i, params in enumerate(configurations):
+        check_fixed_params(spec.source, f"enqueue[{i}]", spec.search_space, params)
+    before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for params in configurations:
+            study.enqueue_trial(dict(params), skip_if_exists=True)
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) - before
+
+
+def best_params(url: str, name: str, top: int) -> list[dict[str, Any]]:
+    """Parameters of the best ``top`` complete trials of any Optuna study (for a warm start).
+
+    Raises:
+        StudyNotFoundError: no such study.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = open_storage(url, create=False)
+    if name not in _study_names(storage):
+        raise StudyNotFoundError(
+            f"no study {name!r} in {redact(url)} to start from",
+            fix="check --from-study and --from-storage",
+        )
+    other = optuna.load_study(study_name=name, storage=storage)
+    done = other.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(other.directions) > 1:
+        ranked = other.best_trials
+    else:
+        sign = -1.0 if other.direction.name == "MAXIMIZE" else 1.0
+        ranked = sorted(done, key=lambda t: (sign * float(t.values[0]), t.number))
+    return [dict(t.params) for t in ranked[:top]]
 
 
 def load_study(url: str, name: str, *, storage: RDBStorage | None = None) -> tuple[optuna.Study, StudySpec]:

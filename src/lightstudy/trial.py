@@ -60,6 +60,7 @@ class TrialOutcome:
     checkpoint: str | None = None  # best checkpoint, relative to the run folder
     reason: str | None = None  # why it failed or was interrupted
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # things the user should know (wrong direction, ...)
 
 
 def trial_main(job: TrialJob, conn: Any) -> None:
@@ -144,6 +145,7 @@ class Fitted:
     values: list[float]
     best_path: str | None
     built: Any  # lightning_config.Built
+    warnings: list[str] = field(default_factory=list)
 
 
 def fit_config(
@@ -180,7 +182,8 @@ def fit_config(
     monitor = None if settings.is_multi_objective else settings.metric
     mode = "max" if settings.direction == "maximize" else "min"
     checkpoint = checkpoint_callback(namespace, ckpt_dir, monitor, mode)
-    callbacks = [guard_callback(namespace, metrics, ckpt_dir / "last.ckpt"), checkpoint]
+    guard = guard_callback(namespace, metrics, ckpt_dir / "last.ckpt", list(settings.directions))
+    callbacks = [guard, checkpoint]
     if trial is not None and not settings.is_multi_objective:
         callbacks.insert(0, pruning_callback(namespace, trial, settings.metric))
     built = build(config, callbacks=callbacks, seed=seed)
@@ -190,14 +193,14 @@ def fit_config(
     print(f"training ended at epoch {built.trainer.current_epoch}", flush=True)
     if settings.is_multi_objective:
         values = [float(built.trainer.callback_metrics[m]) for m in metrics]
-        return Fitted(values, checkpoint.last_model_path or None, built)
+        return Fitted(values, checkpoint.last_model_path or None, built, guard.warnings)
     if checkpoint.best_model_score is None:
         logged = ", ".join(sorted(built.trainer.callback_metrics)) or "none"
         raise TrialError(
             f"no validation score for {settings.metric!r} was recorded (logged: {logged})",
             fix="make sure validation runs (val_dataloader, limit_val_batches > 0)",
         )
-    return Fitted([float(checkpoint.best_model_score)], checkpoint.best_model_path or None, built)
+    return Fitted([float(checkpoint.best_model_score)], checkpoint.best_model_path or None, built, guard.warnings)
 
 
 def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome:
@@ -241,7 +244,7 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
     timings["fit"] = time.time() - t - timings["setup"]
     rel = os.path.relpath(fitted.best_path, run_dir) if fitted.best_path else None
     print(f"finished: {dict(zip(spec.study.metrics, fitted.values))}, checkpoint {rel}", flush=True)
-    return TrialOutcome("complete", values=fitted.values, checkpoint=rel, timings=timings)
+    return TrialOutcome("complete", values=fitted.values, checkpoint=rel, timings=timings, warnings=fitted.warnings)
 
 
 def _add_trial_defaults(config: dict[str, Any], namespace: str, run_dir: Path, trial_dir: str) -> None:

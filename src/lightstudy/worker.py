@@ -48,6 +48,7 @@ POLL_INTERVAL = 2.0  # seconds between budget checks while other workers' trials
 # User attrs that describe one attempt; a retry does not inherit them.
 ATTEMPT_ATTRS = (
     "threads",
+    "warnings",
     "fail_reason",
     "interrupted",
     "timings",
@@ -267,6 +268,10 @@ class Worker:
         attrs: dict[str, Any] = {}
         if outcome is not None:
             attrs["timings"] = {k: round(v, 4) for k, v in outcome.timings.items()}
+            if outcome.warnings:
+                attrs["warnings"] = outcome.warnings
+                for text in outcome.warnings:
+                    _log.warning("trial %d: %s", trial.number, text)
         why = (outcome.reason if outcome else reason) or "unknown"
         retried = False
         try:

@@ -26,9 +26,7 @@ def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
             return name, module
-    raise ValueError(
-        f"`in_channels`: the model must have a Conv2d to adapt, but {type(model).__name__} has none"
-    )
+    raise ValueError(f"`in_channels`: the model must have a Conv2d to adapt, but {type(model).__name__} has none")
 
 
 def _head_prefix(model: nn.Module) -> str:
@@ -186,9 +184,7 @@ class TorchvisionClassifier(lp.LightningModule):
             elif not key.startswith(may_differ):
                 unfit.append(key if value is None else f"{key} {tuple(value.shape)}≠{tuple(target.shape)}")
         # Tensors the model has no place for mean another architecture (resnet34 into resnet18).
-        unfit += [
-            f"{key} (not in the model)" for key in state if key not in own and not key.startswith(may_differ)
-        ]
+        unfit += [f"{key} (not in the model)" for key in state if key not in own and not key.startswith(may_differ)]
         if unfit:
             raise ValueError(
                 f"`pretrained_weights` {path!r} must fit arch {self.hparams['arch']!r} (only the head "
@@ -198,9 +194,7 @@ class TorchvisionClassifier(lp.LightningModule):
             )
         self.model.load_state_dict(fitting, strict=False)
         skipped = sorted(set(own) - set(fitting))
-        _log.info(
-            "loaded %d tensors from %s; kept fresh: %s", len(fitting), path, ", ".join(skipped) or "none"
-        )
+        _log.info("loaded %d tensors from %s; kept fresh: %s", len(fitting), path, ", ".join(skipped) or "none")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)

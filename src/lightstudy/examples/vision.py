@@ -127,9 +127,7 @@ def build_transforms(specs: Sequence[Any] | None, where: str = "transforms") -> 
         ValueError: an item does not name a class or its arguments do not fit.
     """
     if specs is not None and (isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence)):
-        raise ValueError(
-            f"`{where}` must be a list of transforms, but got {specs!r}; fix: write it as a YAML list"
-        )
+        raise ValueError(f"`{where}` must be a list of transforms, but got {specs!r}; fix: write it as a YAML list")
     out = []
     for i, spec in enumerate(specs or ()):
         cls, kwargs = _spec_parts(spec, f"{where}[{i}]")
@@ -289,9 +287,7 @@ class _VisionDataModule(lp.LightningDataModule):
                 )
             order = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.split_seed))
             self._splits["val"] = _Split(full, order[:n_val].tolist(), self._pipeline(self.eval_transforms))
-            self._splits["train"] = _Split(
-                full, order[n_val:].tolist(), self._pipeline(self.train_transforms)
-            )
+            self._splits["train"] = _Split(full, order[n_val:].tolist(), self._pipeline(self.train_transforms))
         if stage in (None, "test", "predict") and "test" not in self._splits:
             test = self._load(train=False)
             self._splits["test"] = _Split(test, range(len(test)), self._pipeline(self.eval_transforms))
@@ -490,9 +486,7 @@ class CIFAR10DataModule(_VisionDataModule):
 
     def _official(self) -> list[tuple[str, str]]:
         cls = datasets.CIFAR10
-        return [(n, md5) for n, md5 in cls.train_list + cls.test_list] + [
-            (cls.meta["filename"], cls.meta["md5"])
-        ]
+        return [(n, md5) for n, md5 in cls.train_list + cls.test_list] + [(cls.meta["filename"], cls.meta["md5"])]
 
     def _missing_files(self) -> list[Path]:
         return [self._folder() / n for n, _ in self._official() if not (self._folder() / n).is_file()]
