@@ -49,3 +49,18 @@ class SlowNet(ConvNet):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         time.sleep(self.step_sleep)
         return super().training_step(batch, batch_idx)
+
+
+class ScoreNet(ConvNet):
+    """Logs its accuracy as ``val_score``: a name the spec check cannot read a direction from."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.val_score(self(x), y)
+        self.log("val_score", self.val_score)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.val_score = MulticlassAccuracy(10, average="micro")

@@ -213,7 +213,7 @@ def check_spec(spec: StudySpec) -> None:
         head, *rest = param.path.split(".")
         if head == "trainer":
             _check_trainer_arg(source, f'search_space["{param.path}"]', rest[0], trainer_cls)
-        elif head in ("model", "data") and rest[0] == "init_args":
+        elif head in CLASS_SECTIONS and rest[0] == "init_args" and isinstance(config.get(head), Mapping):
             # The class the argument goes to: the one its conditions select, else the config's.
             class_path = assignment(spec.search_space, {param.path: param.candidates()[0]}).get(
                 f"{head}.class_path", config[head]["class_path"]
@@ -242,7 +242,8 @@ def check_spec(spec: StudySpec) -> None:
                     f'search_space["{param.path}"]',
                     f"LightningCLI rejects this value: {_explain(_one_line(e))[1]}",
                     value,
-                    fix="use values of the type the class argument declares",
+                    fix="use values the class accepts; arguments only some choices take go in conditional "
+                    "parameters (when:)",
                 ) from e
 
 
@@ -261,6 +262,11 @@ def _explain(text: str) -> tuple[str | None, str]:
             f"{outer.group(1)}.init_args.{inner.group(2)}",
             f"{inner.group(3).strip()} ({inner.group(1)})",
         )
+    plain = re.search(
+        r"Problem with given class_path '([^']+)':\s*(.+?)(?:\s+- Expected a <class 'NoneType'>.*)?$", text
+    )
+    if plain:
+        return (outer.group(1) if outer else None), f"{plain.group(2).strip()} ({plain.group(1)})"
     if outer:
         return outer.group(1), text[outer.end() :].lstrip(": ")
     return None, text
