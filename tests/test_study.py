@@ -131,3 +131,20 @@ def test_claims_sample_different_parameters_per_claim(sqlite_url: str) -> None:
         seen.add(trial.params["model.init_args.lr"])
         study.tell(trial, 0.5)
     assert len(seen) == 5
+
+
+def test_a_claim_that_never_beat_is_reaped_and_retried(sqlite_url: str) -> None:
+    import time
+
+    from lightstudy.study import reap_unbeaten
+
+    spec = spec_from_dict(tiny_spec(n_trials=3))  # grace_period 3 s
+    create_study(spec, sqlite_url)
+    study, spec = load_study(sqlite_url, "tiny")
+    orphan = study.ask()  # a claim that broke before its first heartbeat
+    assert reap_unbeaten(study, spec) == 0  # not yet past the grace period
+    time.sleep(spec.study.grace_period + 0.5)
+    assert reap_unbeaten(study, spec) == 1
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.WAITING]
+    assert study.get_trials()[1].system_attrs["failed_trial"] == orphan.number

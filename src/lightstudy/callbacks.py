@@ -67,6 +67,9 @@ def _pruning_class(namespace: str) -> type:
         def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
             if not trainer.sanity_checking and self.monitor not in trainer.callback_metrics:
                 raise _missing(trainer.callback_metrics, [self.monitor])
+            if not trainer.sanity_checking and trainer.is_global_zero:
+                value = float(trainer.callback_metrics[self.monitor])
+                print(f"rank 0 reports {self.monitor}={value!r} at epoch {pl_module.current_epoch}", flush=True)
             # report() and should_prune() talk to the database: ride out a restart.
             parent: Any = super()
             retry_db(lambda: parent.on_validation_end(trainer, pl_module), what="report to the study")
@@ -111,11 +114,22 @@ def _guard_class(namespace: str) -> type:
                 pl_module.log(LATENCY, _forward_ms(pl_module, self._batch))
 
         def _stop_if_asked(self, trainer: Any) -> None:
-            if stop_requested():
+            # Under DDP every rank must stop at the same batch, or the others hang in a collective.
+            if _together(trainer, stop_requested()):
                 trainer.save_checkpoint(self.save_to)
                 raise TrialInterrupted(
                     f"stopped by signal at epoch {trainer.current_epoch}, step {trainer.global_step}"
                 )
+
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            # Lightning raises its own SIGTERMException at points our batch hook never sees
+            # (mid-validation, epoch end): save where training stands, so the retry resumes there.
+            if stop_requested() and not isinstance(exception, TrialInterrupted):
+                try:
+                    trainer.save_checkpoint(self.save_to)
+                    print(f"stopped by signal; saved {self.save_to}", flush=True)
+                except Exception as e:  # the last epoch's checkpoint is still there
+                    print(f"stopped by signal; could not save a checkpoint: {e}", flush=True)
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             print(f"training starts at epoch {trainer.current_epoch}", flush=True)
@@ -123,10 +137,11 @@ def _guard_class(namespace: str) -> type:
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            if isinstance(loss, torch.Tensor) and not torch.isfinite(loss).all():
+            bad = isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all())
+            if _together(trainer, bad):
+                shown = loss.item() if isinstance(loss, torch.Tensor) and loss.numel() == 1 else "non-finite"
                 raise TrialError(
-                    f"the training loss became {loss.item()} at epoch {trainer.current_epoch}, "
-                    f"step {trainer.global_step}",
+                    f"the training loss became {shown} at epoch {trainer.current_epoch}, step {trainer.global_step}",
                     fix="lower the learning rate (or its search range), or clip gradients (trainer.gradient_clip_val)",
                 )
             self._stop_if_asked(trainer)
@@ -151,6 +166,13 @@ def _guard_class(namespace: str) -> type:
                     print(f"warning: {text}", flush=True)
 
     return TrialGuard
+
+
+def _together(trainer: Any, decision: bool) -> bool:
+    """True on every rank when it is true on any (a no-op on one device)."""
+    if trainer.world_size > 1:
+        return bool(trainer.strategy.reduce_boolean_decision(decision, all=False))
+    return decision
 
 
 PARAM_COUNT = "param_count"  # objective lightstudy measures: trainable parameters of the model

@@ -41,6 +41,14 @@ StorageOpt = Annotated[
         show_default=False,
     ),
 ]
+GpusPerTrialOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--gpus-per-trial",
+        help="Devices one trial runs on (DDP), when trainer.devices does not say (default: from the spec).",
+        show_default=False,
+    ),
+]
 RunDirOpt = Annotated[
     Path | None,
     typer.Option(
@@ -192,6 +200,7 @@ def run(
         ),
     ] = None,
     trials_per_gpu: Annotated[int, typer.Option("--trials-per-gpu", help="Workers sharing each GPU.")] = 1,
+    gpus_per_trial: GpusPerTrialOpt = None,
     n_trials: Annotated[
         int | None, typer.Option("--n-trials", help="Override study.n_trials.", show_default=False)
     ] = None,
@@ -212,13 +221,22 @@ def run(
     Example: lightstudy run studies/digits.yaml --workers 2
     """
     from lightstudy.launcher import Launcher, plan_slots
-    from lightstudy.spec import with_overrides
+    from lightstudy.spec import trial_world_size, with_overrides
     from lightstudy.storage import redact, resolve_url
     from lightstudy.study import create_study
+    from lightstudy.worker import check_devices
 
     spec = with_overrides(_load(file), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None)
     url = resolve_url(storage, spec.study.storage, spec.run_dir)
-    slots = plan_slots(gpus, workers, trials_per_gpu)
+    per_trial = gpus_per_trial or trial_world_size(spec.config)
+    if per_trial > 1 and not url.startswith(("sqlite", "postgresql", "mysql")):
+        check_devices(spec, per_trial, url)
+    gpu_trials = str((spec.config.get("trainer") or {}).get("accelerator", "auto")) != "cpu"
+    slots = plan_slots(gpus, workers, trials_per_gpu, gpus_per_trial=per_trial if gpu_trials else 1)
+    if gpus and gpus != "auto" and gpu_trials and len(gpus.split(",")) % per_trial:
+        logging.getLogger("lightstudy").warning(
+            "%d GPU(s) left idle: a trial runs on %d", len(gpus.split(",")) % per_trial, per_trial
+        )
     create_study(spec, url, update_spec=update_spec or any(v is not None for v in (n_trials, timeout)))
     console = _console()
     where = ", ".join(f"GPU {s.gpu}" if s.gpu is not None else "CPU" for s in slots)
@@ -226,7 +244,7 @@ def run(
         f"study [bold]{spec.study.name}[/bold] in {redact(url)}: {len(slots)} worker(s) "
         f"({where}); logs in {spec.run_dir / 'workers'}"
     )
-    result = Launcher(url, spec, slots, spec.run_dir, console).run()
+    result = Launcher(url, spec, slots, spec.run_dir, console, gpus_per_trial=gpus_per_trial).run()
     _print_best(spec.study.name, url, spec.run_dir, console, final=True)
     failed = [i for i, code in enumerate(result.exit_codes) if code not in (0, None)]
     if failed and not result.interrupted:
@@ -256,6 +274,7 @@ def worker(
         int | None,
         typer.Option("--max-trials", help="Exit after this many trials of this worker.", show_default=False),
     ] = None,
+    gpus_per_trial: GpusPerTrialOpt = None,
 ) -> None:
     """Run trials of a study until its study-wide budget is spent (start one per GPU).
 
@@ -279,6 +298,7 @@ def worker(
         gpu=None if gpu is None or gpu.lower() == "cpu" else gpu,
         threads=threads,
         max_trials=max_trials,
+        gpus_per_trial=gpus_per_trial,
     )
     report = w.run()
     logging.getLogger("lightstudy").info(
@@ -554,6 +574,64 @@ def test_command(
     for number, metrics in results.items():
         table.add_row(str(number), *[format_value(metrics.get(k)) for k in keys])
     _console().print(table)
+
+
+@app.command("predict")
+def predict_command(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Image files to predict (default: the data module's predict dataloader).", show_default=False
+        ),
+    ] = None,
+    storage: StorageOpt = None,
+    run_dir: RunDirOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Predictions file: .csv (one row per sample) or .pt.")] = Path(
+        "predictions.csv"
+    ),
+    rank: Annotated[int | None, typer.Option("--rank", help="Use the N-th best trial.", show_default=False)] = None,
+    trial: Annotated[int | None, typer.Option("--trial", help="Use this trial.", show_default=False)] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data", help="key=value overriding the data module's init_args (e.g. root=/data).", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Predict with the best (or --rank N, or --trial N) kept checkpoint through predict_step.
+
+    Runs the data module's predict dataloader, or the image files given, and writes one
+    prediction per sample.
+
+    Example: lightstudy predict digits --out predictions.csv
+    """
+    import yaml
+
+    from lightstudy.predict import predict
+    from lightstudy.study import load_study
+
+    if rank is not None and trial is not None:
+        raise LightstudyError("give --rank or --trial, not both", fix="drop one of them")
+    overrides: dict[str, Any] = {}
+    for item in data or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise LightstudyError(f"--data expects key=value, but got {item!r}", fix="e.g. --data batch_size=256")
+        overrides[key.strip()] = yaml.safe_load(text)
+    url = _read_storage(name, storage)
+    study, spec = load_study(url, name)
+    result = predict(
+        study,
+        spec,
+        Path(run_dir or spec.run_dir),
+        out,
+        rank=rank,
+        number=trial,
+        files=list(files or []),
+        data_args=overrides,
+    )
+    _console().print(f"wrote {result.rows} predictions of trial {result.trial} to {result.path}")
 
 
 @app.command()

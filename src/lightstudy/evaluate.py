@@ -122,7 +122,7 @@ def exported_config(trial: FrozenTrial, spec: StudySpec) -> dict[str, Any]:
     return config
 
 
-def build_for_eval(config: dict[str, Any], work_dir: Path) -> Built:
+def build_for_eval(config: dict[str, Any], work_dir: Path, *, progress_bar: bool = False) -> Built:
     """Model, data and a quiet Trainer from a resolved config (no logger, output in ``work_dir``)."""
     from lightstudy.lightning_config import build
 
@@ -131,9 +131,13 @@ def build_for_eval(config: dict[str, Any], work_dir: Path) -> Built:
     trainer.update(
         logger=False,
         default_root_dir=str(work_dir),
-        enable_progress_bar=False,
+        enable_progress_bar=progress_bar,
         enable_model_summary=False,
         enable_checkpointing=False,
+        # One process: a DDP trial's model evaluates and predicts the same on one device.
+        devices=1,
+        strategy="auto",
+        num_nodes=1,
     )
     trainer.pop("callbacks", None)
     return build(config, callbacks=[], seed=config.get("seed_everything"))

@@ -74,6 +74,7 @@ def plan_slots(
     workers: int | None,
     trials_per_gpu: int = 1,
     *,
+    gpus_per_trial: int = 1,
     cpu_count: int | None = None,
     detected: list[str] | None = None,
 ) -> list[Slot]:
@@ -105,9 +106,18 @@ def plan_slots(
                 fix="e.g. --gpus 0,1 (see nvidia-smi -L)",
             )
     if ids:
-        n = len(ids) * trials_per_gpu
+        # A multi-device trial gets its own group of GPUs; K workers share each group.
+        groups = [
+            ",".join(ids[i : i + gpus_per_trial]) for i in range(0, len(ids) - gpus_per_trial + 1, gpus_per_trial)
+        ]
+        if not groups:
+            raise LightstudyError(
+                f"a trial runs on {gpus_per_trial} GPUs but only {len(ids)} are given ({','.join(ids)})",
+                fix=f"pass at least {gpus_per_trial} GPUs with --gpus, or lower trainer.devices",
+            )
+        n = len(groups) * trials_per_gpu
         threads = max(1, cores // n)
-        return [Slot(i, ids[i // trials_per_gpu], threads) for i in range(n)]
+        return [Slot(i, groups[i // trials_per_gpu], threads) for i in range(n)]
     n = workers or 1
     return [Slot(i, None, max(1, cores // n)) for i in range(n)]
 
@@ -121,7 +131,16 @@ class LaunchResult:
 class Launcher:
     """Starts the workers of ``slots`` and shows progress until they all exit."""
 
-    def __init__(self, url: str, spec: StudySpec, slots: list[Slot], run_dir: Path, console: Console) -> None:
+    def __init__(
+        self,
+        url: str,
+        spec: StudySpec,
+        slots: list[Slot],
+        run_dir: Path,
+        console: Console,
+        gpus_per_trial: int | None = None,
+    ) -> None:
+        self.gpus_per_trial = gpus_per_trial
         self.url = url
         self.spec = spec
         self.slots = slots
@@ -150,6 +169,7 @@ class Launcher:
                 str(slot.threads),
                 "--gpu",
                 slot.gpu if slot.gpu is not None else "cpu",
+                *(["--gpus-per-trial", str(self.gpus_per_trial)] if self.gpus_per_trial else []),
             ]
             log = open(logs / f"worker-{slot.index}.log", "ab")  # noqa: SIM115 (kept for the process)
             self.processes.append(

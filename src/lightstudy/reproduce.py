@@ -57,6 +57,13 @@ def reproduce(study: optuna.Study, spec: StudySpec, number: int, work_dir: Path 
             f"trial {number} recorded no config (it was run before lightstudy recorded configs)",
             fix="reproduce a trial run by this version of lightstudy",
         )
+    from lightstudy.spec import trial_world_size
+
+    if trial_world_size(config) > 1:
+        raise LightstudyError(
+            f"trial {number} ran on several devices (DDP); reproduce runs one process",
+            fix="re-run the study's spec with lightstudy run and compare, or set trainer.devices: 1",
+        )
     config = copy.deepcopy(config)
     threads = trial.user_attrs.get("threads")
     if threads:

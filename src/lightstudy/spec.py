@@ -29,6 +29,7 @@ __all__ = [
     "StudySpec",
     "load_spec",
     "spec_from_dict",
+    "trial_world_size",
     "with_overrides",
 ]
 
@@ -574,6 +575,79 @@ def _seed(source: str, raw: Mapping[str, Any]) -> int | None:
 # --- the LightningCLI config ---------------------------------------------------------------------
 
 
+# Strategies whose processes lightstudy launches itself (one per device), as torchrun would.
+_EXTERNAL_STRATEGIES = (
+    "ddp",
+    "ddp_find_unused_parameters_true",
+    "ddp_find_unused_parameters_false",
+    "fsdp",
+    "deepspeed",
+    "deepspeed_stage_1",
+    "deepspeed_stage_2",
+    "deepspeed_stage_2_offload",
+    "deepspeed_stage_3",
+    "deepspeed_stage_3_offload",
+)
+_SELF_LAUNCHING = (
+    "ddp_spawn",
+    "ddp_fork",
+    "ddp_notebook",
+    "ddp_spawn_find_unused_parameters_true",
+    "ddp_fork_find_unused_parameters_true",
+    "ddp_notebook_find_unused_parameters_true",
+)
+
+
+def trial_world_size(config: Mapping[str, Any], source: str = "<spec>") -> int:
+    """Processes one trial runs as: its Trainer's devices when they are several (DDP), else 1.
+
+    Raises:
+        SpecError: several devices with a strategy that launches its own processes, an unknown
+            device count, or several nodes.
+    """
+    trainer = config.get("trainer") or {}
+    devices = trainer.get("devices", "auto")
+    strategy = trainer.get("strategy", "auto")
+    name = strategy.get("class_path", "") if isinstance(strategy, Mapping) else str(strategy)
+    if isinstance(devices, list):
+        count: int | None = len(devices)
+    elif isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+        count = devices
+    elif isinstance(devices, str) and devices.isdigit():
+        count = int(devices)
+    else:
+        count = None  # "auto" or -1: every visible device
+    if trainer.get("num_nodes", 1) not in (1, None):
+        raise SpecError(
+            source,
+            "trainer.num_nodes",
+            "must be 1: a trial runs on one machine",
+            trainer.get("num_nodes"),
+            fix="remove num_nodes; use more workers instead",
+        )
+    distributed = name in _EXTERNAL_STRATEGIES or name.endswith(("DDPStrategy", "FSDPStrategy", "DeepSpeedStrategy"))
+    if name in _SELF_LAUNCHING:
+        raise SpecError(
+            source,
+            "trainer.strategy",
+            "launches its own processes; lightstudy starts one per device "
+            "itself (and can then stop, prune and retry them together)",
+            strategy,
+            fix="use strategy: ddp",
+        )
+    if distributed and count is None:
+        raise SpecError(
+            source,
+            "trainer.devices",
+            f"must be a number with strategy {name}, so lightstudy knows how many processes a trial runs",
+            devices,
+            fix="set trainer.devices: 2 (for example)",
+        )
+    if count is not None and count > 1:
+        return count
+    return 1
+
+
 def _check_config(source: str, config: Mapping[str, Any]) -> None:
     if "model" not in config:
         raise SpecError(
@@ -591,6 +665,7 @@ def _check_config(source: str, config: Mapping[str, Any]) -> None:
             trainer,
             fix="e.g. trainer: {max_epochs: 10}",
         )
+    trial_world_size(config, source)
     if not any(trainer.get(k) not in (None, -1) for k in ("max_epochs", "max_steps", "max_time")):
         raise SpecError(
             source,

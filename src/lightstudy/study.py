@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import warnings
@@ -250,6 +251,7 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fail_stale_trials(study)
+            reap_unbeaten(study, spec)
         trials = study.get_trials(deepcopy=False)
         state = budget(trials, spec)
         if not state.may_claim:
@@ -258,6 +260,65 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
             warnings.simplefilter("ignore")
             study.sampler = build_sampler(spec, seed_offset=len(trials))
             trial = study.ask()
-            backend.record_heartbeat(trial._trial_id)
-            suggest_params(trial, spec.search_space)
+            try:
+                backend.record_heartbeat(trial._trial_id)
+                suggest_params(trial, spec.search_space)
+            except Exception:
+                # The database went away mid-claim: hand the half-made trial back once it returns,
+                # so it neither runs nor blocks the study.
+                _abandon(study, trial)
+                raise
         return trial, state
+
+
+def _abandon(study: optuna.Study, trial: optuna.Trial) -> None:
+    from optuna.trial import TrialState
+
+    from lightstudy.storage import retry_db
+
+    def fail_and_retry() -> None:
+        trial.set_user_attr("fail_reason", "the claim was interrupted by a database error; retried")
+        study.tell(trial, state=TrialState.FAIL)
+        callback = study._storage.get_heartbeat_stale_trial_callback()  # type: ignore[attr-defined]
+        if callback is not None:
+            callback(study, copy.deepcopy(study._storage.get_trial(trial._trial_id)))
+
+    try:
+        retry_db(fail_and_retry, what="hand back an interrupted claim")
+    except Exception as e:  # the reaper of unbeaten trials gets it later
+        _log.warning("could not hand back trial %d: %s", trial.number, e)
+
+
+def reap_unbeaten(study: optuna.Study, spec: StudySpec) -> int:
+    """Fail and retry RUNNING trials that never recorded a heartbeat and started more than the
+    grace period ago: their claim broke (database or worker gone) before the first beat, and
+    Optuna's stale check, which needs a heartbeat, would never free them.
+    """
+    import datetime as dt
+
+    import sqlalchemy
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages import RDBStorage
+    from optuna.trial import TrialState
+
+    backend = getattr(study._storage, "_backend", study._storage)
+    if not isinstance(backend, RDBStorage):
+        return 0
+    cutoff = dt.datetime.now() - dt.timedelta(seconds=spec.study.grace_period)
+    query = sqlalchemy.text(
+        "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+        "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL AND t.datetime_start < :cutoff"
+    )
+    with backend.engine.connect() as conn:
+        ids = [row[0] for row in conn.execute(query, {"study": study._study_id, "cutoff": cutoff})]
+    callback = backend.get_heartbeat_stale_trial_callback()
+    for trial_id in ids:
+        try:
+            failed = backend.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:  # another worker got there first
+            continue
+        if failed:
+            _log.warning("trial id %d never recorded a heartbeat; failed and retried", trial_id)
+            if callback is not None:
+                callback(study, copy.deepcopy(backend.get_trial(trial_id)))
+    return len(ids)

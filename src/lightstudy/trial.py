@@ -49,6 +49,9 @@ class TrialJob:
     resumed_trial: int | None = None  # the trial whose checkpoint `resume` is
     threads: int | None = None  # torch threads on CPU
     started: float = field(default_factory=time.time)
+    rank: int = 0  # this process's rank in a multi-device (DDP) trial
+    world_size: int = 1  # processes of the trial; > 1: one per device, launched by the worker
+    master_port: int | None = None  # rendezvous port of a DDP trial (on 127.0.0.1)
 
 
 @dataclass
@@ -69,7 +72,19 @@ def trial_main(job: TrialJob, conn: Any) -> None:
 
     install_stop_handlers()
     _die_with_worker(conn)
-    log_path = Path(job.run_dir) / job.trial_dir / "trial.log"
+    if job.world_size > 1:
+        # The worker launched every rank: Lightning's environment sees LOCAL_RANK and joins them.
+        os.environ.update(
+            LOCAL_RANK=str(job.rank),
+            RANK=str(job.rank),
+            NODE_RANK="0",
+            WORLD_SIZE=str(job.world_size),
+            LOCAL_WORLD_SIZE=str(job.world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(job.master_port),
+        )
+    name = "trial.log" if job.rank == 0 else f"trial.rank{job.rank}.log"
+    log_path = Path(job.run_dir) / job.trial_dir / name
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
@@ -96,7 +111,8 @@ def run_trial(job: TrialJob) -> TrialOutcome:
     from lightstudy.errors import LightstudyError
 
     timings = {"start": time.time() - job.started}
-    print(f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()}, params {job.params}", flush=True)
+    rank = f", rank {job.rank} of {job.world_size}" if job.world_size > 1 else ""
+    print(f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()}{rank}, params {job.params}", flush=True)
     t = time.time()
     from lightstudy.storage import retry_db
 
@@ -110,12 +126,14 @@ def run_trial(job: TrialJob) -> TrialOutcome:
     except LightstudyError as e:
         print(f"failed: {e}", flush=True)
         return TrialOutcome("failed", reason=str(e), timings=timings)
-    except Exception as e:
-        from lightstudy.callbacks import TrialInterrupted
+    except BaseException as e:  # SystemExit too: Lightning's SIGTERMException is one
+        from lightstudy.callbacks import TrialInterrupted, stop_requested
 
-        if isinstance(e, TrialInterrupted):
-            print(f"interrupted: {e}", flush=True)
-            return TrialOutcome("interrupted", reason=str(e), timings=timings)
+        if isinstance(e, TrialInterrupted) or stop_requested():
+            print(f"interrupted: {_describe(e)}", flush=True)
+            return TrialOutcome("interrupted", reason=f"stopped by signal ({type(e).__name__})", timings=timings)
+        if not isinstance(e, Exception):
+            raise
         traceback.print_exc()
         return TrialOutcome("failed", reason=_describe(e), timings=timings)
 
@@ -184,12 +202,17 @@ def fit_config(
     checkpoint = checkpoint_callback(namespace, ckpt_dir, monitor, mode)
     guard = guard_callback(namespace, metrics, ckpt_dir / "last.ckpt", list(settings.directions))
     callbacks = [guard, checkpoint]
+    pruning = None
     if trial is not None and not settings.is_multi_objective:
-        callbacks.insert(0, pruning_callback(namespace, trial, settings.metric))
+        pruning = pruning_callback(namespace, trial, settings.metric)
+        callbacks.insert(0, pruning)
     built = build(config, callbacks=callbacks, seed=seed)
     if on_built is not None:
         on_built(built)
     built.trainer.fit(built.model, datamodule=built.datamodule, ckpt_path=resume, weights_only=True)
+    if pruning is not None and pruning.is_ddp_backend:
+        # Under DDP the callback only stops every rank together; the verdict is read here.
+        pruning.check_pruned()
     print(f"training ended at epoch {built.trainer.current_epoch}", flush=True)
     if settings.is_multi_objective:
         values = [float(built.trainer.callback_metrics[m]) for m in metrics]
@@ -217,6 +240,8 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
     run_dir = Path(job.run_dir)
     config = apply_params(spec.lightning_config(), job.params)
     _add_trial_defaults(config, lightning_namespace(config), run_dir, job.trial_dir)
+    if job.world_size > 1 and config["trainer"].get("strategy", "auto") == "auto":
+        config["trainer"]["strategy"] = "ddp"  # the worker launched one process per device
 
     def record(built: Any) -> None:
         attrs: dict[str, Any] = {"config": built.config, "versions": _versions(built.namespace)}
@@ -228,8 +253,9 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
                 "checkpoint": os.path.relpath(job.resume, run_dir),
             }
             print(f"resuming trial {job.resumed_trial} from {job.resume} (saved in epoch {epoch})", flush=True)
-        for key, value in attrs.items():
-            _record(trial, key, value)
+        if job.rank == 0:
+            for key, value in attrs.items():
+                _record(trial, key, value)
         timings["setup"] = time.time() - t
 
     fitted = fit_config(

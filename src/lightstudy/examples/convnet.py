@@ -73,21 +73,21 @@ class ConvNetMixin:
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = F.cross_entropy(self(x), y)  # type: ignore[operator]
-        self.log("train_loss", loss, on_step=False, on_epoch=True)  # type: ignore[attr-defined]
+        self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True)  # type: ignore[attr-defined]
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
         logits = self(x)  # type: ignore[operator]
         self.val_acc(logits, y)
-        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)  # type: ignore[attr-defined]
+        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)  # type: ignore[attr-defined]
         self.log("val_acc", self.val_acc, prog_bar=True)  # type: ignore[attr-defined]
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
         logits = self(x)  # type: ignore[operator]
         self.test_acc(logits, y)
-        self.log("test_loss", F.cross_entropy(logits, y))  # type: ignore[attr-defined]
+        self.log("test_loss", F.cross_entropy(logits, y), sync_dist=True)  # type: ignore[attr-defined]
         self.log("test_acc", self.test_acc)  # type: ignore[attr-defined]
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:

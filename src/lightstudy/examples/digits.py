@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as lp
@@ -112,6 +113,18 @@ class DigitsDataMixin:
     def predict_dataloader(self) -> DataLoader:
         # The test split, in order, so predictions line up with the labels.
         return self._loader(self._splits["test"], shuffle=False)
+
+    def files_dataloader(self, paths: list[str | Path]) -> DataLoader:
+        """Batches of image files for ``predict``: grayscale, 8x8, scaled to [0, 1] like the data."""
+        from PIL import Image
+
+        images = []
+        for path in paths:
+            with Image.open(path) as image:
+                gray = image.convert("L").resize((8, 8))
+            images.append(torch.tensor(list(gray.getdata()), dtype=torch.float32).reshape(1, 8, 8) / 255.0)
+        x = torch.stack(images) if images else torch.empty(0, 1, 8, 8)
+        return DataLoader(TensorDataset(x, torch.full((len(images),), -1)), batch_size=self.batch_size)
 
     def state_dict(self) -> dict[str, Any]:
         return {"split_seed": self.split_seed}

@@ -187,6 +187,34 @@ class _Split(Dataset[tuple[Any, int]]):
         return self.transform(image), int(label)
 
 
+class _Files(Dataset[tuple[Any, int]]):
+    """Image files as (image, -1): the label is unknown."""
+
+    def __init__(
+        self, paths: Sequence[str | Path], mode: str, size: tuple[int, int] | None, transform: Callable[[Any], Any]
+    ) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.mode = mode
+        self.size = size
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.paths[index]
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert(self.mode)
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"{path}: cannot be read as an image ({e}); fix: pass PNG or JPEG files") from e
+        if self.size is not None and image.size != self.size:
+            image = image.resize(self.size)
+        return self.transform(image), -1
+
+
 class _VisionDataModule(lp.LightningDataModule):
     """Loading, splitting, transforms and batch mixing shared by the torchvision data modules.
 
@@ -196,6 +224,8 @@ class _VisionDataModule(lp.LightningDataModule):
 
     mean: tuple[float, ...] = (0.5,)  # per-channel statistics of the training images, in [0, 1]
     std: tuple[float, ...] = (0.5,)
+    file_mode = "RGB"  # PIL mode image files are converted to for prediction
+    file_size: tuple[int, int] | None = None  # (width, height) they are resized to; None: as they are
 
     def __init__(
         self,
@@ -334,6 +364,14 @@ class _VisionDataModule(lp.LightningDataModule):
         # The test split, in order, so predictions line up with the labels.
         return self._loader("test", shuffle=False)
 
+    def files_dataloader(self, paths: Sequence[str | Path]) -> DataLoader[Any]:
+        """Batches of image files for ``predict``: read like the data set's images, eval transforms."""
+        return DataLoader(
+            _Files(paths, self.file_mode, self.file_size, self._pipeline(self.eval_transforms)),
+            batch_size=self.batch_size,
+            shuffle=False,
+        )
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # On the device and for training batches only: validation scores stay on true labels.
         if self.batch_transform is not None and self.trainer is not None and self.trainer.training:
@@ -363,6 +401,8 @@ class MNISTDataModule(_VisionDataModule):
     dataset_cls: type[datasets.MNIST] = datasets.MNIST
     mean = (0.1307,)
     std = (0.3081,)
+    file_mode = "L"
+    file_size = (28, 28)
 
     def __init__(
         self,
@@ -449,6 +489,7 @@ class CIFAR10DataModule(_VisionDataModule):
 
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
+    file_size = (32, 32)
 
     def __init__(
         self,
