@@ -61,9 +61,13 @@ def _alive(pids: set[int]) -> set[int]:
 
 def _worker(url: str, run_dir: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": TESTS, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lightstudy", "worker", "--study", "ddp", "--run-dir",
-                             str(run_dir), "--threads", "2"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lightstudy", "worker", "--study", "ddp", "--run-dir", str(run_dir), "--threads", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_world_size_comes_from_the_trainer() -> None:
@@ -143,8 +147,9 @@ def test_kill_9_of_one_rank_takes_the_trial_down_cleanly(tmp_path: Path) -> None
         assert time.monotonic() < end and worker.poll() is None
         seen |= _children(worker.pid)
         time.sleep(0.1)
-    rank1 = next(int(m) for m in re.findall(r"pid (\d+), rank 1 of 2",
-                                            (last.parents[1] / "trial.rank1.log").read_text()))
+    rank1 = next(
+        int(m) for m in re.findall(r"pid (\d+), rank 1 of 2", (last.parents[1] / "trial.rank1.log").read_text())
+    )
     os.kill(rank1, signal.SIGKILL)
     while worker.poll() is None:
         seen |= _children(worker.pid)

@@ -43,14 +43,37 @@ def test_predict_files_and_pt_output(finished_study: Finished, tmp_path: Path) -
         Image.new("L", (8, 8), color=40 * i).save(path)
         files.append(str(path))
     out = tmp_path / "p.pt"
-    cli("predict", finished_study.name, *files, "--storage", finished_study.url, "--run-dir",
-        str(finished_study.run_dir), "--out", str(out), "--rank", "2", check=True)
+    cli(
+        "predict",
+        finished_study.name,
+        *files,
+        "--storage",
+        finished_study.url,
+        "--run-dir",
+        str(finished_study.run_dir),
+        "--out",
+        str(out),
+        "--rank",
+        "2",
+        check=True,
+    )
     predictions = torch.load(out, weights_only=True)
     assert predictions.shape == (3,)
     csv_out = tmp_path / "p.csv"
-    cli("predict", finished_study.name, *files, "--storage", finished_study.url, "--run-dir",
-        str(finished_study.run_dir), "--out", str(csv_out), check=True)
-    rows = list(csv.DictReader(open(csv_out)))
+    cli(
+        "predict",
+        finished_study.name,
+        *files,
+        "--storage",
+        finished_study.url,
+        "--run-dir",
+        str(finished_study.run_dir),
+        "--out",
+        str(csv_out),
+        check=True,
+    )
+    with open(csv_out) as handle:
+        rows = list(csv.DictReader(handle))
     assert [r["file"] for r in rows] == files
 
 
