@@ -731,6 +731,31 @@ def _print_best(name: str, url: str, run_dir: Path | None, console: Any, *, fina
 
 
 @app.command()
+def proxy(
+    storage: StorageOpt = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on; it has no authentication: keep it private.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port.")] = 13000,
+    threads: Annotated[int, typer.Option("--threads", help="Requests served at once.")] = 32,
+) -> None:
+    """Run Optuna's gRPC storage proxy in front of the database, for hundreds of workers.
+
+    Workers then use --storage grpc://HOST:PORT and hold no database connections. The proxy
+    keeps the study-wide budget and the heartbeats (reaping stale trials) for them.
+
+    Example: lightstudy proxy --storage postgresql+psycopg://db/studies --host 10.0.0.5
+    """
+    from lightstudy.proxy import serve as serve_proxy
+    from lightstudy.storage import ENV_VAR
+
+    url = storage or os.environ.get(ENV_VAR)
+    if not url:
+        raise LightstudyError("the proxy needs the database URL", fix=f"pass --storage URL or set {ENV_VAR}")
+    serve_proxy(url, host=host, port=port, threads=threads)
+
+
+@app.command()
 def dashboard(
     storage: StorageOpt = None,
     study: Annotated[

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENV_VAR",
+    "beat",
     "claim_lock",
     "configure_heartbeat",
     "connection_error",
@@ -106,6 +107,9 @@ def check_url(url: str) -> None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
+    if url.startswith("grpc://"):
+        _grpc_address(url)
+        return
     try:
         parsed = make_url(url)
     except ArgumentError as e:
@@ -126,8 +130,19 @@ def check_url(url: str) -> None:
         )
 
 
-def open_storage(url: str, *, create: bool = True) -> RDBStorage:
-    """Connect to the study database (tables are created when ``create``).
+def _grpc_address(url: str) -> tuple[str, int]:
+    host, _, port = url[len("grpc://") :].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise StorageError(
+            f"storage {url!r} is not a gRPC proxy address",
+            fix="write it as grpc://host:port (the address of lightstudy proxy)",
+        )
+    return host, int(port)
+
+
+def open_storage(url: str, *, create: bool = True) -> Any:
+    """Connect to the study database (tables are created when ``create``), or to a
+    ``lightstudy proxy`` for ``grpc://host:port``.
 
     Raises:
         StorageError: the database cannot be reached or, with ``create=False``, does not exist.
@@ -136,6 +151,17 @@ def open_storage(url: str, *, create: bool = True) -> RDBStorage:
     import sqlalchemy.exc
 
     check_url(url)
+    if url.startswith("grpc://"):
+        host, port = _grpc_address(url)
+        proxy = optuna.storages.GrpcStorageProxy(host=host, port=port)
+        try:
+            proxy.wait_server_ready(timeout=30)
+        except Exception as e:
+            raise StorageError(
+                f"no lightstudy proxy answers at {host}:{port} ({type(e).__name__})",
+                fix="start it with lightstudy proxy --storage DATABASE_URL, or check the address",
+            ) from e
+        return proxy
     engine_kwargs: dict[str, Any] = {}
     path = sqlite_path(url)
     if path is not None:
@@ -183,14 +209,28 @@ def redact_text(text: str, url: str) -> str:
     return text
 
 
+def beat(storage: Any, trial_id: int) -> None:
+    """Record a running trial's heartbeat: directly in the database, or through lightstudy proxy
+    (which turns the ``lightstudy:heartbeat`` system attr into a heartbeat)."""
+    backend = getattr(storage, "_backend", storage)
+    if hasattr(backend, "record_heartbeat"):
+        backend.record_heartbeat(trial_id)
+    else:
+        from lightstudy.proxy import HEARTBEAT_ATTR
+
+        storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+
 def configure_heartbeat(storage: RDBStorage, settings: StudySettings) -> None:
     """Turn on heartbeats and the retry of trials whose worker died, as the spec says.
 
     The spec lives in the database, so the storage is open before the settings are known; these
     are the public attributes that RDBStorage's own constructor sets from the same arguments.
     """
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+    if not isinstance(storage, RDBStorage):
+        return  # behind lightstudy proxy: the proxy keeps heartbeats and reaps stale trials
     storage.heartbeat_interval = settings.heartbeat_interval
     storage.grace_period = settings.grace_period
     storage.heartbeat_stale_trial_callback = RetryHeartbeatStaleTrialCallback(
@@ -208,6 +248,9 @@ def claim_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
     the machine). Other backends: no lock (the budget may then overshoot by up to one trial per
     concurrent worker).
     """
+    if not hasattr(storage, "engine"):  # behind lightstudy proxy, which takes the lock itself
+        yield
+        return
     url = str(storage.url)
     path = sqlite_path(url)
     if path is not None:
@@ -292,5 +335,8 @@ def connection_error(error: BaseException) -> BaseException | None:
         seen.add(id(current))
         if isinstance(current, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
             return current
+        code = getattr(current, "code", None)
+        if callable(code) and getattr(code(), "name", None) in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+            return current  # the gRPC proxy (or the database behind it) is away
         current = current.__cause__ or current.__context__
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightstudy.errors import LightstudyError, StudyNotFoundError
 from lightstudy.spec import StudySpec, spec_from_dict
-from lightstudy.storage import claim_lock, configure_heartbeat, open_storage, redact
+from lightstudy.storage import beat, claim_lock, configure_heartbeat, open_storage, redact
 
 if TYPE_CHECKING:
     import optuna
@@ -244,6 +245,7 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
     from optuna.storages import fail_stale_trials
 
     from lightstudy.components import build_sampler
+    from lightstudy.proxy import BUDGET_SPENT
     from lightstudy.search_space import suggest_params
 
     backend: RDBStorage = getattr(study._storage, "_backend", study._storage)  # type: ignore[arg-type]
@@ -256,12 +258,20 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
         state = budget(trials, spec)
         if not state.may_claim:
             return None, state
+        offset = len(trials)
+        if not hasattr(backend, "engine"):  # behind the proxy claims are not serialized here
+            offset += 7919 * (os.getpid() % 100003)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            study.sampler = build_sampler(spec, seed_offset=len(trials))
-            trial = study.ask()
+            study.sampler = build_sampler(spec, seed_offset=offset)
             try:
-                backend.record_heartbeat(trial._trial_id)
+                trial = study.ask()
+            except Exception as e:
+                if BUDGET_SPENT in str(getattr(e, "details", lambda: "")()):
+                    return None, budget(study.get_trials(deepcopy=False), spec)
+                raise
+            try:
+                beat(study._storage, trial._trial_id)
                 suggest_params(trial, spec.search_space)
             except Exception:
                 # The database went away mid-claim: hand the half-made trial back once it returns,

@@ -37,7 +37,7 @@ from lightstudy.checkpoints import (
     would_keep,
 )
 from lightstudy.spec import trial_world_size
-from lightstudy.storage import connection_error, open_storage, retry_db
+from lightstudy.storage import beat, connection_error, open_storage, retry_db
 from lightstudy.study import load_study
 from lightstudy.trial import TrialJob, TrialOutcome, trial_dir_name, trial_main
 
@@ -449,7 +449,7 @@ class _Heartbeat:
     def _beat(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                self._storage.record_heartbeat(self._trial_id)
+                beat(self._storage, self._trial_id)
             except Exception as e:  # the database may be restarting: keep trying
                 cause = connection_error(e) or e
                 text = str(getattr(cause, "orig", cause)).strip().splitlines()[0][:200]

@@ -1,0 +1,163 @@
+"""lightstudy proxy: Optuna's gRPC storage proxy, plus the budget, heartbeats and reaping."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+
+from conftest import free_port, tiny_spec
+from lightstudy.errors import LightstudyError, StorageError
+from lightstudy.proxy import HEARTBEAT_ATTR, BudgetSpentError, ProxyStorage, serve
+from lightstudy.spec import spec_from_dict
+from lightstudy.storage import open_storage
+from lightstudy.study import create_study, load_study
+
+TESTS = str(Path(__file__).parent)
+
+
+def test_the_proxy_keeps_the_study_wide_budget(sqlite_url: str) -> None:
+    create_study(spec_from_dict(tiny_spec(n_trials=2)), sqlite_url)
+    proxy = ProxyStorage(open_storage(sqlite_url))
+    study_id = proxy.get_study_id_from_name("tiny")
+    first = proxy.create_new_trial(study_id)
+    proxy.create_new_trial(study_id)
+    with pytest.raises(BudgetSpentError, match="budget spent"):
+        proxy.create_new_trial(study_id)
+    # A retry (a WAITING copy) passes: it replaces a trial the budget already counts.
+    template = optuna.trial.create_trial(state=TrialState.WAITING)
+    proxy.create_new_trial(study_id, template)
+    assert proxy.get_trial(first).state == TrialState.RUNNING
+
+
+def test_heartbeats_tunnel_through_a_system_attr(sqlite_url: str) -> None:
+    create_study(spec_from_dict(tiny_spec()), sqlite_url)
+    rdb = open_storage(sqlite_url)
+    proxy = ProxyStorage(rdb)
+    trial_id = proxy.create_new_trial(proxy.get_study_id_from_name("tiny"))
+    proxy.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+    assert HEARTBEAT_ATTR not in rdb.get_trial(trial_id).system_attrs
+    with rdb.engine.connect() as conn:
+        beats = conn.execute(
+            sqlalchemy.text("SELECT count(*) FROM trial_heartbeats WHERE trial_id = :t"), {"t": trial_id}
+        ).scalar()
+    assert beats == 1
+
+
+def test_bad_proxy_addresses_are_clear_errors() -> None:
+    with pytest.raises(StorageError, match="grpc://host:port"):
+        open_storage("grpc://nohost")
+    with pytest.raises(StorageError, match="no lightstudy proxy answers"):
+        open_storage(f"grpc://127.0.0.1:{free_port()}")
+    with pytest.raises(LightstudyError, match="not another proxy"):
+        serve("grpc://127.0.0.1:1")
+
+
+@pytest.fixture
+def proxy_url(pg_url: str) -> Iterator[tuple[str, str]]:
+    port = free_port()
+    ready, stop = threading.Event(), threading.Event()
+    thread = threading.Thread(
+        target=serve, args=(pg_url,), kwargs={"port": port, "ready": ready, "stop": stop}, daemon=True
+    )
+    thread.start()
+    assert ready.wait(60)
+    yield pg_url, f"grpc://127.0.0.1:{port}"
+    stop.set()
+    thread.join(30)
+
+
+def _connections(pg_url: str) -> int:
+    import psycopg
+
+    database = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect("postgresql://postgres@127.0.0.1/postgres", autocommit=True) as conn:
+        return int(conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,)).fetchone()[0])
+
+
+def _workers(grpc_url: str, run_dir: Path, n: int) -> list[subprocess.Popen[str]]:
+    env = {**os.environ, "PYTHONPATH": TESTS, "LIGHTSTUDY_STORAGE": grpc_url, "PYTHONUNBUFFERED": "1"}
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lightstudy",
+                "worker",
+                "--study",
+                "tiny",
+                "--run-dir",
+                str(run_dir),
+                "--threads",
+                "1",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(n)
+    ]
+
+
+def _fast(n_trials: int, **study: Any) -> dict[str, Any]:
+    doc = tiny_spec(n_trials=n_trials, **study)
+    doc["trainer"].update(max_epochs=1, limit_train_batches=2, limit_val_batches=2)
+    return doc
+
+
+@pytest.mark.slow
+def test_workers_behind_the_proxy_finish_the_study_holding_no_connections(
+    proxy_url: tuple[str, str], tmp_path: Path
+) -> None:
+    pg_url, grpc_url = proxy_url
+    create_study(spec_from_dict(_fast(16)), grpc_url)
+    procs = _workers(grpc_url, tmp_path / "run", 4)
+    peak = 0
+    while any(p.poll() is None for p in procs):
+        peak = max(peak, _connections(pg_url))
+        time.sleep(0.2)
+    outs = [p.communicate()[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    study, _ = load_study(pg_url, "tiny")
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == list(range(16))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) > 1
+    # Only the proxy holds connections (its pool and its reaper), whatever the number of workers.
+    assert peak <= 8, peak
+
+
+@pytest.mark.slow
+def test_a_killed_worker_behind_the_proxy_is_reaped_and_retried(proxy_url: tuple[str, str], tmp_path: Path) -> None:
+    pg_url, grpc_url = proxy_url
+    doc = tiny_spec(n_trials=2, grace_period=3, heartbeat_interval=1)
+    doc["model"]["class_path"] = "lightstudy_testing_models.SlowNet"
+    doc["model"]["init_args"]["step_sleep"] = 0.03
+    doc["trainer"]["max_epochs"] = 5
+    create_study(spec_from_dict(doc), grpc_url)
+    [victim] = _workers(grpc_url, tmp_path / "run", 1)
+    last = tmp_path / "run" / "trials" / "trial-0000" / "checkpoints" / "last.ckpt"
+    end = time.monotonic() + 180
+    while not last.exists():
+        assert time.monotonic() < end and victim.poll() is None
+        time.sleep(0.1)
+    victim.kill()
+    victim.wait()
+    [survivor] = _workers(grpc_url, tmp_path / "run", 1)
+    out = survivor.communicate(timeout=300)[0]
+    assert survivor.returncode == 0, out
+    study, _ = load_study(pg_url, "tiny")
+    trials = study.get_trials()
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2
+    assert any(t.user_attrs.get("resumed_from", {}).get("trial") == 0 for t in trials)
