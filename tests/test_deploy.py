@@ -33,7 +33,7 @@ DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 SBATCH = REPO / "examples" / "slurm" / "lightstudy-worker.sbatch"
 SLURM_README = REPO / "examples" / "slurm" / "README.md"
-SCALING = REPO / "docs" / "scaling.md"
+SCALING = REPO / "README.md"  # its "Scaling out" section
 TESTS = Path(__file__).parent
 SERVICES = {
     "postgres",

@@ -147,6 +147,10 @@ def validate(file: Annotated[Path, typer.Argument(help="Study spec (YAML).")]) -
 
     url = resolve_url(None, spec.study.storage, spec.run_dir)
     check_url(url)
+    from lightstudy.spec import trial_world_size
+    from lightstudy.worker import check_ddp_storage
+
+    check_ddp_storage(trial_world_size(spec.config), url)
     _console().print(
         f"[green]ok[/green] {file}: study {spec.study.name!r}, "
         f"{len(spec.search_space)} parameters, "

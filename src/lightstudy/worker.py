@@ -456,6 +456,22 @@ class _Heartbeat:
                 _log.warning("heartbeat of trial %d failed (%s); will try again", self._trial_id, text)
 
 
+def check_ddp_storage(world_size: int, url: str) -> None:
+    """Refuse a multi-device (DDP) study on a storage other than a database.
+
+    Raises:
+        LightstudyError: the storage is, e.g., lightstudy proxy's ``grpc://``.
+    """
+    from lightstudy.errors import LightstudyError
+
+    if world_size > 1 and not url.startswith(("sqlite", "postgresql", "mysql")):
+        raise LightstudyError(
+            f"a trial on {world_size} devices (DDP) needs a database storage; Optuna's pruning callback "
+            f"shares its verdict between ranks through RDBStorage, but the storage is {url.split(':', 1)[0]}://",
+            fix="point workers of multi-device studies at the database itself (postgresql+psycopg://...)",
+        )
+
+
 def check_devices(spec: Any, world_size: int, url: str) -> None:
     """Refuse a multi-device trial this worker cannot run: too few GPUs, or a storage that
     Optuna's pruning callback cannot use under DDP.
@@ -468,12 +484,7 @@ def check_devices(spec: Any, world_size: int, url: str) -> None:
 
     if world_size == 1:
         return
-    if not url.startswith(("sqlite", "postgresql", "mysql")):
-        raise LightstudyError(
-            f"a trial on {world_size} devices (DDP) needs a database storage; Optuna's pruning callback "
-            f"shares its verdict between ranks through RDBStorage, but the storage is {url.split(':', 1)[0]}://",
-            fix="point workers of multi-device studies at the database itself (postgresql+psycopg://...)",
-        )
+    check_ddp_storage(world_size, url)
     accelerator = str((spec.config.get("trainer") or {}).get("accelerator", "auto"))
     if accelerator in ("cpu",):
         return
