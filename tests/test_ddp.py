@@ -17,9 +17,9 @@ from optuna.trial import TrialState
 from conftest import tiny_spec
 from lightstudy.errors import LightstudyError, SpecError
 from lightstudy.launcher import plan_slots
+from lightstudy.ranks import check_devices
 from lightstudy.spec import spec_from_dict, trial_world_size
 from lightstudy.study import create_study, load_study
-from lightstudy.worker import check_devices
 
 TESTS = str(Path(__file__).parent)
 

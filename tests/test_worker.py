@@ -57,10 +57,11 @@ def test_killed_trial_process_fails_is_retried_and_resumes(tmp_path: Path, sqlit
     killed: list[int] = []
 
     def kill_once_checkpointed() -> None:
-        _when(lambda: last.exists() and worker._child is not None)
+        _when(lambda: last.exists() and bool(worker._children))
         time.sleep(0.3)
-        killed.append(worker._child.pid)
-        os.kill(worker._child.pid, signal.SIGKILL)
+        [child] = worker._children
+        killed.append(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
 
     thread = threading.Thread(target=kill_once_checkpointed)
     thread.start()

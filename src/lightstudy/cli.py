@@ -147,8 +147,8 @@ def validate(file: Annotated[Path, typer.Argument(help="Study spec (YAML).")]) -
 
     url = resolve_url(None, spec.study.storage, spec.run_dir)
     check_url(url)
+    from lightstudy.ranks import check_ddp_storage
     from lightstudy.spec import trial_world_size
-    from lightstudy.worker import check_ddp_storage
 
     check_ddp_storage(trial_world_size(spec.config), url)
     _console().print(
@@ -225,10 +225,10 @@ def run(
     Example: lightstudy run studies/digits.yaml --workers 2
     """
     from lightstudy.launcher import Launcher, plan_slots
+    from lightstudy.ranks import check_devices
     from lightstudy.spec import trial_world_size, with_overrides
     from lightstudy.storage import redact, resolve_url
     from lightstudy.study import create_study
-    from lightstudy.worker import check_devices
 
     spec = with_overrides(_load(file), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None)
     url = resolve_url(storage, spec.study.storage, spec.run_dir)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 import multiprocessing
 import os
@@ -36,10 +35,11 @@ from lightstudy.checkpoints import (
     sweep_local,
     would_keep,
 )
+from lightstudy.ranks import check_devices, run_processes
 from lightstudy.spec import trial_world_size
 from lightstudy.storage import beat, connection_error, open_storage, retry_db
 from lightstudy.study import load_study
-from lightstudy.trial import TrialJob, TrialOutcome, trial_dir_name, trial_main
+from lightstudy.trial import TrialJob, TrialOutcome, trial_dir_name
 
 if TYPE_CHECKING:
     import optuna
@@ -215,62 +215,11 @@ class Worker:
         return modules
 
     def _run_child(self, job: TrialJob) -> tuple[TrialOutcome | None, str | None]:
-        """Run the trial's process(es) to the end; (rank 0's outcome, None) or (None, why it died).
-
-        A multi-device (DDP) trial runs one process per device; when any of them fails or dies
-        the others are killed at once, so no rank hangs in a collective and none is left behind.
-        """
-        ctx = self._context()
-        world = self.world_size
-        port = _free_port() if world > 1 else None
-        threads = max(1, self.threads // world) if self.threads else None
-        ranks = []
-        for rank in range(world):
-            receiver, sender = ctx.Pipe(duplex=False)
-            rank_job = dataclasses.replace(job, rank=rank, world_size=world, master_port=port, threads=threads)
-            child = ctx.Process(target=trial_main, args=(rank_job, sender), name=f"trial-{job.number}-{rank}")
-            child.start()
-            sender.close()
-            ranks.append(_Rank(rank, child, receiver))
-        self._children = [r.process for r in ranks]
-        limit = self.spec.study.trial_timeout
-        deadline = time.monotonic() + limit if limit else None
-        reason: str | None = None
-        try:
-            while True:
-                for r in ranks:
-                    r.poll()
-                if ranks[0].outcome is not None:
-                    break
-                broken = next((r for r in ranks if r.broken), None)
-                if broken is not None:
-                    reason = broken.why(world)
-                    if broken.outcome is not None:  # a rank's own failure, with its reason
-                        ranks[0].outcome = dataclasses.replace(broken.outcome, reason=reason)
-                    break
-                if deadline is not None and time.monotonic() > deadline:
-                    reason = f"exceeded study.trial_timeout ({limit:g} s); the trial process was killed"
-                    break
-                time.sleep(0.1)
-            outcome = ranks[0].outcome
-            if outcome is not None and outcome.state != "failed":
-                # Every rank ends the same way; wait for the others to finish cleanly.
-                _join(ranks, timeout=60)
-            elif world > 1:
-                # Rank 0 failing often only echoes another rank's death (its collective broke):
-                # a killed rank makes the trial a retry, not a failure of its parameters.
-                _join(ranks[1:], timeout=5)
-                dead = next((r for r in ranks if r.died), None)
-                if dead is not None:
-                    outcome, reason = None, dead.why(world)
-            if outcome is not None:
-                reason = None
-        finally:
-            _kill(ranks)
-            self._children = []
-        if outcome is None and reason is None:
-            reason = ranks[0].why(world)
-        return outcome, reason
+        """Run the trial's process(es) to the end; (rank 0's outcome, None) or (None, why it died)."""
+        threads = max(1, self.threads // self.world_size) if self.threads else None
+        return run_processes(
+            self._context(), job, self.world_size, threads, self.spec.study.trial_timeout, self._children
+        )
 
     # --- telling Optuna ---------------------------------------------------------------------
 
@@ -456,124 +405,8 @@ class _Heartbeat:
                 _log.warning("heartbeat of trial %d failed (%s); will try again", self._trial_id, text)
 
 
-def check_ddp_storage(world_size: int, url: str) -> None:
-    """Refuse a multi-device (DDP) study on a storage other than a database.
-
-    Raises:
-        LightstudyError: the storage is, e.g., lightstudy proxy's ``grpc://``.
-    """
-    from lightstudy.errors import LightstudyError
-
-    if world_size > 1 and not url.startswith(("sqlite", "postgresql", "mysql")):
-        raise LightstudyError(
-            f"a trial on {world_size} devices (DDP) needs a database storage; Optuna's pruning callback "
-            f"shares its verdict between ranks through RDBStorage, but the storage is {url.split(':', 1)[0]}://",
-            fix="point workers of multi-device studies at the database itself (postgresql+psycopg://...)",
-        )
-
-
-def check_devices(spec: Any, world_size: int, url: str) -> None:
-    """Refuse a multi-device trial this worker cannot run: too few GPUs, or a storage that
-    Optuna's pruning callback cannot use under DDP.
-
-    Raises:
-        LightstudyError: naming what is missing and the fix.
-    """
-    from lightstudy.errors import LightstudyError
-    from lightstudy.launcher import detect_gpus
-
-    if world_size == 1:
-        return
-    check_ddp_storage(world_size, url)
-    accelerator = str((spec.config.get("trainer") or {}).get("accelerator", "auto"))
-    if accelerator in ("cpu",):
-        return
-    gpus = detect_gpus()
-    if (accelerator in ("gpu", "cuda") or gpus) and len(gpus) < world_size:
-        raise LightstudyError(
-            f"a trial of study {spec.study.name!r} runs on {world_size} GPUs, but this worker sees "
-            f"{len(gpus)} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})",
-            fix=f"give the worker {world_size} GPUs (--gpu 0,1), or lower trainer.devices",
-        )
-
-
-class _Rank:
-    """One process of a trial, and what it reported."""
-
-    def __init__(self, rank: int, process: Any, receiver: Any) -> None:
-        self.rank = rank
-        self.process = process
-        self.receiver = receiver
-        self.outcome: TrialOutcome | None = None
-        self.done = False
-
-    def poll(self) -> None:
-        if self.done:
-            return
-        try:
-            if self.receiver.poll(0):
-                self.outcome = self.receiver.recv()
-                self.done = True
-        except (EOFError, OSError):
-            self.done = True
-
-    @property
-    def died(self) -> bool:
-        """Gone without an outcome, by a signal or a crash."""
-        self.poll()
-        return self.outcome is None and not self.process.is_alive() and self.process.exitcode not in (0, None)
-
-    @property
-    def broken(self) -> bool:
-        """Failed, or gone without a word."""
-        if self.outcome is not None:
-            return self.outcome.state == "failed"
-        if not self.process.is_alive():
-            self.poll()
-            return self.outcome is None or self.outcome.state == "failed"
-        return False
-
-    def why(self, world: int) -> str:
-        prefix = f"rank {self.rank}: " if world > 1 else ""
-        if self.outcome is not None and self.outcome.reason:
-            return prefix + self.outcome.reason
-        self.process.join(timeout=5)
-        return prefix + _exit_reason(self.process.exitcode)
-
-
-def _join(ranks: list[_Rank], timeout: float) -> None:
-    end = time.monotonic() + timeout
-    for r in ranks:
-        r.process.join(timeout=max(0.0, end - time.monotonic()))
-
-
-def _kill(ranks: list[_Rank]) -> None:
-    for r in ranks:
-        if r.process.is_alive():
-            r.process.kill()
-    for r in ranks:
-        r.process.join(timeout=30)
-        r.receiver.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _record(trial: optuna.Trial, key: str, value: Any) -> None:
     retry_db(lambda: trial.set_user_attr(key, value), what="record the trial")
-
-
-def _exit_reason(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "the trial process did not exit"
-    if exitcode < 0:
-        name = signal.Signals(-exitcode).name
-        hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
-        return f"the trial process was killed by {name}{hint}"
-    return f"the trial process exited with code {exitcode} without reporting a result"
 
 
 def _short(params: dict[str, Any]) -> str:
