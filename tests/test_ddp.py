@@ -15,10 +15,9 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import tiny_spec
-from lightstudy.errors import LightstudyError, SpecError
+from lightstudy.errors import LightstudyError
 from lightstudy.launcher import plan_slots
-from lightstudy.ranks import check_devices
-from lightstudy.spec import spec_from_dict, trial_world_size
+from lightstudy.spec import spec_from_dict
 from lightstudy.study import create_study, load_study
 
 TESTS = str(Path(__file__).parent)
@@ -70,35 +69,12 @@ def _worker(url: str, run_dir: Path) -> subprocess.Popen[str]:
     )
 
 
-def test_world_size_comes_from_the_trainer() -> None:
-    assert trial_world_size(_ddp(1)) == 2
-    assert trial_world_size(tiny_spec()) == 1
-    doc = _ddp(1)
-    doc["trainer"]["strategy"] = "ddp_spawn"
-    with pytest.raises(SpecError, match="launches its own processes"):
-        spec_from_dict(doc)
-    doc["trainer"].update(strategy="ddp", devices="auto")
-    with pytest.raises(SpecError, match=r"trainer\.devices"):
-        spec_from_dict(doc)
-
-
 def test_gpu_groups_for_multi_gpu_trials() -> None:
     slots = plan_slots("0,1,2,3", None, gpus_per_trial=2, cpu_count=16)
     assert [s.gpu for s in slots] == ["0,1", "2,3"]
     assert slots[1].env({})["CUDA_VISIBLE_DEVICES"] == "2,3"
     with pytest.raises(LightstudyError, match="a trial runs on 2 GPUs but only 1 are given"):
         plan_slots("0", None, gpus_per_trial=2)
-
-
-def test_too_few_gpus_or_a_proxy_storage_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    doc = _ddp(1)
-    doc["trainer"]["accelerator"] = "gpu"
-    spec = spec_from_dict(doc)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    with pytest.raises(LightstudyError, match="runs on 2 GPUs, but this worker sees 1"):
-        check_devices(spec, 2, "sqlite:///x.db")
-    with pytest.raises(LightstudyError, match="needs a database storage"):
-        check_devices(spec_from_dict(_ddp(1)), 2, "grpc://127.0.0.1:13000")
 
 
 @pytest.mark.slow

@@ -67,9 +67,9 @@ def _nested(value: Any, key: str, source: str) -> Any:
     """A kwarg that is itself a sampler or pruner (PatientPruner's wrapped_pruner, ...)."""
     if not (isinstance(value, Mapping) and ("name" in value or "class_path" in value)):
         return value
-    from lightstudy.spec import _parse_component
+    from lightstudy.study_block import parse_component
 
-    component = _parse_component(source, key, value, allow_none=False)
+    component = parse_component(source, key, value, allow_none=False)
     import optuna
 
     kind = "pruner" if hasattr(optuna.pruners, component.name.rpartition(".")[2]) else "sampler"

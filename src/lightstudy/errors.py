@@ -63,3 +63,13 @@ class TrialError(LightstudyError):
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def did_you_mean(word: Any, options: Any) -> str:
+    """A fix suggesting the closest of ``options``, or listing them."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), list(options), n=1)
+    if close:
+        return f"did you mean `{close[0]}`?"
+    return "use one of " + ", ".join(str(o) for o in options)

@@ -1,0 +1,218 @@
+"""Rules for the LightningCLI part of a spec that hold without importing user code: required
+sections, a Trainer that ends, class sections in ``class_path``/``init_args`` form, search-space
+paths that lead into the config, and how many processes (devices) one trial runs as.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lightstudy.errors import SpecError, did_you_mean
+from lightstudy.search_space import Param
+
+__all__ = ["CLASS_SECTIONS", "CONFIG_SECTIONS", "check_config", "check_paths", "trial_world_size"]
+
+CONFIG_SECTIONS = ("trainer", "model", "data", "optimizer", "lr_scheduler")
+CLASS_SECTIONS = ("model", "data", "optimizer", "lr_scheduler")
+
+
+# Strategies whose processes lightstudy launches itself (one per device), as torchrun would.
+_EXTERNAL_STRATEGIES = (
+    "ddp",
+    "ddp_find_unused_parameters_true",
+    "ddp_find_unused_parameters_false",
+    "fsdp",
+    "deepspeed",
+    "deepspeed_stage_1",
+    "deepspeed_stage_2",
+    "deepspeed_stage_2_offload",
+    "deepspeed_stage_3",
+    "deepspeed_stage_3_offload",
+)
+_SELF_LAUNCHING = (
+    "ddp_spawn",
+    "ddp_fork",
+    "ddp_notebook",
+    "ddp_spawn_find_unused_parameters_true",
+    "ddp_fork_find_unused_parameters_true",
+    "ddp_notebook_find_unused_parameters_true",
+)
+
+
+def trial_world_size(config: Mapping[str, Any], source: str = "<spec>") -> int:
+    """Processes one trial runs as: its Trainer's devices when they are several (DDP), else 1.
+
+    Raises:
+        SpecError: several devices with a strategy that launches its own processes, an unknown
+            device count, or several nodes.
+    """
+    trainer = config.get("trainer") or {}
+    devices = trainer.get("devices", "auto")
+    strategy = trainer.get("strategy", "auto")
+    name = strategy.get("class_path", "") if isinstance(strategy, Mapping) else str(strategy)
+    if isinstance(devices, list):
+        count: int | None = len(devices)
+    elif isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+        count = devices
+    elif isinstance(devices, str) and devices.isdigit():
+        count = int(devices)
+    else:
+        count = None  # "auto" or -1: every visible device
+    if trainer.get("num_nodes", 1) not in (1, None):
+        raise SpecError(
+            source,
+            "trainer.num_nodes",
+            "must be 1: a trial runs on one machine",
+            trainer.get("num_nodes"),
+            fix="remove num_nodes; use more workers instead",
+        )
+    distributed = name in _EXTERNAL_STRATEGIES or name.endswith(("DDPStrategy", "FSDPStrategy", "DeepSpeedStrategy"))
+    if name in _SELF_LAUNCHING:
+        raise SpecError(
+            source,
+            "trainer.strategy",
+            "launches its own processes; lightstudy starts one per device "
+            "itself (and can then stop, prune and retry them together)",
+            strategy,
+            fix="use strategy: ddp",
+        )
+    if distributed and count is None:
+        raise SpecError(
+            source,
+            "trainer.devices",
+            f"must be a number with strategy {name}, so lightstudy knows how many processes a trial runs",
+            devices,
+            fix="set trainer.devices: 2 (for example)",
+        )
+    if count is not None and count > 1:
+        return count
+    return 1
+
+
+def check_config(source: str, config: Mapping[str, Any]) -> None:
+    if "model" not in config:
+        raise SpecError(
+            source,
+            "model",
+            "is required",
+            fix="add `model: {class_path: lightstudy.examples.ConvNet, init_args: {...}}`",
+        )
+    trainer = config.get("trainer", {})
+    if not isinstance(trainer, Mapping):
+        raise SpecError(
+            source,
+            "trainer",
+            "must be a mapping of Trainer arguments",
+            trainer,
+            fix="e.g. trainer: {max_epochs: 10}",
+        )
+    trial_world_size(config, source)
+    if not any(trainer.get(k) not in (None, -1) for k in ("max_epochs", "max_steps", "max_time")):
+        raise SpecError(
+            source,
+            "trainer.max_epochs",
+            "a trial needs an end: max_epochs, max_steps or max_time",
+            trainer.get("max_epochs"),
+            fix="set trainer.max_epochs, e.g. 10",
+        )
+    if trainer.get("enable_checkpointing") is False:
+        raise SpecError(
+            source,
+            "trainer.enable_checkpointing",
+            "must stay on: lightstudy keeps the best checkpoints",
+            False,
+            fix="remove enable_checkpointing, or set study.checkpoints.keep: 0",
+        )
+    for section in CLASS_SECTIONS:
+        if section not in config:
+            continue
+        value = config[section]
+        if isinstance(value, str) and section in ("optimizer", "lr_scheduler"):
+            continue  # LightningCLI takes a bare class name here
+        if not isinstance(value, Mapping) or not isinstance(value.get("class_path"), str):
+            raise SpecError(
+                source,
+                f"{section}.class_path",
+                "is required: the class to instantiate",
+                value if not isinstance(value, Mapping) else value.get("class_path"),
+                fix=f"write `{section}: {{class_path: package.module.Class, init_args: {{...}}}}`",
+            )
+        for key in value:
+            if key not in ("class_path", "init_args", "dict_kwargs"):
+                raise SpecError(
+                    source,
+                    f"{section}.{key}",
+                    "is not allowed here (only class_path, init_args)",
+                    value[key],
+                    fix=f"move it under {section}.init_args",
+                )
+        if value.get("init_args") is not None and not isinstance(value["init_args"], Mapping):
+            raise SpecError(
+                source,
+                f"{section}.init_args",
+                "must be a mapping of constructor arguments",
+                value["init_args"],
+                fix="e.g. init_args: {lr: 0.01}",
+            )
+
+
+def check_paths(source: str, params: tuple[Param, ...], config: Mapping[str, Any]) -> None:
+    seen = set()
+    for param in params:
+        key = f'search_space["{param.path}"]'
+        if param.path in seen:
+            raise SpecError(source, key, "appears twice", param.path, fix="keep one")
+        seen.add(param.path)
+        head, *rest = param.path.split(".")
+        if head not in CONFIG_SECTIONS:
+            raise SpecError(
+                source,
+                key,
+                "must start with a config section (" + ", ".join(CONFIG_SECTIONS) + ")",
+                head,
+                fix=did_you_mean(head, CONFIG_SECTIONS),
+            )
+        if not rest:
+            raise SpecError(
+                source,
+                key,
+                "must name a value inside the section",
+                param.path,
+                fix=f"e.g. {head}.init_args.<argument>",
+            )
+        if head in CLASS_SECTIONS:
+            if head not in config:
+                raise SpecError(
+                    source,
+                    key,
+                    f"points into `{head}:`, which the config does not have",
+                    param.path,
+                    fix=f"add a `{head}:` section with class_path, or fix the path",
+                )
+            if rest[0] != "init_args" and rest != ["class_path"]:
+                raise SpecError(
+                    source,
+                    key,
+                    f"must go through {head}.init_args (or be {head}.class_path)",
+                    param.path,
+                    fix=f"write {head}.init_args.{'.'.join(rest)}",
+                )
+            if rest[0] == "init_args" and len(rest) < 2:
+                raise SpecError(
+                    source,
+                    key,
+                    "must name an argument under init_args",
+                    param.path,
+                    fix=f"e.g. {head}.init_args.lr",
+                )
+    for a in params:
+        for b in params:
+            if b.path.startswith(a.path + "."):
+                raise SpecError(
+                    source,
+                    f'search_space["{b.path}"]',
+                    f"lies inside {a.path}, also searched",
+                    b.path,
+                    fix="search one of them",
+                )
