@@ -23,7 +23,7 @@ from lightstudy.examples import (
     MNISTDataModule,
     TorchvisionClassifier,
 )
-from lightstudy.examples.vision import build_batch_transform, build_transforms
+from lightstudy.examples.transforms import build_batch_transform, build_transforms
 from lightstudy.lightning_config import build, check_spec, import_class
 from lightstudy.spec import load_spec, spec_from_dict
 from vision_data import run_one_trial, vision_doc, write_cifar10, write_image_folder, write_mnist

@@ -1,0 +1,366 @@
+"""The commands that read what a study found: status, best (and export), test, predict,
+reproduce and report. Registered on :data:`lightstudy.cli.app` when ``lightstudy.cli`` imports
+this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lightstudy.cli import RunDirOpt, StorageOpt, _console, _read_storage, app
+from lightstudy.errors import LightstudyError
+
+
+@app.command()
+def status(
+    name: Annotated[
+        str | None, typer.Argument(help="Study name (omit to list the studies).", show_default=False)
+    ] = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Show the studies in a database, or one study's trials.
+
+    Example: lightstudy status digits
+    """
+    from rich.table import Table
+
+    from lightstudy.checkpoints import kept_trials
+    from lightstudy.evaluate import stored_test_metrics
+    from lightstudy.storage import open_storage, redact
+    from lightstudy.study import budget, load_study
+    from lightstudy.summary import counts, format_value
+
+    console = _console()
+    if name is None:
+        urls = (
+            [_read_storage(None, storage)]
+            if (storage or os.environ.get("LIGHTSTUDY_STORAGE"))
+            else [f"sqlite:///{p}" for p in sorted(Path("runs").glob("*/study.db"))]
+        )
+        if not urls:
+            raise LightstudyError(
+                "no storage given and no runs/*/study.db here",
+                fix="pass --storage URL or set LIGHTSTUDY_STORAGE",
+            )
+        table = Table("study", "storage", "direction", "complete", "pruned", "failed", "running", "best")
+        for url in urls:
+            st = open_storage(url, create=False)
+            for summary in st.get_all_studies():
+                import optuna
+
+                s = optuna.load_study(study_name=summary.study_name, storage=st)
+                c = counts(s.get_trials(deepcopy=False))
+                best = s.best_value if c["complete"] and len(s.directions) == 1 else None
+                table.add_row(
+                    summary.study_name,
+                    redact(url),
+                    ", ".join(d.name.lower() for d in s.directions),
+                    str(c["complete"]),
+                    str(c["pruned"]),
+                    str(c["fail"]),
+                    str(c["running"]),
+                    format_value(best),
+                )
+        console.print(table)
+        return
+    url = _read_storage(name, storage)
+    study, spec = load_study(url, name)
+    trials = study.get_trials(deepcopy=False)
+    kept = {t.number for t in kept_trials(trials, spec)}
+    tests = stored_test_metrics(study)
+    test_keys = sorted({k for m in tests.values() for k in m})
+    table = Table(
+        "#",
+        "state",
+        *spec.study.metrics,
+        *[p.path.rsplit(".", 1)[-1] for p in spec.search_space],
+        "kept",
+        *test_keys,
+        "time",
+        "note",
+        title=f"{name} ({redact(url)})",
+    )
+    for t in trials:
+        values = list(t.values) if t.values else [None] * len(spec.study.metrics)
+        seconds = t.duration.total_seconds() if t.duration else None
+        table.add_row(
+            str(t.number),
+            t.state.name.lower(),
+            *[format_value(v) for v in values],
+            *[format_value(t.params.get(p.path)) for p in spec.search_space],
+            "✓" if t.number in kept else "",
+            *[format_value(tests.get(t.number, {}).get(k)) for k in test_keys],
+            f"{seconds:.1f}s" if seconds is not None else "-",
+            _note(t),
+        )
+    console.print(table)
+    b = budget(trials, spec)
+    c = counts(trials)
+    total = spec.study.n_trials or "∞"
+    console.print(
+        f"{b.used - c['running'] - c['waiting']}/{total} trials done: {c['complete']} complete, "
+        f"{c['pruned']} pruned, {c['fail']} failed, {c['running']} running, {c['waiting']} waiting"
+        + (" — study done" if b.done else "")
+    )
+
+
+def _note(trial: Any) -> str:
+    """What status says beside a trial: why it failed, what it resumed from."""
+    attrs = trial.user_attrs
+    if attrs.get("interrupted"):
+        return "handed back (retried)"
+    if trial.state.name == "FAIL":
+        return str(attrs.get("fail_reason", "worker died (heartbeat stale)"))[:100]
+    resumed = attrs.get("resumed_from")
+    if resumed:
+        epoch = f" epoch {resumed['epoch']}" if resumed.get("epoch") is not None else ""
+        return f"resumed from trial {resumed.get('trial')}{epoch}"
+    return ""
+
+
+@app.command()
+def best(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    storage: StorageOpt = None,
+    run_dir: RunDirOpt = None,
+    output_format: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    export: Annotated[
+        Path | None,
+        typer.Option(
+            "--export",
+            help="Write the checkpoint, config.yaml (LightningCLI fit --config), "
+            "params.json and metrics.json to this folder.",
+            show_default=False,
+        ),
+    ] = None,
+    rank: Annotated[int, typer.Option("--rank", help="Which trial: 1 is the best, 2 the second best, ...")] = 1,
+) -> None:
+    """Show the best trial (value, parameters, checkpoint, trial number), or export it.
+
+    Several objectives: the Pareto front.
+
+    Example: lightstudy best digits --export exported/ --rank 1
+    """
+    from lightstudy.study import load_study
+
+    if output_format not in ("table", "json"):
+        raise LightstudyError(
+            f"--format must be table or json, but got {output_format!r}",
+            fix="pass --format table or --format json",
+        )
+    url = _read_storage(name, storage)
+    study, spec = load_study(url, name)
+    folder = Path(run_dir or spec.run_dir)
+    if export is not None:
+        from lightstudy.evaluate import export_trial, select_trial
+
+        trial = select_trial(study, spec, rank=rank)
+        paths = export_trial(study, spec, folder, trial, export)
+        console = _console()
+        console.print(f"exported trial {trial.number} of {name} to {export}:")
+        for kind, path in paths.items():
+            console.print(f"  {kind:<10} {path}")
+        console.print(
+            f"train it again: python -c 'from lightning.pytorch.cli import LightningCLI; "
+            f"LightningCLI()' fit --config {paths['config']}"
+        )
+        return
+    if output_format == "json":
+        from lightstudy.summary import best_records
+
+        records = best_records(study, spec, folder)
+        doc = [r.to_json(spec.study.metrics) for r in records]
+        out = doc if spec.study.is_multi_objective else doc[min(rank, len(doc)) - 1]
+        typer.echo(json.dumps(out, indent=2, default=str))
+        return
+    print_best(name, url, run_dir, _console(), final=False)
+
+
+@app.command("test")
+def test_command(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    storage: StorageOpt = None,
+    run_dir: RunDirOpt = None,
+    top: Annotated[int, typer.Option("--top", help="Test the kept checkpoints of the best K trials.")] = 1,
+) -> None:
+    """Run trainer.test with the kept checkpoints of the best trials; store the test metrics.
+
+    The metrics appear in `status`, `best` and `report`.
+
+    Example: lightstudy test digits --top 3
+    """
+    from rich.table import Table
+
+    from lightstudy.evaluate import evaluate_on_test
+    from lightstudy.study import load_study
+    from lightstudy.summary import format_value
+
+    if top < 1:
+        raise LightstudyError(f"--top must be >= 1, but got {top}", fix="pass --top 1 or more")
+    url = _read_storage(name, storage)
+    study, spec = load_study(url, name)
+    results = evaluate_on_test(study, spec, Path(run_dir or spec.run_dir), top)
+    keys = sorted({k for m in results.values() for k in m})
+    table = Table("trial", *keys, title=f"test metrics of {name}")
+    for number, metrics in results.items():
+        table.add_row(str(number), *[format_value(metrics.get(k)) for k in keys])
+    _console().print(table)
+
+
+@app.command("predict")
+def predict_command(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Image files to predict (default: the data module's predict dataloader).", show_default=False
+        ),
+    ] = None,
+    storage: StorageOpt = None,
+    run_dir: RunDirOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Predictions file: .csv (one row per sample) or .pt.")] = Path(
+        "predictions.csv"
+    ),
+    rank: Annotated[int | None, typer.Option("--rank", help="Use the N-th best trial.", show_default=False)] = None,
+    trial: Annotated[int | None, typer.Option("--trial", help="Use this trial.", show_default=False)] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data", help="key=value overriding the data module's init_args (e.g. root=/data).", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Predict with the best (or --rank N, or --trial N) kept checkpoint through predict_step.
+
+    Runs the data module's predict dataloader, or the image files given, and writes one
+    prediction per sample.
+
+    Example: lightstudy predict digits --out predictions.csv
+    """
+    import yaml
+
+    from lightstudy.predict import predict
+    from lightstudy.study import load_study
+
+    if rank is not None and trial is not None:
+        raise LightstudyError("give --rank or --trial, not both", fix="drop one of them")
+    overrides: dict[str, Any] = {}
+    for item in data or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise LightstudyError(f"--data expects key=value, but got {item!r}", fix="e.g. --data batch_size=256")
+        overrides[key.strip()] = yaml.safe_load(text)
+    url = _read_storage(name, storage)
+    study, spec = load_study(url, name)
+    result = predict(
+        study,
+        spec,
+        Path(run_dir or spec.run_dir),
+        out,
+        rank=rank,
+        number=trial,
+        files=list(files or []),
+        data_args=overrides,
+    )
+    _console().print(f"wrote {result.rows} predictions of trial {result.trial} to {result.path}")
+
+
+@app.command()
+def reproduce(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    trial: Annotated[int, typer.Option("--trial", help="Trial number.")],
+    storage: StorageOpt = None,
+) -> None:
+    """Train a finished trial again from its record (config, seed, threads) and compare values.
+
+    With trainer.deterministic: true on CPU the values agree to 1e-6.
+
+    Example: lightstudy reproduce digits --trial 12
+    """
+    from lightstudy.reproduce import reproduce as run_again
+    from lightstudy.study import load_study
+    from lightstudy.summary import format_value
+
+    url = _read_storage(name, storage)
+    study, spec = load_study(url, name)
+    result = run_again(study, spec, trial)
+    console = _console()
+    for metric, old, new, diff in zip(result.metrics, result.recorded, result.new, result.differences):
+        console.print(
+            f"trial {trial} {metric}: recorded {format_value(old)}, new {format_value(new)}, difference {diff:+.3g}"
+        )
+    for package, (then, now) in result.changed_versions.items():
+        console.print(f"[yellow]note:[/yellow] {package} was {then}, is {now}")
+    if result.resumed:
+        console.print(
+            "[yellow]note:[/yellow] the recorded run resumed from a checkpoint of an earlier "
+            "attempt; this run trained from the start"
+        )
+
+
+@app.command()
+def report(
+    name: Annotated[str, typer.Argument(help="Study name.")],
+    storage: StorageOpt = None,
+    run_dir: RunDirOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="HTML file to write.")] = Path("report.html"),
+) -> None:
+    """Write one self-contained HTML page: optuna.visualization plots and the kept trials.
+
+    Example: lightstudy report digits --out digits.html
+    """
+    from lightstudy.report import render_report
+    from lightstudy.study import load_study
+
+    url = _read_storage(name, storage)
+    study, spec = load_study(url, name)
+    page = render_report(study, spec, Path(run_dir or spec.run_dir))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    _console().print(f"wrote {out} ({len(page) // 1024} KiB)")
+
+
+def print_best(name: str, url: str, run_dir: Path | None, console: Any, *, final: bool) -> None:
+    from rich.table import Table
+
+    from lightstudy.storage import redact
+    from lightstudy.study import load_study
+    from lightstudy.summary import best_records, format_value
+
+    study, spec = load_study(url, name)
+    try:
+        records = best_records(study, spec, Path(run_dir or spec.run_dir))
+    except LightstudyError:
+        if final:
+            console.print("[yellow]no complete trial[/yellow]")
+            return
+        raise
+    shown = records if spec.study.is_multi_objective else records[:1]
+    for r in shown:
+        table = Table(
+            show_header=False,
+            title=f"best trial of {name}"
+            if not spec.study.is_multi_objective
+            else f"Pareto-optimal trial {r.number} of {name}",
+        )
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")
+        table.add_row("trial", str(r.number))
+        for metric, value in zip(spec.study.metrics, r.values or []):
+            table.add_row(metric, format_value(value))
+        for key, value in r.params.items():
+            table.add_row(key, format_value(value))
+        table.add_row("checkpoint", r.checkpoint or "(not kept)")
+        table.add_row("seed", format_value(r.seed))
+        console.print(table)
+    if final:
+        console.print(
+            f"dashboard: lightstudy dashboard --storage {redact(url)}\n"
+            f"details:   lightstudy status {name}"
+            + ("" if "LIGHTSTUDY_STORAGE" in os.environ else f" --storage {redact(url)}")
+        )
