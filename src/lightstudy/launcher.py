@@ -148,6 +148,7 @@ class Launcher:
         self.console = console
         self.processes: list[subprocess.Popen[bytes]] = []
         self._signals = 0
+        self._warned: set[str] = set()
 
     def _start(self) -> None:
         logs = self.run_dir / "workers"
@@ -258,6 +259,10 @@ class Launcher:
         text += f" ({seconds:.1f}s)"
         if t.state.name == "FAIL":
             text += f"\n           {t.user_attrs.get('fail_reason', 'worker died (heartbeat stale)')}"
+        for warning in t.user_attrs.get("warnings", []):
+            if warning not in self._warned:  # once per study, not once per trial
+                self._warned.add(warning)
+                text += f"\n           [yellow]warning:[/yellow] {warning}"
         return text
 
 
