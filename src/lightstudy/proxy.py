@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from lightstudy.errors import LightstudyError
-from lightstudy.storage import claim_lock, configure_heartbeat, open_storage, redact
+from lightstudy.storage import claim_lock, configure_heartbeat, db_error_text, open_storage, redact
 
 if TYPE_CHECKING:
     from optuna.storages import RDBStorage
@@ -171,7 +171,7 @@ def serve(
             try:
                 count = reap_once(reaper_rdb)
             except Exception as e:  # the database may be restarting; the next round tries again
-                _log.warning("reaping stale trials failed: %s", str(e).splitlines()[0][:200])
+                _log.warning("reaping stale trials failed: %s", db_error_text(e))
                 continue
             if count:
                 _log.info("failed and retried %d stale trial(s)", count)

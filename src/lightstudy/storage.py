@@ -30,8 +30,10 @@ __all__ = [
     "claim_lock",
     "configure_heartbeat",
     "connection_error",
+    "db_error_text",
     "default_url",
     "open_storage",
+    "record_attr",
     "redact",
     "resolve_url",
     "retry_db",
@@ -190,8 +192,7 @@ def open_storage(url: str, *, create: bool = True) -> Any:
         OSError,
         RuntimeError,
     ) as e:
-        cause = connection_error(e) or e
-        reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
+        reason = db_error_text(e)
         raise StorageError(
             f"cannot open storage {redact(url)}: {redact_text(reason, url)}",
             fix="check that the database server is running and the URL is right",
@@ -315,14 +316,21 @@ def retry_db(fn: Callable[[], T], *, what: str, seconds: float = DB_RETRY_SECOND
             cause = connection_error(e)
             if cause is None or time.monotonic() + delay > deadline:
                 raise
-            _log.warning(
-                "%s: database unavailable (%s); retrying in %.1fs",
-                what,
-                str(getattr(cause, "orig", cause)).strip().splitlines()[0][:200],
-                delay,
-            )
+            _log.warning("%s: database unavailable (%s); retrying in %.1fs", what, db_error_text(cause), delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def db_error_text(error: BaseException) -> str:
+    """The first line of what the database driver said (not SQLAlchemy's or Optuna's wrapping)."""
+    cause = connection_error(error) or error
+    text = str(getattr(cause, "orig", None) or cause).strip()
+    return (text.splitlines() or [type(cause).__name__])[0][:200]
+
+
+def record_attr(trial: Any, key: str, value: Any) -> None:
+    """``trial.set_user_attr``, riding out a database restart."""
+    retry_db(lambda: trial.set_user_attr(key, value), what="record the trial")
 
 
 def connection_error(error: BaseException) -> BaseException | None:

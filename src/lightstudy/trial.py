@@ -232,6 +232,7 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
     from lightstudy.lightning_config import lightning_namespace
     from lightstudy.search_space import apply_params
     from lightstudy.spec import spec_from_dict
+    from lightstudy.storage import record_attr
 
     t = time.time()
     if job.threads:
@@ -255,7 +256,7 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
             print(f"resuming trial {job.resumed_trial} from {job.resume} (saved in epoch {epoch})", flush=True)
         if job.rank == 0:
             for key, value in attrs.items():
-                _record(trial, key, value)
+                record_attr(trial, key, value)
         timings["setup"] = time.time() - t
 
     fitted = fit_config(
@@ -293,12 +294,6 @@ def _add_trial_defaults(config: dict[str, Any], namespace: str, run_dir: Path, t
             "class_path": f"{namespace}.loggers.{logger}",
             "init_args": {"save_dir": str(run_dir), "name": name, "version": version, **extra},
         }
-
-
-def _record(trial: Any, key: str, value: Any) -> None:
-    from lightstudy.storage import retry_db
-
-    retry_db(lambda: trial.set_user_attr(key, value), what="record the trial")
 
 
 def _versions(namespace: str) -> dict[str, str]:

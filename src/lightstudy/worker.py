@@ -37,7 +37,7 @@ from lightstudy.checkpoints import (
 )
 from lightstudy.ranks import check_devices, run_processes
 from lightstudy.spec import trial_world_size
-from lightstudy.storage import beat, connection_error, open_storage, retry_db
+from lightstudy.storage import beat, db_error_text, open_storage, record_attr, retry_db
 from lightstudy.study import load_study
 from lightstudy.trial import TrialJob, TrialOutcome, trial_dir_name
 
@@ -167,7 +167,7 @@ class Worker:
             TRIAL_DIR_ATTR: trial_dir,
         }
         for key, value in attrs.items():
-            _record(trial, key, value)
+            record_attr(trial, key, value)
         job = TrialJob(
             storage_url=self.url,
             study_name=self.study_name,
@@ -319,7 +319,7 @@ class Worker:
 
     def _set_attrs(self, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
         for key, value in attrs.items():
-            _record(trial, key, value)
+            record_attr(trial, key, value)
 
     def _retry(self, trial: optuna.Trial, *, max_retry: int | None) -> bool:
         """Queue a WAITING copy of a failed trial (same params, inherited intermediate values)."""
@@ -327,12 +327,14 @@ class Worker:
 
         frozen = copy.deepcopy(self._storage.get_trial(trial._trial_id))
         frozen.user_attrs = {k: v for k, v in frozen.user_attrs.items() if k not in ATTEMPT_ATTRS}
-        before = len(self.study.get_trials(deepcopy=False))
+        attempts = len(frozen.system_attrs.get("retry_history", [])) + 1
+        if max_retry is not None and attempts > max_retry:  # the callback's own rule, read first
+            return False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             callback = RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)
             retry_db(lambda: callback(self.study, frozen), what="retry")
-        return len(self.study.get_trials(deepcopy=False)) > before
+        return True
 
     # --- signals ----------------------------------------------------------------------------
 
@@ -372,10 +374,6 @@ class Worker:
         while not self._signals and time.monotonic() < end:
             time.sleep(0.1)
 
-    @property
-    def stopped_by_signal(self) -> bool:
-        return self._signals > 0
-
 
 class _Heartbeat:
     """Records the trial's heartbeat every ``interval`` seconds while the trial process runs."""
@@ -400,13 +398,7 @@ class _Heartbeat:
             try:
                 beat(self._storage, self._trial_id)
             except Exception as e:  # the database may be restarting: keep trying
-                cause = connection_error(e) or e
-                text = str(getattr(cause, "orig", cause)).strip().splitlines()[0][:200]
-                _log.warning("heartbeat of trial %d failed (%s); will try again", self._trial_id, text)
-
-
-def _record(trial: optuna.Trial, key: str, value: Any) -> None:
-    retry_db(lambda: trial.set_user_attr(key, value), what="record the trial")
+                _log.warning("heartbeat of trial %d failed (%s); will try again", self._trial_id, db_error_text(e))
 
 
 def _short(params: dict[str, Any]) -> str:
