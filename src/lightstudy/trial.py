@@ -109,13 +109,12 @@ def run_trial(job: TrialJob) -> TrialOutcome:
     import optuna
 
     from lightstudy.errors import LightstudyError
+    from lightstudy.storage import retry_db
 
     timings = {"start": time.time() - job.started}
     rank = f", rank {job.rank} of {job.world_size}" if job.world_size > 1 else ""
     print(f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()}{rank}, params {job.params}", flush=True)
     t = time.time()
-    from lightstudy.storage import retry_db
-
     trial = retry_db(lambda: _open_trial(job), what="open the study")
     timings["storage"] = time.time() - t
     try:
@@ -130,8 +129,9 @@ def run_trial(job: TrialJob) -> TrialOutcome:
         from lightstudy.callbacks import TrialInterrupted, stop_requested
 
         if isinstance(e, TrialInterrupted) or stop_requested():
-            print(f"interrupted: {_describe(e)}", flush=True)
-            return TrialOutcome("interrupted", reason=f"stopped by signal ({type(e).__name__})", timings=timings)
+            why = str(e) if isinstance(e, TrialInterrupted) else f"stopped by signal ({type(e).__name__})"
+            print(f"interrupted: {why}", flush=True)
+            return TrialOutcome("interrupted", reason=why, timings=timings)
         if not isinstance(e, Exception):
             raise
         traceback.print_exc()
