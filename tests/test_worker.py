@@ -261,3 +261,16 @@ def test_postgres_restart_during_a_study_costs_no_trial(pg_url: str, tmp_path: P
     # A claim cut in half by the restart is handed back and retried: it costs no trial.
     assert {t.number for t in failed} <= retried_numbers(trials)
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+def test_pruning_goes_through_the_worker(tmp_path: Path, sqlite_url: str) -> None:
+    """A one-device trial process asks the worker (over its pipe) to report and to decide pruning."""
+    doc = tiny_spec(n_trials=2, pruner={"name": "ThresholdPruner", "lower": 2.0})  # prunes at epoch 0
+    create_study(spec_from_dict(doc), sqlite_url)
+    report = Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", threads=1).run()
+    assert report.pruned == 2
+    study, _ = load_study(sqlite_url, "tiny")
+    for t in study.get_trials():
+        assert t.state == TrialState.PRUNED
+        assert list(t.intermediate_values) == [0]
+        assert t.user_attrs["config"]["trainer"]["max_epochs"] == 2  # attrs came over the pipe too

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from lightstudy.trial import TrialJob, TrialOutcome, trial_main
@@ -64,20 +65,28 @@ def check_devices(spec: Any, world_size: int, url: str) -> None:
 class Rank:
     """One process of a trial, and what it reported."""
 
-    def __init__(self, rank: int, process: Any, receiver: Any) -> None:
+    def __init__(self, rank: int, process: Any, conn: Any, handle: Callable[[tuple[Any, ...]], Any]) -> None:
         self.rank = rank
         self.process = process
-        self.receiver = receiver
+        self.receiver = conn
+        self.handle = handle
         self.outcome: TrialOutcome | None = None
         self.done = False
 
     def poll(self) -> None:
+        """Answer what the process asked (reports, pruning questions, attrs); keep its outcome."""
         if self.done:
             return
         try:
-            if self.receiver.poll(0):
-                self.outcome = self.receiver.recv()
-                self.done = True
+            while self.receiver.poll(0):
+                message = self.receiver.recv()
+                if message[0] == "outcome":
+                    self.outcome = message[1]
+                    self.done = True
+                    return
+                reply = self.handle(message)
+                if message[0] == "should_prune":
+                    self.receiver.send(reply)
         except (EOFError, OSError):
             self.done = True
 
@@ -106,22 +115,31 @@ class Rank:
 
 
 def run_processes(
-    ctx: Any, job: TrialJob, world: int, threads: int | None, limit: float | None, running: list[Any]
+    ctx: Any,
+    job: TrialJob,
+    world: int,
+    threads: int | None,
+    limit: float | None,
+    running: list[Any],
+    handle: Callable[[tuple[Any, ...]], Any],
 ) -> tuple[TrialOutcome | None, str | None]:
     """Run a trial's ``world`` processes (from the forkserver ``ctx``) to the end.
 
+    ``handle`` answers what a process asks the worker (see :class:`lightstudy.trial.WorkerTrial`).
     Returns (rank 0's outcome, None), or (None, why the trial died). ``running`` holds the
     processes while they run, for the worker's signal handler.
     """
+    from multiprocessing.connection import wait
+
     port = free_port() if world > 1 else None
     ranks = []
     for rank in range(world):
-        receiver, sender = ctx.Pipe(duplex=False)
+        ours, theirs = ctx.Pipe(duplex=True)
         rank_job = dataclasses.replace(job, rank=rank, world_size=world, master_port=port, threads=threads)
-        child = ctx.Process(target=trial_main, args=(rank_job, sender), name=f"trial-{job.number}-{rank}")
+        child = ctx.Process(target=trial_main, args=(rank_job, theirs), name=f"trial-{job.number}-{rank}")
         child.start()
-        sender.close()
-        ranks.append(Rank(rank, child, receiver))
+        theirs.close()
+        ranks.append(Rank(rank, child, ours, handle))
     running[:] = [r.process for r in ranks]
     deadline = time.monotonic() + limit if limit else None
     reason: str | None = None
@@ -140,7 +158,9 @@ def run_processes(
             if deadline is not None and time.monotonic() > deadline:
                 reason = f"exceeded study.trial_timeout ({limit:g} s); the trial process was killed"
                 break
-            time.sleep(0.1)
+            # Wake at once for a message (a pruning question waits on the answer) or an exit.
+            waiting = [r.receiver for r in ranks if not r.done] + [r.process.sentinel for r in ranks]
+            wait(waiting, timeout=0.5)
         outcome = ranks[0].outcome
         if outcome is not None and outcome.state != "failed":
             # Every rank ends the same way; wait for the others to finish cleanly.

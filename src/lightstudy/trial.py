@@ -8,6 +8,7 @@ their dotted paths, trains with the pruning, checkpoint and guard callbacks, and
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -94,18 +95,48 @@ def trial_main(job: TrialJob, conn: Any) -> None:
     os.close(fd)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     try:
-        outcome = run_trial(job)
+        outcome = run_trial(job, conn)
     except BaseException as e:  # never let the worker guess what happened
         traceback.print_exc()
         outcome = TrialOutcome("failed", reason=_describe(e))
     sys.stdout.flush()
     sys.stderr.flush()
-    conn.send(outcome)
+    conn.send(("outcome", outcome))
     conn.close()
 
 
-def run_trial(job: TrialJob) -> TrialOutcome:
-    """Train one trial and return its outcome (pruned and failed ones included)."""
+class WorkerTrial:
+    """The trial as the trial process sees it: reports, pruning questions and user attrs go to
+    the worker over the pipe, and the worker asks Optuna.
+
+    The process then needs no database connection of its own (a fleet of workers holds half the
+    connections, and a trial starts without opening the storage); Optuna's pruning callback
+    only calls ``report`` and ``should_prune``. A multi-device (DDP) trial still opens the
+    storage in every rank: the callback shares its verdict between ranks through it.
+    """
+
+    def __init__(self, conn: Any, number: int, params: dict[str, Any]) -> None:
+        self._conn = conn
+        self.number = number
+        self.params = params
+
+    def report(self, value: float, step: int) -> None:
+        self._conn.send(("report", float(value), int(step)))
+
+    def should_prune(self) -> bool:
+        self._conn.send(("should_prune",))
+        return bool(self._conn.recv())
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self._conn.send(("attr", key, value))
+
+
+def run_trial(job: TrialJob, conn: Any = None) -> TrialOutcome:
+    """Train one trial and return its outcome (pruned and failed ones included).
+
+    With ``conn`` (the pipe to the worker) a one-device trial talks to Optuna through the worker;
+    without it, or under DDP, it opens the study's storage itself.
+    """
     import optuna
 
     from lightstudy.errors import LightstudyError
@@ -115,7 +146,10 @@ def run_trial(job: TrialJob) -> TrialOutcome:
     rank = f", rank {job.rank} of {job.world_size}" if job.world_size > 1 else ""
     print(f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()}{rank}, params {job.params}", flush=True)
     t = time.time()
-    trial = retry_db(lambda: _open_trial(job), what="open the study")
+    if conn is not None and job.world_size == 1:
+        trial: Any = WorkerTrial(conn, job.number, job.params)
+    else:
+        trial = retry_db(lambda: _open_trial(job), what="open the study")
     timings["storage"] = time.time() - t
     try:
         return _train(job, trial, timings)
@@ -297,6 +331,13 @@ def _add_trial_defaults(config: dict[str, Any], namespace: str, run_dir: Path, t
 
 
 def _versions(namespace: str) -> dict[str, str]:
+    """Package versions a trial records (a copy of the process's cached answer)."""
+    return dict(_cached_versions(namespace))
+
+
+@functools.cache
+def _cached_versions(namespace: str) -> dict[str, str]:
+    # Reading dist-info metadata costs tens of ms a package: the forkserver's warm-up reads it once.
     from importlib import metadata
 
     out = {"python": platform.python_version(), "platform": platform.platform()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import multiprocessing
 import os
@@ -116,6 +117,7 @@ class Worker:
         self.run_dir = Path(run_dir or self.spec.run_dir).resolve()
         self._signals = 0
         self._children: list[Any] = []  # the running trial's processes (one per rank)
+        self._trial: Any = None  # the running trial
         self._ctx: Any = None
         self._store: Any = None
         self.world_size = gpus_per_trial or trial_world_size(self.spec.config)
@@ -189,6 +191,7 @@ class Worker:
             _short(job.params),
         )
         start = time.time()
+        self._trial = trial
         with _Heartbeat(self._storage, trial._trial_id, self.spec.study.heartbeat_interval):
             outcome, reason = self._run_child(job)
         self._finish(trial, outcome, reason, trial_dir, time.time() - start)
@@ -199,6 +202,8 @@ class Worker:
         if self._ctx is None:
             # NVML answers "is there a GPU?" without initializing CUDA in the warm process.
             os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+            # The forkserver warms up on this study's own classes (lightstudy._warm).
+            os.environ["LIGHTSTUDY_WARM_SPEC"] = json.dumps(self.spec.to_dict(with_storage=False))
             ctx = multiprocessing.get_context("forkserver")
             # (not "__main__": Python 3.11 never passes its path to the forkserver; the CLI
             # script a child re-runs as its main module only imports lightstudy.cli, preloaded.)
@@ -218,7 +223,13 @@ class Worker:
         """Run the trial's process(es) to the end; (rank 0's outcome, None) or (None, why it died)."""
         threads = max(1, self.threads // self.world_size) if self.threads else None
         return run_processes(
-            self._context(), job, self.world_size, threads, self.spec.study.trial_timeout, self._children
+            self._context(),
+            job,
+            self.world_size,
+            threads,
+            self.spec.study.trial_timeout,
+            self._children,
+            _answer(self._trial),
         )
 
     # --- telling Optuna ---------------------------------------------------------------------
@@ -399,6 +410,22 @@ class _Heartbeat:
                 beat(self._storage, self._trial_id)
             except Exception as e:  # the database may be restarting: keep trying
                 _log.warning("heartbeat of trial %d failed (%s); will try again", self._trial_id, db_error_text(e))
+
+
+def _answer(trial: optuna.Trial) -> Any:
+    """What the worker does for the trial process: report, decide pruning, record attrs."""
+
+    def handle(message: tuple[Any, ...]) -> Any:
+        kind = message[0]
+        if kind == "report":
+            retry_db(lambda: trial.report(message[1], message[2]), what="report")
+        elif kind == "should_prune":
+            return retry_db(lambda: trial.should_prune(), what="ask the pruner")
+        elif kind == "attr":
+            record_attr(trial, message[1], message[2])
+        return None
+
+    return handle
 
 
 def _short(params: dict[str, Any]) -> str:
