@@ -150,7 +150,7 @@ class Worker:
         return claim_trial(self.study, self.spec)
 
     def _run_one(self, trial: optuna.Trial) -> None:
-        frozen = self._storage.get_trial(trial._trial_id)
+        frozen = retry_db(lambda: self._storage.get_trial(trial._trial_id), what="read the trial")
         root = lineage_root(frozen)
         trial_dir = trial_dir_name(root)
         resume, resumed_trial = None, None
@@ -264,28 +264,28 @@ class Worker:
                 if ref is not None:
                     attrs[CHECKPOINT_ATTR] = ref.to_dict()
                 self._set_attrs(trial, attrs)
-                retry_db(lambda: self.study.tell(trial, values), what="tell")
+                self._tell(trial, TrialState.COMPLETE, values)
                 self.report.complete += 1
                 retry_db(lambda: enforce_retention(self.study, self.spec, self.store), what="retention")
                 metrics = ",".join(self.spec.study.metrics)
                 _log.info("trial %d complete: %s=%s in %.1fs", trial.number, metrics, _fmt(values), seconds)
             elif state == "pruned":
                 self._set_attrs(trial, attrs)
-                retry_db(lambda: self.study.tell(trial, state=TrialState.PRUNED), what="tell")
+                self._tell(trial, TrialState.PRUNED)
                 self.report.pruned += 1
                 _log.info("trial %d pruned in %.1fs (%s)", trial.number, seconds, why)
             elif state == "interrupted" or (state == "died" and self._signals):
                 attrs["interrupted"] = True
                 attrs["fail_reason"] = why if outcome else "stopped by signal"
                 self._set_attrs(trial, attrs)
-                retry_db(lambda: self.study.tell(trial, state=TrialState.FAIL), what="tell")
+                self._tell(trial, TrialState.FAIL)
                 retried = self._retry(trial, max_retry=None)
                 self.report.interrupted += 1
                 _log.info("trial %d handed back for a retry (%s)", trial.number, attrs["fail_reason"])
             else:
                 attrs["fail_reason"] = why
                 self._set_attrs(trial, attrs)
-                retry_db(lambda: self.study.tell(trial, state=TrialState.FAIL), what="tell")
+                self._tell(trial, TrialState.FAIL)
                 retried = state == "died" and self._retry(trial, max_retry=self.spec.study.max_retry)
                 self.report.failed += 1
                 _log.warning("trial %d failed%s: %s", trial.number, " (will be retried)" if retried else "", why)
@@ -298,6 +298,24 @@ class Worker:
             remove_local(self.run_dir, trial_dir)
         retry_db(lambda: sweep_local(self.study, self.run_dir), what="sweep checkpoints")
         self.report.trials.append(trial.number)
+
+    def _tell(self, trial: optuna.Trial, state: Any, values: list[float] | None = None) -> None:
+        """``study.tell``, riding out a database restart.
+
+        A tell whose commit reached the database just before the connection broke is not told
+        twice (``skip_if_finished``); a trial that someone else finished meanwhile (failed as
+        stale while the database was away) raises ``UpdateFinishedTrialError`` as Optuna would.
+        """
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        def stored() -> Any:
+            return retry_db(lambda: self._storage.get_trial(trial._trial_id), what="read the trial").state
+
+        if (before := stored()).is_finished():
+            raise UpdateFinishedTrialError(f"trial {trial.number} is already {before.name}")
+        retry_db(lambda: self.study.tell(trial, values, state=state, skip_if_finished=True), what="tell")
+        if (after := stored()) != state:
+            raise UpdateFinishedTrialError(f"trial {trial.number} is already {after.name}")
 
     @property
     def store(self) -> Any:
@@ -336,7 +354,7 @@ class Worker:
         """Queue a WAITING copy of a failed trial (same params, inherited intermediate values)."""
         from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-        frozen = copy.deepcopy(self._storage.get_trial(trial._trial_id))
+        frozen = copy.deepcopy(retry_db(lambda: self._storage.get_trial(trial._trial_id), what="read the trial"))
         frozen.user_attrs = {k: v for k, v in frozen.user_attrs.items() if k not in ATTEMPT_ATTRS}
         attempts = len(frozen.system_attrs.get("retry_history", [])) + 1
         if max_retry is not None and attempts > max_retry:  # the callback's own rule, read first
