@@ -2,7 +2,7 @@
 
 Each script in ``bench/`` prints one rich table per comparison and appends one JSON object per row
 to ``bench/results/<name>.jsonl`` (or ``--out``). Numbers are medians over repetitions with their
-min–max, and comparisons are run side by side in one invocation, so ratios are what to read.
+min-max, and comparisons are run side by side in one invocation, so ratios are what to read.
 """
 
 from __future__ import annotations
@@ -62,10 +62,10 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def spread(s: dict[str, float], fmt: str = "{:.3g}") -> str:
-    """``median (min–max)`` for a table cell."""
+    """``median (min-max)`` for a table cell."""
     if not s.get("n"):
         return "-"
-    return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}–{fmt.format(s['max'])})"
+    return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
 
 
 def machine() -> dict[str, Any]:

@@ -31,10 +31,13 @@ def test_help_is_instant_and_imports_no_torch() -> None:
         "try:\n    main(['--help'])\nfinally:\n"
         "    print('TORCH' if 'torch' in sys.modules else 'NOTORCH', time.time() - t, file=sys.stderr)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    tag, seconds = result.stderr.strip().splitlines()[-1].split()
-    assert tag == "NOTORCH"
-    assert float(seconds) < 1.0
+    times = []
+    for _ in range(3):  # the best of three: a busy machine must not fail the promise of a fast --help
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        tag, seconds = result.stderr.strip().splitlines()[-1].split()
+        assert tag == "NOTORCH", "lightstudy --help imported torch"
+        times.append(float(seconds))
+    assert min(times) < 1.0, times
 
 
 def test_python_dash_m_and_version() -> None:

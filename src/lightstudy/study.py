@@ -25,6 +25,7 @@ __all__ = [
     "best_params",
     "budget",
     "claim_trial",
+    "count_budget",
     "create_study",
     "enqueue",
     "load_study",
@@ -236,6 +237,58 @@ def budget(trials: Sequence[FrozenTrial], spec: StudySpec, now: datetime.datetim
     return Budget(used, running, waiting, timed_out, full)
 
 
+def count_budget(study: optuna.Study, spec: StudySpec) -> tuple[Budget, int]:
+    """The budget as :func:`budget` counts it, and the number of trials, without reading them.
+
+    In a database this is a few aggregate queries (milliseconds at 10,000 trials) instead of
+    loading every trial with its params and attrs; behind the proxy or in memory it is
+    :func:`budget` over the trials.
+    """
+    import json
+
+    import sqlalchemy
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb.models import TrialModel, TrialSystemAttributeModel
+    from optuna.trial import TrialState
+
+    backend = getattr(study._storage, "_backend", study._storage)
+    if not isinstance(backend, RDBStorage):
+        trials = study.get_trials(deepcopy=False)
+        return budget(trials, spec), len(trials)
+    t = TrialModel.__table__
+    a = TrialSystemAttributeModel.__table__
+    mine = t.c.study_id == study._study_id
+    with backend.engine.connect() as conn:
+        rows = conn.execute(
+            sqlalchemy.select(t.c.state, sqlalchemy.func.count(), sqlalchemy.func.min(t.c.datetime_start))
+            .where(mine)
+            .group_by(t.c.state)
+        ).all()
+        histories = conn.execute(
+            sqlalchemy.select(a.c.value_json)
+            .join(t, a.c.trial_id == t.c.trial_id)
+            .where(mine, a.c.key == "retry_history")
+        ).scalars()
+        retried = sorted({history[-1] for history in map(json.loads, histories) if history})
+        failed_retried = 0
+        for i in range(0, len(retried), 500):
+            failed_retried += conn.execute(
+                sqlalchemy.select(sqlalchemy.func.count()).where(
+                    mine, t.c.state == TrialState.FAIL, t.c.number.in_(retried[i : i + 500])
+                )
+            ).scalar_one()
+    counts = {state: n for state, n, _ in rows}
+    starts = [start for _, _, start in rows if start is not None]
+    running = counts.get(TrialState.RUNNING, 0)
+    waiting = counts.get(TrialState.WAITING, 0)
+    used = sum(counts.values()) - failed_retried
+    timed_out = False
+    if spec.study.timeout is not None and starts:
+        timed_out = (datetime.datetime.now() - min(starts)).total_seconds() >= spec.study.timeout
+    full = spec.study.n_trials is not None and used >= spec.study.n_trials
+    return Budget(used, running, waiting, timed_out, full), sum(counts.values())
+
+
 def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | None, Budget]:
     """Reap dead workers' trials, then ask for a trial if the budget allows; atomically.
 
@@ -254,11 +307,9 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
             warnings.simplefilter("ignore")
             fail_stale_trials(study)
             reap_unbeaten(study, spec)
-        trials = study.get_trials(deepcopy=False)
-        state = budget(trials, spec)
+        state, offset = count_budget(study, spec)
         if not state.may_claim:
             return None, state
-        offset = len(trials)
         if not hasattr(backend, "engine"):  # behind the proxy claims are not serialized here
             offset += 7919 * (os.getpid() % 100003)
         with warnings.catch_warnings():
@@ -268,7 +319,7 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
                 trial = study.ask()
             except Exception as e:
                 if BUDGET_SPENT in str(getattr(e, "details", lambda: "")()):
-                    return None, budget(study.get_trials(deepcopy=False), spec)
+                    return None, count_budget(study, spec)[0]
                 raise
             try:
                 beat(study._storage, trial._trial_id)

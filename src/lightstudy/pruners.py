@@ -1,0 +1,252 @@
+"""Optuna's median and percentile pruners, with the finished trials' values kept between checks.
+
+Optuna's :class:`~optuna.pruners.PercentilePruner` (and :class:`~optuna.pruners.MedianPruner`)
+reads every complete trial of the study on every ``should_prune`` and computes the percentile
+over all of them, so one check costs time in proportion to the study's size: tens of
+milliseconds per epoch at 10,000 trials. A complete trial never changes its intermediate values,
+so these pruners keep, per step, the sorted values of the complete trials they have seen, and
+on each check read only the trials that finished since (an indexed query on the trial id, as
+Optuna's own cached storage does), then take the percentile from the sorted values in
+logarithmic time. The decisions are Optuna's, bit for bit: the same trials count (complete ones,
+a retry being its own trial), and the percentile is interpolated exactly as ``numpy.nanpercentile``
+does.
+
+A pruner keeps one cache per study and storage, so a long-lived worker that asks for many trials
+of one study, or any trial of it, shares the cache.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.pruners._percentile import _get_best_intermediate_result_over_steps, _is_first_in_interval_step
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
+__all__ = ["CachedMedianPruner", "CachedPercentilePruner", "cached_equivalent", "nan_percentile"]
+
+RESYNC_SECONDS = 60.0  # how often the cache re-lists the ids of all complete trials (see _Cache.refresh)
+_CHUNK = 500  # trial ids per IN (...) query (SQLite's variable limit is far above)
+
+_log = logging.getLogger(__name__)
+
+
+def nan_percentile(ordered: list[float], percentile: float) -> float:
+    """``numpy.nanpercentile(values, percentile)`` for the NaN-free ``ordered`` (ascending) values.
+
+    Same "linear" interpolation, same floating-point operations, so the same bits; NaN when empty.
+    """
+    n = len(ordered)
+    if n == 0:
+        return math.nan
+    index = (n - 1) * (percentile / 100)
+    if index >= n - 1:  # numpy takes the last element for both neighbours (and its own lerp)
+        below = above = ordered[-1]
+        gamma = index - (-1)
+    else:
+        lower = math.floor(index)
+        below, above = ordered[lower], ordered[lower + 1]
+        gamma = index - lower
+    diff = above - below
+    if gamma >= 0.5:
+        return above - diff * (1 - gamma)
+    return below + diff * gamma
+
+
+class _Cache:
+    """Per-step intermediate values of one study's complete trials, read incrementally."""
+
+    def __init__(self, storage: Any, study_id: int) -> None:
+        self.storage = storage  # held so that the id of this cache's key is never reused
+        self.study_id = study_id
+        self.complete: set[int] = set()  # trial ids counted
+        self.unfinished: set[int] = set()  # ids at or below the watermark still running or waiting
+        self.watermark = -1  # the highest id of a finished trial seen (as Optuna's cached storage)
+        self.counts: dict[int, int] = {}  # step -> complete trials that reported it (NaN included)
+        self.values: dict[int, list[float]] = {}  # step -> their non-NaN values, ascending
+        self.resynced = -math.inf
+        self.lock = threading.Lock()
+        backend = getattr(storage, "_backend", storage)
+        self.engine = getattr(backend, "engine", None)  # None: not an RDBStorage
+
+    def add(self, intermediate: Mapping[int, float]) -> None:
+        for step, value in intermediate.items():
+            self.counts[step] = self.counts.get(step, 0) + 1
+            if not math.isnan(value):
+                bisect.insort(self.values.setdefault(step, []), value)
+
+    def refresh(self, study: optuna.Study) -> None:
+        """Take in the trials completed since the last call."""
+        if self.engine is None:
+            self._refresh_generic(study)
+            return
+        import sqlalchemy
+        from optuna.storages._rdb.models import TrialModel
+
+        trials = TrialModel.__table__
+        with self.engine.connect() as conn:
+            query = sqlalchemy.select(trials.c.trial_id, trials.c.state).where(
+                trials.c.study_id == self.study_id,
+                sqlalchemy.or_(
+                    trials.c.trial_id > self.watermark,
+                    trials.c.trial_id.in_(sorted(self.unfinished)),
+                ),
+            )
+            new = []
+            for trial_id, state in conn.execute(query):
+                if state == TrialState.COMPLETE and trial_id not in self.complete:
+                    new.append(trial_id)
+                if state.is_finished():
+                    self.unfinished.discard(trial_id)
+                    self.watermark = max(self.watermark, trial_id)
+                else:
+                    self.unfinished.add(trial_id)
+            # Ids are not always committed in order (PostgreSQL sequences): a trial created while
+            # a higher id was already read would be missed, as by Optuna's cached storage. A
+            # periodic re-listing of the complete ids heals that.
+            now = time.monotonic()
+            if now - self.resynced >= RESYNC_SECONDS:
+                listed = conn.execute(
+                    sqlalchemy.select(trials.c.trial_id).where(
+                        trials.c.study_id == self.study_id, trials.c.state == TrialState.COMPLETE
+                    )
+                )
+                missed = {row[0] for row in listed} - self.complete - set(new)
+                if missed and self.resynced > -math.inf:
+                    _log.debug("study %d: %d complete trial(s) found by re-listing", self.study_id, len(missed))
+                new += sorted(missed)
+                self.resynced = now
+            if new:
+                self._read_values(conn, new)
+
+    def _read_values(self, conn: Any, trial_ids: list[int]) -> None:
+        import sqlalchemy
+        from optuna.storages._rdb.models import TrialIntermediateValueModel as Model
+
+        table = Model.__table__
+        per_trial: dict[int, dict[int, float]] = {trial_id: {} for trial_id in trial_ids}
+        for start in range(0, len(trial_ids), _CHUNK):
+            chunk = trial_ids[start : start + _CHUNK]
+            query = sqlalchemy.select(
+                table.c.trial_id, table.c.step, table.c.intermediate_value, table.c.intermediate_value_type
+            ).where(table.c.trial_id.in_(chunk))
+            for trial_id, step, value, kind in conn.execute(query):
+                per_trial[trial_id][step] = Model.stored_repr_to_intermediate_value(value, kind)
+        for trial_id, intermediate in per_trial.items():
+            self.add(intermediate)
+            self.complete.add(trial_id)
+
+    def _refresh_generic(self, study: optuna.Study) -> None:
+        """Other storages (in-memory, journal, the gRPC proxy): list the complete trials, which
+        those keep in memory, and take in only the ones not seen yet."""
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if trial._trial_id not in self.complete:
+                self.add(trial.intermediate_values)
+                self.complete.add(trial._trial_id)
+
+
+class CachedPercentilePruner(optuna.pruners.PercentilePruner):
+    """:class:`optuna.pruners.PercentilePruner` with the same arguments and decisions, whose
+    checks cost the same at 10 or 10,000 trials (see the module docstring)."""
+
+    def __init__(
+        self,
+        percentile: float,
+        n_startup_trials: int = 5,
+        n_warmup_steps: int = 0,
+        interval_steps: int = 1,
+        *,
+        n_min_trials: int = 1,
+    ) -> None:
+        # Not super(): in CachedMedianPruner's MRO that is MedianPruner, which has no `percentile`.
+        optuna.pruners.PercentilePruner.__init__(
+            self, percentile, n_startup_trials, n_warmup_steps, interval_steps, n_min_trials=n_min_trials
+        )
+        self._caches: dict[tuple[int, int], _Cache] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_caches"] = {}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _cache(self, study: optuna.Study) -> _Cache:
+        key = (id(study._storage), study._study_id)
+        with self._lock:
+            cache = self._caches.get(key)
+            if cache is None:
+                cache = self._caches[key] = _Cache(study._storage, study._study_id)
+            return cache
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        # The order of the checks is Optuna's, so that the same calls fail in the same way (a
+        # multi-objective study fails at `study.direction`).
+        cache = self._cache(study)
+        with cache.lock:
+            cache.refresh(study)
+            n_trials = len(cache.complete)
+            if n_trials == 0 or n_trials < self._n_startup_trials:
+                return False
+            step = trial.last_step
+            if step is None or step < self._n_warmup_steps:
+                return False
+            if not _is_first_in_interval_step(
+                step, trial.intermediate_values.keys(), self._n_warmup_steps, self._interval_steps
+            ):
+                return False
+            direction = study.direction
+            best = _get_best_intermediate_result_over_steps(trial, direction)
+            if math.isnan(best):
+                return True
+            if cache.counts.get(step, 0) < self._n_min_trials:
+                return False
+            percentile = 100 - self._percentile if direction == StudyDirection.MAXIMIZE else self._percentile
+            p = nan_percentile(cache.values.get(step, []), percentile)
+            if math.isnan(p):
+                return False
+            if direction == StudyDirection.MAXIMIZE:
+                return bool(best < p)
+            return bool(best > p)
+
+
+class CachedMedianPruner(CachedPercentilePruner, optuna.pruners.MedianPruner):
+    """:class:`optuna.pruners.MedianPruner` with the same arguments and decisions, whose checks
+    cost the same at 10 or 10,000 trials (see the module docstring)."""
+
+    def __init__(
+        self,
+        n_startup_trials: int = 5,
+        n_warmup_steps: int = 0,
+        interval_steps: int = 1,
+        *,
+        n_min_trials: int = 1,
+    ) -> None:
+        CachedPercentilePruner.__init__(
+            self, 50.0, n_startup_trials, n_warmup_steps, interval_steps, n_min_trials=n_min_trials
+        )
+
+
+CACHED: dict[type, type] = {
+    optuna.pruners.MedianPruner: CachedMedianPruner,
+    optuna.pruners.PercentilePruner: CachedPercentilePruner,
+}
+
+
+def cached_equivalent(cls: type) -> type:
+    """The cached pruner with the decisions of Optuna's ``cls``; ``cls`` itself for any other class."""
+    return CACHED.get(cls, cls)

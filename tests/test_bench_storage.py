@@ -1,0 +1,42 @@
+"""bench/storage.py runs end to end (``--quick``) and writes the rows it promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = ("claim", "params", "attrs", "reports", "tell", "retention")
+
+
+@pytest.mark.slow
+def test_quick_run_writes_one_row_per_configuration(tmp_path: Path) -> None:
+    out = tmp_path / "storage.jsonl"
+    # One sampler keeps this short; the full matrix is the same code per sampler.
+    done = subprocess.run(
+        [sys.executable, "bench/storage.py", "--quick", "--samplers", "random", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    keys = {(r["backend"], r["sampler"], r["trials"], r["clients"], r["mode"]) for r in rows}
+    assert keys == {
+        (backend, "random", size, clients, mode)
+        for backend in ("sqlite", "postgresql")
+        for size in (50, 200)
+        for clients in (1, 2)
+        for mode in ("optuna", "lightstudy")
+    }
+    for row in rows:
+        assert row["bench"] == "storage" and row["quick"] is True and row["measured"] >= 6
+        assert 0 < row["median_ms"] <= row["p95_ms"]
+        assert all(row[f"{phase}_ms"] >= 0 for phase in PHASES)
+        assert row["check_ms"] > 0
+    assert "where a trial's time goes" in done.stdout
