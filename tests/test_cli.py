@@ -11,7 +11,8 @@ from optuna.trial import TrialState
 
 from conftest import REPO, Dashboard, cli, tiny_spec, write_spec
 from lightstudy.cli import app
-from lightstudy.study import load_study
+from lightstudy.spec import spec_from_dict
+from lightstudy.study import create_study, load_study
 
 COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
 
@@ -95,9 +96,10 @@ def test_tiny_study_end_to_end_with_real_clients(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_hand_started_workers_share_the_budget(tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "tiny.yaml", tiny_spec(n_trials=6))
+    doc = tiny_spec(n_trials=6)
+    doc["trainer"].update(max_epochs=1, limit_train_batches=2, limit_val_batches=2)
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    cli("create", str(spec), "--storage", url, cwd=tmp_path, check=True)
+    create_study(spec_from_dict(doc), url)
     env = {**os.environ, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1"}
     procs = [
         subprocess.Popen(
@@ -121,14 +123,17 @@ def test_two_hand_started_workers_share_the_budget(tmp_path: Path) -> None:
 
 
 def test_create_is_idempotent_and_refuses_a_changed_spec(tmp_path: Path) -> None:
+    from lightstudy.cli import main
+
     spec = write_spec(tmp_path / "tiny.yaml", tiny_spec())
     url = f"sqlite:///{tmp_path / 'study.db'}"
     cli("create", str(spec), "--storage", url, check=True)
-    cli("create", str(spec), "--storage", url, check=True)
+    assert main(["create", str(spec), "--storage", url]) == 0  # in-process: the same entry point, no start-up
     write_spec(spec, tiny_spec(n_trials=9))
     changed = cli("create", str(spec), "--storage", url)
     assert changed.returncode == 2 and "--update-spec" in changed.stderr
-    cli("create", str(spec), "--storage", url, "--update-spec", check=True)
+    assert main(["create", str(spec), "--storage", url, "--update-spec"]) == 0
+    assert load_study(url, "tiny")[1].study.n_trials == 9  # the updated spec is the one stored
 
 
 def test_the_default_study_file_validates() -> None:

@@ -97,9 +97,18 @@ def test_enqueue_errors_name_the_value() -> None:
 
 @pytest.mark.slow
 def test_enqueue_command_and_warm_start_from_another_study(tmp_path: Path) -> None:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    spec = write_spec(tmp_path / "tiny.yaml", _fast(tiny_spec(n_trials=3)))
-    cli("run", str(spec), "--storage", url, cwd=tmp_path, check=True)
+    # A finished study to start from (its trials recorded directly: how they ran is not under test).
+    source = create_study(spec_from_dict(tiny_spec(n_trials=3)), url)
+    space = {
+        "model.init_args.lr": FloatDistribution(1e-3, 3e-2, log=True),
+        "data.init_args.batch_size": CategoricalDistribution([64, 128]),
+    }
+    for lr, batch_size, value in [(0.002, 64, 0.91), (0.01, 128, 0.95), (0.02, 64, 0.93)]:
+        params = {"model.init_args.lr": lr, "data.init_args.batch_size": batch_size}
+        source.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=value))
     other = write_spec(tmp_path / "other.yaml", _fast(tiny_spec("other", n_trials=6)))
     cli("create", str(other), "--storage", url, check=True)
     out = cli(

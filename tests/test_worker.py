@@ -218,7 +218,7 @@ def test_many_workers_one_study_no_duplicates_no_locks(
     backend: str, n_workers: int, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url")
-    n_trials = 30
+    n_trials = 16  # two or more a worker: enough to collide on every claim
     create_study(spec_from_dict(_tiny_fast(n_trials, grace_period=60, heartbeat_interval=5)), url)
     procs = _workers(url, tmp_path / "run", n_workers)
     outs = [p.communicate(timeout=600)[0] for p in procs]
