@@ -115,15 +115,18 @@ class WorkerTrial:
     storage in every rank: the callback shares its verdict between ranks through it.
     """
 
-    def __init__(self, conn: Any, number: int, params: dict[str, Any]) -> None:
+    def __init__(self, conn: Any, number: int, params: dict[str, Any], *, prunes: bool = True) -> None:
         self._conn = conn
         self.number = number
         self.params = params
+        self._prunes = prunes  # False: the study's pruner is NopPruner, so never wait on the answer
 
     def report(self, value: float, step: int) -> None:
         self._conn.send(("report", float(value), int(step)))
 
     def should_prune(self) -> bool:
+        if not self._prunes:
+            return False
         self._conn.send(("should_prune",))
         return bool(self._conn.recv())
 
@@ -147,7 +150,8 @@ def run_trial(job: TrialJob, conn: Any = None) -> TrialOutcome:
     print(f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()}{rank}, params {job.params}", flush=True)
     t = time.time()
     if conn is not None and job.world_size == 1:
-        trial: Any = WorkerTrial(conn, job.number, job.params)
+        pruner = (job.spec.get("study") or {}).get("pruner") or {}
+        trial: Any = WorkerTrial(conn, job.number, job.params, prunes=pruner.get("name") != "NopPruner")
     else:
         trial = retry_db(lambda: _open_trial(job), what="open the study")
     timings["storage"] = time.time() - t
@@ -198,6 +202,7 @@ class Fitted:
     best_path: str | None
     built: Any  # lightning_config.Built
     warnings: list[str] = field(default_factory=list)
+    save_seconds: float = 0.0  # spent writing checkpoints (part of the fit)
 
 
 def fit_config(
@@ -240,6 +245,7 @@ def fit_config(
     if trial is not None and not settings.is_multi_objective:
         pruning = pruning_callback(namespace, trial, settings.metric)
         callbacks.insert(0, pruning)
+    saving = _time_saves(checkpoint)
     built = build(config, callbacks=callbacks, seed=seed)
     if on_built is not None:
         on_built(built)
@@ -250,14 +256,31 @@ def fit_config(
     print(f"training ended at epoch {built.trainer.current_epoch}", flush=True)
     if settings.is_multi_objective:
         values = [float(built.trainer.callback_metrics[m]) for m in metrics]
-        return Fitted(values, checkpoint.last_model_path or None, built, guard.warnings)
+        return Fitted(values, checkpoint.last_model_path or None, built, guard.warnings, saving[0])
     if checkpoint.best_model_score is None:
         logged = ", ".join(sorted(built.trainer.callback_metrics)) or "none"
         raise TrialError(
             f"no validation score for {settings.metric!r} was recorded (logged: {logged})",
             fix="make sure validation runs (val_dataloader, limit_val_batches > 0)",
         )
-    return Fitted([float(checkpoint.best_model_score)], checkpoint.best_model_path or None, built, guard.warnings)
+    best = checkpoint.best_model_path or None
+    return Fitted([float(checkpoint.best_model_score)], best, built, guard.warnings, saving[0])
+
+
+def _time_saves(checkpoint: Any) -> list[float]:
+    """Count the seconds ``checkpoint`` spends writing files (into the returned one-item list)."""
+    spent = [0.0]
+    save = checkpoint._save_checkpoint
+
+    def timed(trainer: Any, filepath: str) -> None:
+        t = time.time()
+        try:
+            save(trainer, filepath)
+        finally:
+            spent[0] += time.time() - t
+
+    checkpoint._save_checkpoint = timed
+    return spent
 
 
 def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome:
@@ -303,6 +326,7 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
         on_built=record,
     )
     timings["fit"] = time.time() - t - timings["setup"]
+    timings["save"] = fitted.save_seconds
     rel = os.path.relpath(fitted.best_path, run_dir) if fitted.best_path else None
     print(f"finished: {dict(zip(spec.study.metrics, fitted.values))}, checkpoint {rel}", flush=True)
     return TrialOutcome("complete", values=fitted.values, checkpoint=rel, timings=timings, warnings=fitted.warnings)

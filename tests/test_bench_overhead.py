@@ -1,0 +1,41 @@
+"""bench/overhead.py --quick runs end to end and writes one row per method, without errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = {"plain", "lean", "optuna", "fresh", "lightstudy"}
+
+
+@pytest.mark.slow
+def test_quick_overhead_writes_every_method(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.jsonl"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "overhead.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    measured = [r for r in rows if r["method"] in METHODS]
+    assert {r["method"] for r in measured} == METHODS
+    for r in measured:
+        assert r["bench"] == "overhead" and r["workload"] == "trivial"
+        assert r["errors"] == 0, r
+        assert r["trials"] == r["per_trial_s"]["n"] >= 2
+        assert 0 < r["per_trial_s"]["min"] <= r["per_trial_s"]["median"] <= r["per_trial_s"]["max"]
+        assert r["ratio_vs_optuna"] > 0
+    # the same trials: lightstudy and the in-process loop train the same learning rates and seeds
+    by = {r["method"]: r for r in measured}
+    assert by["optuna"]["values"] == by["fresh"]["values"]
+    breakdown = next(r for r in rows if r["method"] == "lightstudy breakdown")
+    assert {"claim", "start", "setup", "fit", "checkpoint", "other"} <= set(breakdown["parts_s"])
+    assert breakdown["start_s"] > 0
+    assert any(r["method"] == "target" for r in rows)

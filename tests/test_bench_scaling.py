@@ -1,0 +1,35 @@
+"""bench/scaling.py --quick runs 1 and 2 workers on SQLite and PostgreSQL and finds nothing wrong."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_scaling_rows_and_checks(tmp_path: Path) -> None:
+    out = tmp_path / "scaling.jsonl"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "scaling.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    runs = [r for r in rows if "workers" in r]
+    assert {(r["backend"], r["workers"]) for r in runs} == {(b, n) for b in ("sqlite", "postgresql") for n in (1, 2)}
+    for r in runs:
+        assert r["bench"] == "scaling"
+        assert r["errors"] == 0, r
+        assert r["complete"] == r["trials"] == 4
+        assert r["running_at_end"] == r["duplicate_numbers"] == r["lost"] == r["storage_errors"] == 0
+        assert r["wall_s"]["median"] > r["startup_s"]["median"] > 0
+        assert r["trials_per_hour"] > 0 and r["efficiency"] > 0
+    assert sum(r.get("target", "").startswith("efficiency") for r in rows) == 2
