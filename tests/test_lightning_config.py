@@ -49,3 +49,28 @@ def test_check_spec_reports_the_user_module_raising_on_import(tmp_path, monkeypa
     doc["model"]["class_path"] = "broken_models.Net"
     with pytest.raises(SpecError, match="raised RuntimeError while importing"):
         check_spec(spec_from_dict(doc))
+
+
+def test_a_reused_parser_builds_what_a_fresh_lightning_cli_builds() -> None:
+    """Trials after the first reuse LightningCLI's parser: their configs, seeds and objects are unchanged."""
+    import yaml
+    from lightning.pytorch.cli import LightningCLI
+
+    for lr, channels, batch_size, seed in [(0.01, 8, 64, 1), (0.02, 16, 128, 7), (0.005, 4, 32, 3)]:
+        doc = tiny_spec()
+        doc["model"]["init_args"].update(lr=lr, channels=channels)
+        doc["data"]["init_args"]["batch_size"] = batch_size
+        doc["trainer"]["logger"] = False
+        config = spec_from_dict(doc).lightning_config()
+        built = build(config, callbacks=[], seed=seed)
+        fresh = LightningCLI(
+            args=dict(config),
+            run=False,
+            save_config_callback=None,
+            seed_everything_default=seed,
+            parser_kwargs={"exit_on_error": False},
+        )
+        assert built.config == yaml.safe_load(fresh.parser.dump(fresh.config, skip_link_targets=False))
+        assert built.config["seed_everything"] == seed
+        assert dict(built.model.hparams) == dict(fresh.model.hparams)
+        assert built.datamodule.hparams.batch_size == batch_size
