@@ -271,7 +271,8 @@ class Worker:
                 self._set_attrs(trial, attrs)
                 self._tell(trial, TrialState.COMPLETE, values)
                 self.report.complete += 1
-                retry_db(lambda: enforce_retention(self.study, self.spec, self.store), what="retention")
+                if ref is not None:  # only a checkpoint that entered the top k can push one out
+                    retry_db(lambda: enforce_retention(self.study, self.spec, self.store), what="retention")
                 metrics = ",".join(self.spec.study.metrics)
                 _log.info("trial %d complete: %s=%s in %.1fs", trial.number, metrics, _fmt(values), seconds)
             elif state == "pruned":
