@@ -1,4 +1,4 @@
-"""bench/scaling.py --quick runs 1 and 2 workers on SQLite and PostgreSQL and finds nothing wrong."""
+"""bench/scaling.py --quick runs 1 and 2 workers on SQLite and finds nothing wrong."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_quick_scaling_rows_and_checks(tmp_path: Path) -> None:
     out = tmp_path / "scaling.jsonl"
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "scaling.py"), "--quick", "--out", str(out)],
+        # SQLite only: bench/storage.py's test runs the benchmarks' PostgreSQL path; a second
+        # backend here would double the test's time for nothing new to the script.
+        [sys.executable, str(REPO / "bench" / "scaling.py"), "--quick", "--backends", "sqlite", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -24,7 +26,7 @@ def test_quick_scaling_rows_and_checks(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     runs = [r for r in rows if "workers" in r]
-    assert {(r["backend"], r["workers"]) for r in runs} == {(b, n) for b in ("sqlite", "postgresql") for n in (1, 2)}
+    assert {(r["backend"], r["workers"]) for r in runs} == {("sqlite", n) for n in (1, 2)}
     for r in runs:
         assert r["bench"] == "scaling"
         assert r["errors"] == 0, r
@@ -32,4 +34,4 @@ def test_quick_scaling_rows_and_checks(tmp_path: Path) -> None:
         assert r["running_at_end"] == r["duplicate_numbers"] == r["lost"] == r["storage_errors"] == 0
         assert r["wall_s"]["median"] > r["startup_s"]["median"] > 0
         assert r["trials_per_hour"] > 0 and r["efficiency"] > 0
-    assert sum(r.get("target", "").startswith("efficiency") for r in rows) == 2
+    assert sum(r.get("target", "").startswith("efficiency") for r in rows) == 1  # one per backend

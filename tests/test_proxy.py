@@ -54,7 +54,8 @@ def test_heartbeats_tunnel_through_a_system_attr(sqlite_url: str) -> None:
     assert beats == 1
 
 
-def test_bad_proxy_addresses_are_clear_errors() -> None:
+def test_bad_proxy_addresses_are_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lightstudy.storage.PROXY_WAIT_SECONDS", 2.0)  # not the 30 s a real client waits
     with pytest.raises(StorageError, match="grpc://host:port"):
         open_storage("grpc://nohost")
     with pytest.raises(StorageError, match="no lightstudy proxy answers"):

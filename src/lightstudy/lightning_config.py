@@ -155,7 +155,7 @@ def _reusing_cli(namespace: str) -> type:
             if add_subcommands or type(self)._reused_parser is None:
                 super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
                 if not add_subcommands:
-                    type(self)._reused_parser = self.parser
+                    type(self)._reused_parser = self.parser  # type: ignore[has-type]
             else:
                 self.parser = type(self)._reused_parser
 

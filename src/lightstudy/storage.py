@@ -42,6 +42,7 @@ __all__ = [
 
 ENV_VAR = "LIGHTSTUDY_STORAGE"
 SQLITE_BUSY_TIMEOUT = 60.0  # seconds a SQLite writer waits for the lock before failing
+PROXY_WAIT_SECONDS = 30.0  # seconds a client waits for `lightstudy proxy` to answer before failing
 POOL_SIZE = 2  # connections a process keeps open to PostgreSQL (workers need 1-2)
 POOL_OVERFLOW = 4  # extra connections a burst may open, closed when returned
 POOL_RECYCLE = 1800  # seconds before a pooled connection is replaced
@@ -157,7 +158,7 @@ def open_storage(url: str, *, create: bool = True) -> Any:
         host, port = _grpc_address(url)
         proxy = optuna.storages.GrpcStorageProxy(host=host, port=port)
         try:
-            proxy.wait_server_ready(timeout=30)
+            proxy.wait_server_ready(timeout=PROXY_WAIT_SECONDS)
         except Exception as e:
             raise StorageError(
                 f"no lightstudy proxy answers at {host}:{port} ({type(e).__name__})",
