@@ -227,12 +227,22 @@ def budget(trials: Sequence[FrozenTrial], spec: StudySpec, now: datetime.datetim
         or (t.state == TrialState.FAIL and t.number not in retried)
         for t in trials
     )
+    starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+    return _budget(spec, used, running, waiting, min(starts, default=None), now)
+
+
+def _budget(
+    spec: StudySpec,
+    used: int,
+    running: int,
+    waiting: int,
+    first_start: datetime.datetime | None,
+    now: datetime.datetime | None = None,
+) -> Budget:
+    """The study's rules (``n_trials``, ``timeout`` from the first trial's start) over the counts."""
     timed_out = False
-    if spec.study.timeout is not None:
-        starts = [t.datetime_start for t in trials if t.datetime_start is not None]
-        if starts:
-            now = now or datetime.datetime.now()
-            timed_out = (now - min(starts)).total_seconds() >= spec.study.timeout
+    if spec.study.timeout is not None and first_start is not None:
+        timed_out = ((now or datetime.datetime.now()) - first_start).total_seconds() >= spec.study.timeout
     full = spec.study.n_trials is not None and used >= spec.study.n_trials
     return Budget(used, running, waiting, timed_out, full)
 
@@ -278,15 +288,10 @@ def count_budget(study: optuna.Study, spec: StudySpec) -> tuple[Budget, int]:
                 )
             ).scalar_one()
     counts = {state: n for state, n, _ in rows}
-    starts = [start for _, _, start in rows if start is not None]
-    running = counts.get(TrialState.RUNNING, 0)
-    waiting = counts.get(TrialState.WAITING, 0)
+    first_start = min((start for _, _, start in rows if start is not None), default=None)
     used = sum(counts.values()) - failed_retried
-    timed_out = False
-    if spec.study.timeout is not None and starts:
-        timed_out = (datetime.datetime.now() - min(starts)).total_seconds() >= spec.study.timeout
-    full = spec.study.n_trials is not None and used >= spec.study.n_trials
-    return Budget(used, running, waiting, timed_out, full), sum(counts.values())
+    running, waiting = counts.get(TrialState.RUNNING, 0), counts.get(TrialState.WAITING, 0)
+    return _budget(spec, used, running, waiting, first_start), sum(counts.values())
 
 
 def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | None, Budget]:
