@@ -91,6 +91,9 @@ def _nested(value: Any, key: str, source: str) -> Any:
 
 
 def _instantiate(cls: type, kwargs: dict[str, Any], key: str, source: str) -> Any:
+    from lightstudy.pruners import spec_name
+
+    name = spec_name(cls)  # errors name MedianPruner, not the cached class standing in for it
     kwargs = {k: _nested(v, f"{key}.{k}", source) for k, v in kwargs.items()}
     try:
         inspect.signature(cls).bind(**kwargs)
@@ -99,7 +102,7 @@ def _instantiate(cls: type, kwargs: dict[str, Any], key: str, source: str) -> An
         raise SpecError(
             source,
             key,
-            f"{cls.__name__} does not accept these arguments ({e})",
+            f"{name} does not accept these arguments ({e})",
             kwargs,
             fix="use its arguments: " + ", ".join(params),
         ) from e
@@ -111,9 +114,9 @@ def _instantiate(cls: type, kwargs: dict[str, Any], key: str, source: str) -> An
         raise SpecError(
             source,
             key,
-            f"{cls.__name__} rejected its arguments: {e}",
+            f"{name} rejected its arguments: {e}",
             kwargs,
-            fix=f"see the {cls.__name__} documentation",
+            fix=f"see the {name} documentation",
         ) from e
 
 

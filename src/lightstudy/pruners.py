@@ -250,3 +250,8 @@ CACHED: dict[type, type] = {
 def cached_equivalent(cls: type) -> type:
     """The cached pruner with the decisions of Optuna's ``cls``; ``cls`` itself for any other class."""
     return CACHED.get(cls, cls)
+
+
+def spec_name(cls: type) -> str:
+    """The name a spec gives ``cls``: Optuna's for a cached equivalent (what the user wrote)."""
+    return next((optuna_cls.__name__ for optuna_cls, cached in CACHED.items() if cached is cls), cls.__name__)
