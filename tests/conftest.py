@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -15,6 +17,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PG_BASE = os.environ.get("LIGHTSTUDY_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first: pytest-xdist hands tests out in this order, so the long ones start early
+    and the short ones fill the end instead of one long test running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def tiny_spec(name: str = "tiny", *, n_trials: int = 3, max_epochs: int = 2, **study: Any) -> dict[str, Any]:
@@ -70,6 +78,56 @@ def pg_url() -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+class PrivateServer:
+    """A throwaway PostgreSQL server of the test's own (initdb on a free port): a test may stop and
+    restart it without touching the shared server that the other tests, maybe in parallel, use."""
+
+    def __init__(self, root: Path) -> None:
+        import glob
+        import shutil
+
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb") or ""]
+        if not found[-1]:
+            raise RuntimeError("initdb not found: install the PostgreSQL server (Debian: postgresql)")
+        self.bin = Path(found[-1]).parent
+        self.root = root
+        self.data = root / "data"
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        if os.geteuid() == 0:  # the server refuses to run as root: it runs as the postgres user
+            shutil.chown(root, "postgres")
+        self._ctl("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+        self.start()
+
+    def _ctl(self, program: str, *args: str) -> None:
+        cmd = [str(self.bin / program), *args]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, check=True, timeout=120, capture_output=True)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._ctl("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "server.log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._ctl("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivateServer]:
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="lightstudy-pg-"))  # not under tmp_path: postgres must reach it
+    server = PrivateServer(root)
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def cli(
     *args: str,
     cwd: Path | None = None,
@@ -88,6 +146,39 @@ def cli(
         text=True,
         timeout=timeout,
     )
+    return _checked(result, args, check)
+
+
+def run_cli(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """``lightstudy ARGS`` in this process: the ``main`` the script calls, with its exit code and
+    output, without an interpreter's start-up and torch import (seconds a call). ``cli`` runs the
+    real script where the entry point itself is under test; this is for what a command does."""
+    from lightstudy.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_cwd, saved_env = os.getcwd(), dict(os.environ)
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        os.environ.update(env or {})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    result = subprocess.CompletedProcess(["lightstudy", *args], code, out.getvalue(), err.getvalue())
+    return _checked(result, args, check)
+
+
+def _checked(
+    result: subprocess.CompletedProcess[str], args: tuple[str, ...], check: bool
+) -> subprocess.CompletedProcess[str]:
     if check and result.returncode != 0:
         raise AssertionError(
             f"lightstudy {' '.join(args)} exited {result.returncode}\n"

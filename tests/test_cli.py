@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from conftest import REPO, Dashboard, cli, tiny_spec, write_spec
+from conftest import REPO, Dashboard, cli, run_cli, tiny_spec, write_spec
 from lightstudy.cli import app
 from lightstudy.spec import spec_from_dict
 from lightstudy.study import create_study, load_study
@@ -20,7 +20,7 @@ COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands
 def test_every_command_has_help_with_an_example() -> None:
     assert {"validate", "create", "run", "worker", "status", "best", "dashboard"} <= set(COMMANDS)
     for name in COMMANDS:
-        result = cli(name, "--help")
+        result = run_cli(name, "--help")
         assert result.returncode == 0, result.stderr
         assert "Example" in result.stdout, name
 
@@ -127,14 +127,14 @@ def test_create_is_idempotent_and_refuses_a_changed_spec(tmp_path: Path) -> None
 
     spec = write_spec(tmp_path / "tiny.yaml", tiny_spec())
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    cli("create", str(spec), "--storage", url, check=True)
+    run_cli("create", str(spec), "--storage", url, check=True)
     assert main(["create", str(spec), "--storage", url]) == 0  # in-process: the same entry point, no start-up
     write_spec(spec, tiny_spec(n_trials=9))
-    changed = cli("create", str(spec), "--storage", url)
+    changed = run_cli("create", str(spec), "--storage", url)
     assert changed.returncode == 2 and "--update-spec" in changed.stderr
     assert main(["create", str(spec), "--storage", url, "--update-spec"]) == 0
     assert load_study(url, "tiny")[1].study.n_trials == 9  # the updated spec is the one stored
 
 
 def test_the_default_study_file_validates() -> None:
-    cli("validate", str(REPO / "studies" / "digits.yaml"), check=True)
+    run_cli("validate", str(REPO / "studies" / "digits.yaml"), check=True)

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO, cli, tiny_spec
+from conftest import REPO, run_cli, tiny_spec
 
 COMPOSE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
@@ -218,7 +218,7 @@ def test_every_service_command_is_a_lightstudy_command_with_help(config: dict[st
     assert {c[0] for c in commands} == {"create", "worker", "dashboard"}
     for command in sorted(commands):
         # --help after the service's own arguments: click rejects an unknown option before it helps.
-        result = cli(*command, "--help", cwd=REPO)
+        result = run_cli(*command, "--help", cwd=REPO)
         assert result.returncode == 0, f"{command}: {result.stderr}"
         assert f"Usage: lightstudy {command[0]}" in result.stdout
 
@@ -228,7 +228,7 @@ def test_the_created_study_validates_and_is_the_one_workers_join(config: dict[st
 
     command = config["services"]["create"]["command"]
     assert command[0] == "create" and command[1].startswith("studies/"), "the image has studies/ only"
-    result = cli("validate", command[1], cwd=REPO)
+    result = run_cli("validate", command[1], cwd=REPO)
     assert result.returncode == 0, result.stderr
     name = load_spec(REPO / command[1]).study.name
     for worker in WORKERS:
@@ -564,5 +564,5 @@ def test_docs_run_only_real_commands_and_options() -> None:
     commands = _documented_commands()
     assert {c[0] for c in commands} >= {"run", "create", "worker", "status", "dashboard", "best"}
     for command in {tuple(c) for c in commands}:
-        result = cli(*command, "--help", cwd=REPO)
+        result = run_cli(*command, "--help", cwd=REPO)
         assert result.returncode == 0, f"docs: lightstudy {' '.join(command)}: {result.stderr}"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from conftest import Finished, cli
+from conftest import Finished, run_cli
 from lightstudy.errors import CheckpointError, LightstudyError
 from lightstudy.evaluate import exported_config, select_trial, stored_test_metrics
 from lightstudy.study import load_study
@@ -39,7 +39,7 @@ def test_export_trains_with_plain_lightning_cli_and_scores_the_recorded_value(
     finished_study: Finished, tmp_path: Path
 ) -> None:
     out = tmp_path / "export"
-    cli(
+    run_cli(
         "best",
         finished_study.name,
         "--storage",
@@ -109,14 +109,14 @@ def test_export_trains_with_plain_lightning_cli_and_scores_the_recorded_value(
 @pytest.mark.slow
 def test_test_command_stores_metrics_shown_by_best_and_status(finished_study: Finished) -> None:
     args = ["--storage", finished_study.url, "--run-dir", str(finished_study.run_dir)]
-    result = cli("test", finished_study.name, *args, "--top", "2", check=True)
+    result = run_cli("test", finished_study.name, *args, "--top", "2", check=True)
     assert "test_acc" in result.stdout
     study, _ = load_study(finished_study.url, finished_study.name)
     stored = stored_test_metrics(study)
     assert len(stored) == 2 and all(0.0 < m["test_acc"] <= 1.0 for m in stored.values())
-    best = json.loads(cli("best", finished_study.name, *args, "--format", "json", check=True).stdout)
+    best = json.loads(run_cli("best", finished_study.name, *args, "--format", "json", check=True).stdout)
     assert best["test_metrics"]["test_acc"] == stored[best["number"]]["test_acc"]
-    status = cli("status", finished_study.name, "--storage", finished_study.url, check=True)
+    status = run_cli("status", finished_study.name, "--storage", finished_study.url, check=True)
     assert "test_acc" in status.stdout
 
 
@@ -131,7 +131,7 @@ def test_errors_for_unkept_missing_and_empty(finished_study: Finished, tmp_path:
     empty_run = tmp_path / "elsewhere"
     with pytest.raises(CheckpointError, match="is missing from"):
         fetch(study, spec, empty_run, complete[0], tmp_path)
-    result = cli(
+    result = run_cli(
         "best",
         finished_study.name,
         "--storage",
@@ -151,7 +151,7 @@ def test_corrupted_checkpoint_is_a_clear_error(finished_study: Finished, tmp_pat
     shutil.copytree(finished_study.run_dir / "artifacts", copy_run / "artifacts")
     for path in (copy_run / "artifacts").iterdir():
         path.write_bytes(path.read_bytes()[:200])
-    result = cli(
+    result = run_cli(
         "best",
         finished_study.name,
         "--storage",
@@ -171,13 +171,13 @@ def test_study_without_finished_trials_is_a_clear_error(tmp_path: Path) -> None:
 
     spec = write_spec(tmp_path / "s.yaml", tiny_spec("empty"))
     url = f"sqlite:///{tmp_path / 'e.db'}"
-    cli("create", str(spec), "--storage", url, check=True)
+    run_cli("create", str(spec), "--storage", url, check=True)
     for args in (
         ["best", "empty"],
         ["best", "empty", "--export", str(tmp_path / "x")],
         ["test", "empty"],
         ["report", "empty", "--out", str(tmp_path / "r.html")],
     ):
-        result = cli(*args, "--storage", url)
+        result = run_cli(*args, "--storage", url)
         assert result.returncode == 2, args
         assert result.stderr.startswith("error:") and "fix:" in result.stderr

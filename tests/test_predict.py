@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import Finished, cli
+from conftest import Finished, run_cli
 from lightstudy.errors import LightstudyError
 from lightstudy.examples import DigitsDataModule
 from lightstudy.study import load_study
@@ -15,9 +15,9 @@ from lightstudy.study import load_study
 @pytest.mark.slow
 def test_predictions_match_the_best_trials_test_accuracy(finished_study: Finished, tmp_path: Path) -> None:
     args = ["--storage", finished_study.url, "--run-dir", str(finished_study.run_dir)]
-    cli("test", finished_study.name, *args, check=True)
+    run_cli("test", finished_study.name, *args, check=True)
     out = tmp_path / "predictions.csv"
-    result = cli("predict", finished_study.name, *args, "--out", str(out), check=True)
+    result = run_cli("predict", finished_study.name, *args, "--out", str(out), check=True)
     assert "wrote 359 predictions" in result.stdout
     with open(out) as handle:
         rows = list(csv.DictReader(handle))
@@ -43,7 +43,7 @@ def test_predict_files_and_pt_output(finished_study: Finished, tmp_path: Path) -
         Image.new("L", (8, 8), color=40 * i).save(path)
         files.append(str(path))
     out = tmp_path / "p.pt"
-    cli(
+    run_cli(
         "predict",
         finished_study.name,
         *files,
@@ -60,7 +60,7 @@ def test_predict_files_and_pt_output(finished_study: Finished, tmp_path: Path) -
     predictions = torch.load(out, weights_only=True)
     assert predictions.shape == (3,)
     csv_out = tmp_path / "p.csv"
-    cli(
+    run_cli(
         "predict",
         finished_study.name,
         *files,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Finished, cli
+from conftest import Finished, run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -16,7 +16,7 @@ def test_report_renders_in_headless_chromium_with_every_plot(finished_study: Fin
     from playwright.sync_api import sync_playwright
 
     out = tmp_path / "report.html"
-    cli(
+    run_cli(
         "report",
         finished_study.name,
         "--storage",

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import cli, tiny_spec, write_spec
+from conftest import cli, run_cli, tiny_spec, write_spec
 from lightstudy.components import build_pruner, build_sampler
 from lightstudy.errors import SpecError
 from lightstudy.lightning_config import check_spec
@@ -110,8 +110,8 @@ def test_enqueue_command_and_warm_start_from_another_study(tmp_path: Path) -> No
         params = {"model.init_args.lr": lr, "data.init_args.batch_size": batch_size}
         source.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=value))
     other = write_spec(tmp_path / "other.yaml", _fast(tiny_spec("other", n_trials=6)))
-    cli("create", str(other), "--storage", url, check=True)
-    out = cli(
+    run_cli("create", str(other), "--storage", url, check=True)
+    out = run_cli(
         "enqueue",
         "other",
         "--storage",
@@ -123,14 +123,14 @@ def test_enqueue_command_and_warm_start_from_another_study(tmp_path: Path) -> No
         check=True,
     )
     assert "queued 1 configuration" in out.stdout
-    out = cli("enqueue", "other", "--storage", url, "--from-study", "tiny", "--top", "2", check=True)
+    out = run_cli("enqueue", "other", "--storage", url, "--from-study", "tiny", "--top", "2", check=True)
     assert "queued 2 configuration" in out.stdout
     study, _ = load_study(url, "other")
     waiting = [t for t in study.trials if t.state == TrialState.WAITING]
     tiny, _ = load_study(url, "tiny")
     best_two = sorted(tiny.trials, key=lambda t: (-t.value, t.number))[:2]
     assert [t.system_attrs["fixed_params"] for t in waiting[1:]] == [t.params for t in best_two]
-    bad = cli("enqueue", "other", "--storage", url, "-p", "model.init_args.lr=7")
+    bad = run_cli("enqueue", "other", "--storage", url, "-p", "model.init_args.lr=7")
     assert bad.returncode == 2 and "outside its distribution" in bad.stderr
 
 
@@ -150,13 +150,13 @@ def test_multi_objective_study_shows_and_keeps_the_pareto_front(tmp_path: Path) 
     cli("run", str(spec), "--storage", url, cwd=tmp_path, check=True)
     study, _ = load_study(url, "multi")
     front = {t.number for t in study.best_trials}
-    best = json.loads(cli("best", "multi", "--storage", url, "--format", "json", cwd=tmp_path, check=True).stdout)
+    best = json.loads(run_cli("best", "multi", "--storage", url, "--format", "json", cwd=tmp_path, check=True).stdout)
     assert {r["number"] for r in best} == front
     assert all(set(r["values"]) == {"val_acc", "param_count"} for r in best)
     assert all(r["checkpoint"] for r in best)  # the whole front is kept
     stored = list((tmp_path / "runs" / "multi" / "artifacts").iterdir())
     assert len(stored) == len(front)
-    table = cli("best", "multi", "--storage", url, cwd=tmp_path, check=True).stdout
+    table = run_cli("best", "multi", "--storage", url, cwd=tmp_path, check=True).stdout
     assert table.count("Pareto-optimal trial") == len(front)
 
 
