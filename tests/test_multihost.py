@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, tiny_spec, write_spec
+from conftest import run_cli, tiny_spec, write_spec
 from lightstudy.study import load_study
 
 
@@ -28,7 +28,7 @@ def test_two_hosts_share_only_the_database_and_the_store(pg_url: str, s3_server:
         host.mkdir()
     spec = write_spec(hosts[0] / "hosts.yaml", doc)
     env = {"LIGHTSTUDY_STORAGE": pg_url}
-    cli("create", str(spec), cwd=hosts[0], env=env, check=True)
+    run_cli("create", str(spec), cwd=hosts[0], env=env, check=True)
     # Each "host" runs its worker in its own working directory, with its own run folder.
     procs = [
         subprocess.Popen(
@@ -51,7 +51,7 @@ def test_two_hosts_share_only_the_database_and_the_store(pg_url: str, s3_server:
     # From a third machine, `best` sees the kept checkpoints of both hosts and fetches each.
     records = [
         json.loads(
-            cli("best", "hosts", "--rank", str(rank), "--format", "json", cwd=hosts[2], env=env, check=True).stdout
+            run_cli("best", "hosts", "--rank", str(rank), "--format", "json", cwd=hosts[2], env=env, check=True).stdout
         )
         for rank in range(1, 7)
     ]
@@ -61,5 +61,5 @@ def test_two_hosts_share_only_the_database_and_the_store(pg_url: str, s3_server:
     for record in by_worker.values():
         rank = records.index(record) + 1
         out = hosts[2] / f"export-{rank}"
-        cli("best", "hosts", "--rank", str(rank), "--export", str(out), cwd=hosts[2], env=env, check=True)
+        run_cli("best", "hosts", "--rank", str(rank), "--export", str(out), cwd=hosts[2], env=env, check=True)
         assert len(list(out.glob("*.ckpt"))) == 1

@@ -25,13 +25,13 @@ def test_every_study_file_validates(path: Path) -> None:
 
 @pytest.mark.slow
 def test_default_digits_study_meets_its_promise(tmp_path: Path) -> None:
-    """`lightstudy run studies/digits.yaml` with 4 CPU workers, then the dashboard serves the kept checkpoints."""
+    """The README's `lightstudy run studies/digits.yaml --workers 2`, then the dashboard serves the kept checkpoints."""
     import lightning.pytorch as lp
 
     from lightstudy.checkpoints import load_checkpoint
     from lightstudy.examples import ConvNet, DigitsDataModule
 
-    result = cli("run", str(REPO / "studies" / "digits.yaml"), "--workers", "4", cwd=tmp_path, check=True)
+    result = cli("run", str(REPO / "studies" / "digits.yaml"), "--workers", "2", cwd=tmp_path, check=True)
     assert "best trial of digits" in result.stdout
     spec = load_spec(REPO / "studies" / "digits.yaml")
     study, _ = load_study(f"sqlite:///{tmp_path / 'runs/digits/study.db'}", "digits")
