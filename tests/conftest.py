@@ -19,10 +19,29 @@ REPO = Path(__file__).resolve().parents[1]
 PG_BASE = os.environ.get("LIGHTSTUDY_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests first: pytest-xdist hands tests out in this order, so the long ones start early
-    and the short ones fill the end instead of one long test running alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Long tests first in each test process's share, dealt out evenly.
+
+    pytest-xdist's worksteal mode hands process k the k-th of n contiguous parts of this list
+    (and an idle process later takes queued tests from a busy one). So each part starts with
+    its share of the tests marked slow: both processes begin with long tests, and short ones,
+    not a long one running alone, fill the end. In one process: slow tests first.
+    """
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    fast = [item for item in items if not item.get_closest_marker("slow")]
+    n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    sizes, left = [], len(items)
+    for k in range(n):  # the sizes worksteal splits into
+        sizes.append(left // (n - k))
+        left -= sizes[-1]
+    parts = [slow[k::n] for k in range(n)]
+    if any(len(part) > size for part, size in zip(parts, sizes)):
+        parts = [slow]  # too few short tests to go around: slow first is the best left
+    rest = iter(fast)
+    for part, size in zip(parts, sizes):
+        part.extend(next(rest) for _ in range(size - len(part)))
+    items[:] = [item for part in parts for item in part] + list(rest)
 
 
 def tiny_spec(name: str = "tiny", *, n_trials: int = 3, max_epochs: int = 2, **study: Any) -> dict[str, Any]:
@@ -119,12 +138,14 @@ def private_postgres() -> Iterator[PrivateServer]:
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="lightstudy-pg-"))  # not under tmp_path: postgres must reach it
-    server = PrivateServer(root)
+    server = None
     try:
+        server = PrivateServer(root)
         yield server
     finally:
-        with contextlib.suppress(subprocess.SubprocessError):
-            server.stop()
+        if server is not None:
+            with contextlib.suppress(subprocess.SubprocessError):
+                server.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
