@@ -123,16 +123,14 @@ def test_two_hand_started_workers_share_the_budget(tmp_path: Path) -> None:
 
 
 def test_create_is_idempotent_and_refuses_a_changed_spec(tmp_path: Path) -> None:
-    from lightstudy.cli import main
-
     spec = write_spec(tmp_path / "tiny.yaml", tiny_spec())
     url = f"sqlite:///{tmp_path / 'study.db'}"
     run_cli("create", str(spec), "--storage", url, check=True)
-    assert main(["create", str(spec), "--storage", url]) == 0  # in-process: the same entry point, no start-up
+    run_cli("create", str(spec), "--storage", url, check=True)  # the same spec again: nothing to do
     write_spec(spec, tiny_spec(n_trials=9))
     changed = run_cli("create", str(spec), "--storage", url)
     assert changed.returncode == 2 and "--update-spec" in changed.stderr
-    assert main(["create", str(spec), "--storage", url, "--update-spec"]) == 0
+    run_cli("create", str(spec), "--storage", url, "--update-spec", check=True)
     assert load_study(url, "tiny")[1].study.n_trials == 9  # the updated spec is the one stored
 
 
