@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -206,6 +207,22 @@ def _checked(
             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
         )
     return result
+
+
+def run_bench(
+    script: str, out: Path, *args: str, timeout: float = 600
+) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """``python bench/SCRIPT --quick ARGS --out OUT`` from the repository root, as its README runs
+    it; asserts it exited 0 and returns the run and the JSON rows it wrote."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--quick", *args, "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done, [json.loads(line) for line in out.read_text().splitlines()]
 
 
 @pytest.fixture(autouse=True)

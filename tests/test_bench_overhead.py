@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_bench
+
 METHODS = {"plain", "lean", "optuna", "fresh", "lightstudy"}
 
 
 @pytest.mark.slow
 def test_quick_overhead_writes_every_method(tmp_path: Path) -> None:
     out = tmp_path / "overhead.jsonl"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "overhead.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    _, rows = run_bench("overhead.py", out)
     measured = [r for r in rows if r["method"] in METHODS]
     assert {r["method"] for r in measured} == METHODS
     for r in measured:

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_bench
 
 
 @pytest.mark.slow
 def test_quick_run_writes_one_row_per_pruner_and_checks_every_spec(tmp_path: Path) -> None:
     out = tmp_path / "pruning.jsonl"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "pruning.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done, rows = run_bench("pruning.py", out, timeout=300)
     assert "pruning: digits" in done.stdout and f"wrote 2 rows to {out}" in done.stdout
-
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["pruner"] for r in rows] == ["none", "median"]
     # The full run's specs (every pruner, with its kwargs) passed lightstudy's checks.
     assert rows[0]["checked_specs"] == ["study/none", "study/median", "study/sha", "study/hyperband"]

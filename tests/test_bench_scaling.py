@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_bench
 
 
 @pytest.mark.slow
 def test_quick_scaling_rows_and_checks(tmp_path: Path) -> None:
     out = tmp_path / "scaling.jsonl"
-    done = subprocess.run(
-        # SQLite only: bench/storage.py's test runs the benchmarks' PostgreSQL path; a second
-        # backend here would double the test's time for nothing new to the script.
-        [sys.executable, str(REPO / "bench" / "scaling.py"), "--quick", "--backends", "sqlite", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # SQLite only: bench/storage.py's test runs the benchmarks' PostgreSQL path; a second
+    # backend here would double the test's time for nothing new to the script.
+    _, rows = run_bench("scaling.py", out, "--backends", "sqlite")
     runs = [r for r in rows if "workers" in r]
     assert {(r["backend"], r["workers"]) for r in runs} == {("sqlite", n) for n in (1, 2)}
     for r in runs:

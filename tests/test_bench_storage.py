@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_bench
+
 PHASES = ("claim", "params", "attrs", "reports", "tell", "retention")
 
 
@@ -17,15 +15,7 @@ PHASES = ("claim", "params", "attrs", "reports", "tell", "retention")
 def test_quick_run_writes_one_row_per_configuration(tmp_path: Path) -> None:
     out = tmp_path / "storage.jsonl"
     # One sampler keeps this short; the full matrix is the same code per sampler.
-    done = subprocess.run(
-        [sys.executable, "bench/storage.py", "--quick", "--samplers", "random", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    done, rows = run_bench("storage.py", out, "--samplers", "random")
     keys = {(r["backend"], r["sampler"], r["trials"], r["clients"], r["mode"]) for r in rows}
     assert keys == {
         (backend, "random", size, clients, mode)
