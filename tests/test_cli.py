@@ -136,3 +136,36 @@ def test_create_is_idempotent_and_refuses_a_changed_spec(tmp_path: Path) -> None
 
 def test_the_default_study_file_validates() -> None:
     run_cli("validate", str(REPO / "studies" / "digits.yaml"), check=True)
+
+
+def test_read_commands_find_a_study_in_another_run_folder_with_run_dir(tmp_path: Path) -> None:
+    # A spec's run_dir (like `run --run-dir`) puts the database in that folder, not runs/<name>.
+    spec = write_spec(tmp_path / "tiny.yaml", tiny_spec(run_dir="elsewhere"))
+    run_cli("create", str(spec), cwd=tmp_path, check=True)
+    assert (tmp_path / "elsewhere" / "study.db").exists()
+    status = run_cli("status", "tiny", "--run-dir", "elsewhere", cwd=tmp_path, check=True)
+    assert "0/3 trials done" in status.stdout
+    listing = run_cli("status", "--run-dir", "elsewhere", cwd=tmp_path, check=True)
+    assert "tiny" in listing.stdout
+    # Without the flag the error names where it looked and how to point it at the folder.
+    missing = run_cli("status", "tiny", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "runs/tiny/study.db" in missing.stderr and "--run-dir" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_status_best_and_report_read_what_run_wrote_with_run_dir(tmp_path: Path) -> None:
+    doc = tiny_spec(n_trials=1, max_epochs=1)
+    doc["trainer"].update(limit_train_batches=2, limit_val_batches=2)
+    spec = write_spec(tmp_path / "tiny.yaml", doc)
+    run_cli("run", str(spec), "--workers", "1", "--run-dir", "elsewhere", cwd=tmp_path, check=True)
+    assert (tmp_path / "elsewhere" / "study.db").exists()
+    assert not (tmp_path / "runs").exists()
+    status = run_cli("status", "tiny", "--run-dir", "elsewhere", cwd=tmp_path, check=True)
+    assert "1/1 trials done" in status.stdout
+    best = run_cli("best", "tiny", "--run-dir", "elsewhere", "--format", "json", cwd=tmp_path, check=True)
+    record = json.loads(best.stdout)
+    assert record["number"] == 0 and (tmp_path / record["checkpoint"]).exists()
+    run_cli("report", "tiny", "--run-dir", "elsewhere", "--out", "r.html", cwd=tmp_path, check=True)
+    assert "Study tiny" in (tmp_path / "r.html").read_text()
