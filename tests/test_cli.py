@@ -169,3 +169,47 @@ def test_status_best_and_report_read_what_run_wrote_with_run_dir(tmp_path: Path)
     assert record["number"] == 0 and (tmp_path / record["checkpoint"]).exists()
     run_cli("report", "tiny", "--run-dir", "elsewhere", "--out", "r.html", cwd=tmp_path, check=True)
     assert "Study tiny" in (tmp_path / "r.html").read_text()
+
+
+def test_one_storage_rule_flag_then_environment_then_spec_then_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightstudy.cli.app import storage_url
+    from lightstudy.errors import StorageError
+
+    monkeypatch.chdir(tmp_path)
+    flag, env, in_spec = (f"sqlite:///{tmp_path / n}.db" for n in ("flag", "env", "spec"))
+    spec = spec_from_dict(tiny_spec(storage=in_spec))
+    bare = spec_from_dict(tiny_spec(run_dir="elsewhere"))
+    # Commands with a spec file (validate, create, run).
+    assert storage_url(None, spec=bare) == "sqlite:///elsewhere/study.db"
+    assert storage_url(None, spec=spec) == in_spec
+    monkeypatch.setenv("LIGHTSTUDY_STORAGE", env)
+    assert storage_url(None, spec=spec) == env
+    assert storage_url(flag, spec=spec) == flag
+    # Commands that read a study: the run folder's study.db only when it exists.
+    assert storage_url(None, study="tiny", run_dir=Path("elsewhere")) == env
+    assert storage_url(flag, study="tiny") == flag
+    monkeypatch.delenv("LIGHTSTUDY_STORAGE")
+    with pytest.raises(StorageError, match=r"no runs/tiny/study\.db here"):
+        storage_url(None, study="tiny")
+    with pytest.raises(StorageError, match=r"no elsewhere/study\.db here.*--run-dir"):
+        storage_url(None, study="tiny", run_dir=Path("elsewhere"))
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "study.db").touch()
+    assert storage_url(None, study="tiny") == "sqlite:///runs/tiny/study.db"
+    with pytest.raises(StorageError, match="no storage given"):  # the proxy: no spec, no run folder
+        storage_url(None)
+
+
+def test_create_and_status_follow_the_storage_rule(tmp_path: Path) -> None:
+    in_spec, env, flag = (f"sqlite:///{tmp_path / n}.db" for n in ("spec", "env", "flag"))
+    spec = write_spec(tmp_path / "tiny.yaml", tiny_spec(storage=in_spec))
+    run_cli("create", str(spec), cwd=tmp_path, check=True)
+    run_cli("create", str(spec), cwd=tmp_path, env={"LIGHTSTUDY_STORAGE": env}, check=True)
+    run_cli("create", str(spec), "--storage", flag, cwd=tmp_path, env={"LIGHTSTUDY_STORAGE": env}, check=True)
+    assert all((tmp_path / f"{n}.db").exists() for n in ("spec", "env", "flag"))
+    status = run_cli("status", "tiny", cwd=tmp_path, env={"LIGHTSTUDY_STORAGE": env}, check=True)
+    assert "env.db" in status.stdout
+    status = run_cli("status", "tiny", "--storage", flag, cwd=tmp_path, env={"LIGHTSTUDY_STORAGE": env}, check=True)
+    assert "flag.db" in status.stdout

@@ -1,109 +1,22 @@
-"""The ``lightstudy`` command line. Every command is a plain function whose docstring is its help.
+"""The commands that make and run a study: validate, create, run, worker, enqueue, proxy, dashboard.
 
-Errors lightstudy raises on purpose become one red line on stderr and exit code 2 in
-:func:`main`; ``--debug`` shows the traceback. Heavy imports happen inside the commands, so
-``lightstudy --help`` stays instant.
+Each is a plain function whose docstring is its ``--help``, registered on
+:data:`lightstudy.cli.app.app`. Heavy imports happen inside the commands.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
-import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from lightstudy import __version__
+from lightstudy.cli.app import GpusPerTrialOpt, RunDirOpt, StorageOpt, StudyRunDirOpt, app, console, storage_url
 from lightstudy.errors import LightstudyError
 
-app = typer.Typer(
-    name="lightstudy",
-    help="Hyperparameter optimization for PyTorch Lightning, on Optuna.\n\n"
-    "Example: lightstudy run studies/digits.yaml --workers 2",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-_state = {"debug": False}
-
-StorageOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--storage",
-        help="Study database URL (default: $LIGHTSTUDY_STORAGE, else the "
-        "spec's, else sqlite:///runs/<study>/study.db).",
-        show_default=False,
-    ),
-]
-GpusPerTrialOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--gpus-per-trial",
-        help="Devices one trial runs on (DDP), when trainer.devices does not say (default: from the spec).",
-        show_default=False,
-    ),
-]
-RunDirOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--run-dir",
-        help="Run folder for checkpoints and logs (default: the spec's, runs/<study>).",
-        show_default=False,
-    ),
-]
-
-
-def _console(stderr: bool = False) -> Any:
-    from rich.console import Console
-
-    stream = sys.stderr if stderr else sys.stdout
-    # Piped output (logs, CI, grep) gets room for wide tables instead of 80 columns.
-    width = None if stream.isatty() else 220
-    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"lightstudy {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more (DEBUG).")] = False,
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
-) -> None:
-    """Hyperparameter optimization for PyTorch Lightning, on Optuna.
-
-    Example: lightstudy run studies/digits.yaml --workers 2
-    """
-    _state["debug"] = debug
-    handler: logging.Handler
-    if sys.stderr.isatty():
-        from rich.logging import RichHandler
-
-        handler = RichHandler(console=_console(stderr=True), show_path=False, markup=False, log_time_format="%H:%M:%S")
-        handler.setFormatter(logging.Formatter("%(message)s"))
-    else:  # log files: one line per record
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
-    logging.getLogger("lightstudy").setLevel(logging.DEBUG if verbose else logging.INFO)
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*experimental.*")
-    if not {"-h", "--help"} & set(sys.argv):
-        import optuna  # its INFO lines ("A new study created") would interleave with ours
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+__all__ = ["create", "dashboard", "enqueue_command", "proxy", "run", "validate", "worker"]
 
 
 def _load(file: Path) -> Any:
@@ -114,21 +27,6 @@ def _load(file: Path) -> Any:
     spec = load_spec(file)
     check_spec(spec)
     return spec
-
-
-def _read_storage(name: str | None, storage: str | None) -> str:
-    """Storage for reading commands: flag, $LIGHTSTUDY_STORAGE, or the study's run folder here."""
-    from lightstudy.storage import ENV_VAR, default_url
-
-    url = storage or os.environ.get(ENV_VAR)
-    if url:
-        return url
-    if name and (Path("runs") / name / "study.db").exists():
-        return default_url(Path("runs") / name)
-    raise LightstudyError(
-        "no storage given" + (f" and no runs/{name}/study.db here" if name else ""),
-        fix=f"pass --storage URL or set {ENV_VAR}",
-    )
 
 
 @app.command()
@@ -142,15 +40,15 @@ def validate(file: Annotated[Path, typer.Argument(help="Study spec (YAML).")]) -
     Example: lightstudy validate studies/digits.yaml
     """
     spec = _load(file)
-    from lightstudy.storage import check_url, resolve_url
+    from lightstudy.storage import check_url
 
-    url = resolve_url(None, spec.study.storage, spec.run_dir)
+    url = storage_url(None, spec=spec)
     check_url(url)
     from lightstudy.ranks import check_ddp_storage
     from lightstudy.spec import trial_world_size
 
     check_ddp_storage(trial_world_size(spec.config), url)
-    _console().print(
+    console().print(
         f"[green]ok[/green] {file}: study {spec.study.name!r}, "
         f"{len(spec.search_space)} parameters, "
         f"{spec.study.n_trials or 'unlimited'} trials, metric "
@@ -174,13 +72,13 @@ def create(
 
     Example: lightstudy create studies/digits.yaml --storage postgresql+psycopg://db/studies
     """
-    from lightstudy.storage import redact, resolve_url
+    from lightstudy.storage import redact
     from lightstudy.study import create_study
 
     spec = _load(file)
-    url = resolve_url(storage, spec.study.storage, spec.run_dir)
+    url = storage_url(storage, spec=spec)
     create_study(spec, url, update_spec=update_spec)
-    _console().print(
+    console().print(
         f"study {spec.study.name!r} ready in {redact(url)}\n"
         f"start workers: lightstudy worker --storage {redact(url)} --study {spec.study.name}"
     )
@@ -223,14 +121,15 @@ def run(
 
     Example: lightstudy run studies/digits.yaml --workers 2
     """
+    from lightstudy.cli.show import print_best
     from lightstudy.launcher import Launcher, plan_slots
     from lightstudy.ranks import check_devices
     from lightstudy.spec import trial_world_size, with_overrides
-    from lightstudy.storage import redact, resolve_url
+    from lightstudy.storage import redact
     from lightstudy.study import create_study
 
     spec = with_overrides(_load(file), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None)
-    url = resolve_url(storage, spec.study.storage, spec.run_dir)
+    url = storage_url(storage, spec=spec)
     per_trial = gpus_per_trial or trial_world_size(spec.config)
     if per_trial > 1 and not url.startswith(("sqlite", "postgresql", "mysql")):
         check_devices(spec, per_trial, url)
@@ -241,16 +140,14 @@ def run(
             "%d GPU(s) left idle: a trial runs on %d", len(gpus.split(",")) % per_trial, per_trial
         )
     create_study(spec, url, update_spec=update_spec or any(v is not None for v in (n_trials, timeout)))
-    console = _console()
+    out = console()
     where = ", ".join(f"GPU {s.gpu}" if s.gpu is not None else "CPU" for s in slots)
-    console.print(
+    out.print(
         f"study [bold]{spec.study.name}[/bold] in {redact(url)}: {len(slots)} worker(s) "
         f"({where}); logs in {spec.run_dir / 'workers'}"
     )
-    result = Launcher(url, spec, slots, spec.run_dir, console, gpus_per_trial=gpus_per_trial).run()
-    from lightstudy.cli_results import print_best
-
-    print_best(spec.study.name, url, spec.run_dir, console, final=True)
+    result = Launcher(url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial).run()
+    print_best(spec.study.name, url, spec.run_dir, out, final=True)
     failed = [i for i, code in enumerate(result.exit_codes) if code not in (0, None)]
     if failed and not result.interrupted:
         raise LightstudyError(
@@ -288,12 +185,9 @@ def worker(
 
     Example: lightstudy worker --storage postgresql+psycopg://db/studies --study digits --gpu 0
     """
-    from lightstudy.storage import ENV_VAR
     from lightstudy.worker import Worker
 
-    url = storage or os.environ.get(ENV_VAR)
-    if not url:
-        url = _read_storage(study, None)
+    url = storage_url(storage, study=study, run_dir=run_dir)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = "" if gpu.lower() == "cpu" else gpu
     w = Worker(
@@ -319,6 +213,7 @@ def worker(
 def enqueue_command(
     name: Annotated[str, typer.Argument(help="Study name.")],
     storage: StorageOpt = None,
+    run_dir: StudyRunDirOpt = None,
     params: Annotated[
         list[str] | None,
         typer.Option(
@@ -354,7 +249,7 @@ def enqueue_command(
             "give either --params path=value ... or --from-study NAME",
             fix="e.g. lightstudy enqueue NAME -p model.init_args.lr=0.01",
         )
-    url = _read_storage(name, storage)
+    url = storage_url(storage, study=name, run_dir=run_dir)
     study, spec = load_study(url, name)
     if params:
         config: dict[str, Any] = {}
@@ -382,7 +277,7 @@ def enqueue_command(
             if kept:
                 configurations.append(kept)
     added = enqueue(study, spec, configurations)
-    _console().print(f"queued {added} configuration(s) in {name} ({len(configurations) - added} already there)")
+    console().print(f"queued {added} configuration(s) in {name} ({len(configurations) - added} already there)")
 
 
 @app.command()
@@ -402,12 +297,9 @@ def proxy(
     Example: lightstudy proxy --storage postgresql+psycopg://db/studies --host 10.0.0.5
     """
     from lightstudy.proxy import serve as serve_proxy
-    from lightstudy.storage import ENV_VAR
 
-    url = storage or os.environ.get(ENV_VAR)
-    if not url:
-        raise LightstudyError("the proxy needs the database URL", fix=f"pass --storage URL or set {ENV_VAR}")
-    serve_proxy(url, host=host, port=port, threads=threads)
+    # No spec and no run folder: the flag or $LIGHTSTUDY_STORAGE, else an error.
+    serve_proxy(storage_url(storage), host=host, port=port, threads=threads)
 
 
 @app.command()
@@ -425,7 +317,7 @@ def dashboard(
         str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the network.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port.")] = 8080,
-    run_dir: RunDirOpt = None,
+    run_dir: StudyRunDirOpt = None,
 ) -> None:
     """Serve optuna-dashboard on the study database (loopback only unless --host says otherwise).
 
@@ -433,28 +325,5 @@ def dashboard(
     """
     from lightstudy.dashboard import serve
 
-    url = _read_storage(study, storage)
+    url = storage_url(storage, study=study, run_dir=run_dir)
     serve(url, host=host, port=port, run_dir=run_dir)
-
-
-# The commands that read a study's results live beside these; importing registers them.
-from lightstudy import cli_results  # noqa: E402, F401
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``lightstudy`` script; returns the exit code."""
-    try:
-        app(args=argv, prog_name="lightstudy")
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except LightstudyError as e:
-        if _state["debug"]:
-            traceback.print_exc()
-        from rich.markup import escape
-
-        _console(stderr=True).print(f"[bold red]error:[/bold red] {escape(' '.join(str(e).split()))}")
-        return e.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        return 130
-    return 0

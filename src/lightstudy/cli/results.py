@@ -1,19 +1,24 @@
 """The commands that read what a study found: status, best (and export), test, predict,
-reproduce and report. Registered on :data:`lightstudy.cli.app` when ``lightstudy.cli`` imports
-this module.
+reproduce and report.
+
+Each is a plain function whose docstring is its ``--help``, registered on
+:data:`lightstudy.cli.app.app`. They find the study's database by the one rule of
+:func:`~lightstudy.cli.app.storage_url`: ``--storage``, ``$LIGHTSTUDY_STORAGE``, else
+``study.db`` in ``--run-dir`` or ``runs/<study>``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from lightstudy.cli import RunDirOpt, StorageOpt, _console, _read_storage, app
+from lightstudy.cli.app import StorageOpt, StudyRunDirOpt, app, console, storage_url, storage_urls
 from lightstudy.errors import LightstudyError
+
+__all__ = ["best", "predict_command", "report", "reproduce", "status", "test_command"]
 
 
 @app.command()
@@ -22,6 +27,7 @@ def status(
         str | None, typer.Argument(help="Study name (omit to list the studies).", show_default=False)
     ] = None,
     storage: StorageOpt = None,
+    run_dir: StudyRunDirOpt = None,
 ) -> None:
     """Show the studies in a database, or one study's trials.
 
@@ -35,18 +41,9 @@ def status(
     from lightstudy.study import budget, load_study
     from lightstudy.summary import counts, format_value
 
-    console = _console()
+    out = console()
     if name is None:
-        urls = (
-            [_read_storage(None, storage)]
-            if (storage or os.environ.get("LIGHTSTUDY_STORAGE"))
-            else [f"sqlite:///{p}" for p in sorted(Path("runs").glob("*/study.db"))]
-        )
-        if not urls:
-            raise LightstudyError(
-                "no storage given and no runs/*/study.db here",
-                fix="pass --storage URL or set LIGHTSTUDY_STORAGE",
-            )
+        urls = storage_urls(storage, run_dir)
         table = Table("study", "storage", "direction", "complete", "pruned", "failed", "running", "best")
         for url in urls:
             st = open_storage(url, create=False)
@@ -66,9 +63,9 @@ def status(
                     str(c["running"]),
                     format_value(best),
                 )
-        console.print(table)
+        out.print(table)
         return
-    url = _read_storage(name, storage)
+    url = storage_url(storage, study=name, run_dir=run_dir)
     study, spec = load_study(url, name)
     trials = study.get_trials(deepcopy=False)
     kept = {t.number for t in kept_trials(trials, spec)}
@@ -98,11 +95,11 @@ def status(
             f"{seconds:.1f}s" if seconds is not None else "-",
             _note(t),
         )
-    console.print(table)
+    out.print(table)
     b = budget(trials, spec)
     c = counts(trials)
     total = spec.study.n_trials or "∞"
-    console.print(
+    out.print(
         f"{b.used - c['running'] - c['waiting']}/{total} trials done: {c['complete']} complete, "
         f"{c['pruned']} pruned, {c['fail']} failed, {c['running']} running, {c['waiting']} waiting"
         + (" — study done" if b.done else "")
@@ -127,7 +124,7 @@ def _note(trial: Any) -> str:
 def best(
     name: Annotated[str, typer.Argument(help="Study name.")],
     storage: StorageOpt = None,
-    run_dir: RunDirOpt = None,
+    run_dir: StudyRunDirOpt = None,
     output_format: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
     export: Annotated[
         Path | None,
@@ -153,7 +150,7 @@ def best(
             f"--format must be table or json, but got {output_format!r}",
             fix="pass --format table or --format json",
         )
-    url = _read_storage(name, storage)
+    url = storage_url(storage, study=name, run_dir=run_dir)
     study, spec = load_study(url, name)
     folder = Path(run_dir or spec.run_dir)
     if export is not None:
@@ -161,11 +158,11 @@ def best(
 
         trial = select_trial(study, spec, rank=rank)
         paths = export_trial(study, spec, folder, trial, export)
-        console = _console()
-        console.print(f"exported trial {trial.number} of {name} to {export}:")
+        out = console()
+        out.print(f"exported trial {trial.number} of {name} to {export}:")
         for kind, path in paths.items():
-            console.print(f"  {kind:<10} {path}")
-        console.print(
+            out.print(f"  {kind:<10} {path}")
+        out.print(
             f"train it again: python -c 'from lightning.pytorch.cli import LightningCLI; "
             f"LightningCLI()' fit --config {paths['config']}"
         )
@@ -178,14 +175,16 @@ def best(
         out = doc if spec.study.is_multi_objective else doc[min(rank, len(doc)) - 1]
         typer.echo(json.dumps(out, indent=2, default=str))
         return
-    print_best(name, url, run_dir, _console(), final=False)
+    from lightstudy.cli.show import print_best
+
+    print_best(name, url, run_dir, console(), final=False)
 
 
 @app.command("test")
 def test_command(
     name: Annotated[str, typer.Argument(help="Study name.")],
     storage: StorageOpt = None,
-    run_dir: RunDirOpt = None,
+    run_dir: StudyRunDirOpt = None,
     top: Annotated[int, typer.Option("--top", help="Test the kept checkpoints of the best K trials.")] = 1,
 ) -> None:
     """Run trainer.test with the kept checkpoints of the best trials; store the test metrics.
@@ -202,14 +201,14 @@ def test_command(
 
     if top < 1:
         raise LightstudyError(f"--top must be >= 1, but got {top}", fix="pass --top 1 or more")
-    url = _read_storage(name, storage)
+    url = storage_url(storage, study=name, run_dir=run_dir)
     study, spec = load_study(url, name)
     results = evaluate_on_test(study, spec, Path(run_dir or spec.run_dir), top)
     keys = sorted({k for m in results.values() for k in m})
     table = Table("trial", *keys, title=f"test metrics of {name}")
     for number, metrics in results.items():
         table.add_row(str(number), *[format_value(metrics.get(k)) for k in keys])
-    _console().print(table)
+    console().print(table)
 
 
 @app.command("predict")
@@ -222,7 +221,7 @@ def predict_command(
         ),
     ] = None,
     storage: StorageOpt = None,
-    run_dir: RunDirOpt = None,
+    run_dir: StudyRunDirOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Predictions file: .csv (one row per sample) or .pt.")] = Path(
         "predictions.csv"
     ),
@@ -255,7 +254,7 @@ def predict_command(
         if not sep or not key:
             raise LightstudyError(f"--data expects key=value, but got {item!r}", fix="e.g. --data batch_size=256")
         overrides[key.strip()] = yaml.safe_load(text)
-    url = _read_storage(name, storage)
+    url = storage_url(storage, study=name, run_dir=run_dir)
     study, spec = load_study(url, name)
     result = predict(
         study,
@@ -267,7 +266,7 @@ def predict_command(
         files=list(files or []),
         data_args=overrides,
     )
-    _console().print(f"wrote {result.rows} predictions of trial {result.trial} to {result.path}")
+    console().print(f"wrote {result.rows} predictions of trial {result.trial} to {result.path}")
 
 
 @app.command()
@@ -275,6 +274,7 @@ def reproduce(
     name: Annotated[str, typer.Argument(help="Study name.")],
     trial: Annotated[int, typer.Option("--trial", help="Trial number.")],
     storage: StorageOpt = None,
+    run_dir: StudyRunDirOpt = None,
 ) -> None:
     """Train a finished trial again from its record (config, seed, threads) and compare values.
 
@@ -286,18 +286,18 @@ def reproduce(
     from lightstudy.study import load_study
     from lightstudy.summary import format_value
 
-    url = _read_storage(name, storage)
+    url = storage_url(storage, study=name, run_dir=run_dir)
     study, spec = load_study(url, name)
     result = run_again(study, spec, trial)
-    console = _console()
+    out = console()
     for metric, old, new, diff in zip(result.metrics, result.recorded, result.new, result.differences):
-        console.print(
+        out.print(
             f"trial {trial} {metric}: recorded {format_value(old)}, new {format_value(new)}, difference {diff:+.3g}"
         )
     for package, (then, now) in result.changed_versions.items():
-        console.print(f"[yellow]note:[/yellow] {package} was {then}, is {now}")
+        out.print(f"[yellow]note:[/yellow] {package} was {then}, is {now}")
     if result.resumed:
-        console.print(
+        out.print(
             "[yellow]note:[/yellow] the recorded run resumed from a checkpoint of an earlier "
             "attempt; this run trained from the start"
         )
@@ -307,7 +307,7 @@ def reproduce(
 def report(
     name: Annotated[str, typer.Argument(help="Study name.")],
     storage: StorageOpt = None,
-    run_dir: RunDirOpt = None,
+    run_dir: StudyRunDirOpt = None,
     out: Annotated[Path, typer.Option("--out", help="HTML file to write.")] = Path("report.html"),
 ) -> None:
     """Write one self-contained HTML page: optuna.visualization plots and the kept trials.
@@ -317,50 +317,9 @@ def report(
     from lightstudy.report import render_report
     from lightstudy.study import load_study
 
-    url = _read_storage(name, storage)
+    url = storage_url(storage, study=name, run_dir=run_dir)
     study, spec = load_study(url, name)
     page = render_report(study, spec, Path(run_dir or spec.run_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
-    _console().print(f"wrote {out} ({len(page) // 1024} KiB)")
-
-
-def print_best(name: str, url: str, run_dir: Path | None, console: Any, *, final: bool) -> None:
-    from rich.table import Table
-
-    from lightstudy.storage import redact
-    from lightstudy.study import load_study
-    from lightstudy.summary import best_records, format_value
-
-    study, spec = load_study(url, name)
-    try:
-        records = best_records(study, spec, Path(run_dir or spec.run_dir))
-    except LightstudyError:
-        if final:
-            console.print("[yellow]no complete trial[/yellow]")
-            return
-        raise
-    shown = records if spec.study.is_multi_objective else records[:1]
-    for r in shown:
-        table = Table(
-            show_header=False,
-            title=f"best trial of {name}"
-            if not spec.study.is_multi_objective
-            else f"Pareto-optimal trial {r.number} of {name}",
-        )
-        table.add_column(no_wrap=True)
-        table.add_column(overflow="fold")
-        table.add_row("trial", str(r.number))
-        for metric, value in zip(spec.study.metrics, r.values or []):
-            table.add_row(metric, format_value(value))
-        for key, value in r.params.items():
-            table.add_row(key, format_value(value))
-        table.add_row("checkpoint", r.checkpoint or "(not kept)")
-        table.add_row("seed", format_value(r.seed))
-        console.print(table)
-    if final:
-        console.print(
-            f"dashboard: lightstudy dashboard --storage {redact(url)}\n"
-            f"details:   lightstudy status {name}"
-            + ("" if "LIGHTSTUDY_STORAGE" in os.environ else f" --storage {redact(url)}")
-        )
+    console().print(f"wrote {out} ({len(page) // 1024} KiB)")

@@ -1,0 +1,19 @@
+"""The ``lightstudy`` command line.
+
+:mod:`lightstudy.cli.app` holds the Typer app, the shared options, the storage resolver and
+:func:`main` (errors become one red line and exit code 2; ``--debug`` shows the traceback). The
+command modules register their commands on that app and import nothing from each other:
+:mod:`lightstudy.cli.studies` (validate, create, run, worker, enqueue, proxy, dashboard) and
+:mod:`lightstudy.cli.results` (status, best, test, predict, reproduce, report).
+"""
+
+from __future__ import annotations
+
+# Importing a command module registers its commands; --help lists them in this order.
+from lightstudy.cli import studies  # noqa: F401
+
+# isort: split
+from lightstudy.cli import results  # noqa: F401
+from lightstudy.cli.app import app, main
+
+__all__ = ["app", "main"]
