@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
@@ -181,3 +184,47 @@ def test_study_without_finished_trials_is_a_clear_error(tmp_path: Path) -> None:
         result = run_cli(*args, "--storage", url)
         assert result.returncode == 2, args
         assert result.stderr.startswith("error:") and "fix:" in result.stderr
+
+
+def _valueless(state: TrialState = TrialState.COMPLETE, values: list[float] | None = None) -> optuna.trial.FrozenTrial:
+    """A complete trial without a usable value, as Optuna's own validation would refuse it (it
+    happens to hand-made trials and to other clients' storages, not to lightstudy's workers)."""
+    now = datetime.datetime.now()
+    return optuna.trial.FrozenTrial(
+        number=0,
+        state=state,
+        value=None,
+        values=values,
+        datetime_start=now,
+        datetime_complete=now,
+        params={},
+        distributions={},
+        user_attrs={},
+        system_attrs={},
+        intermediate_values={},
+        trial_id=0,
+    )
+
+
+def test_best_and_select_trial_agree_on_trials_without_values(tmp_path: Path) -> None:
+    """evaluate ranked a complete trial without a value (and crashed on it), summary dropped it:
+    both now go through lightstudy.ranking, which puts such trials last."""
+    from conftest import tiny_spec
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.summary import best_records
+
+    spec = spec_from_dict(tiny_spec(checkpoints={"keep": 2}))
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, direction="maximize")
+    study_id = storage.get_study_id_from_name(study.study_name)
+    storage.create_new_trial(study_id, template_trial=_valueless())  # trial 0: no value
+    study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.7))  # 1
+    storage.create_new_trial(study_id, template_trial=_valueless(values=[math.nan]))  # 2: NaN
+    study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.9))  # 3
+    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED))  # 4: not complete
+    study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.7))  # 5: tie with 1
+    expected = [3, 1, 5, 0, 2]
+    assert [r.number for r in best_records(study, spec, tmp_path)] == expected
+    assert [select_trial(study, spec, rank=i).number for i in range(1, 6)] == expected
+    with pytest.raises(LightstudyError, match="between 1 and 5"):
+        select_trial(study, spec, rank=6)

@@ -52,14 +52,10 @@ def lineage_root(trial: FrozenTrial) -> int:
 
 
 def pareto_front(trials: Sequence[FrozenTrial], directions: Sequence[str]) -> list[FrozenTrial]:
-    """The trials no other trial dominates, by number."""
-    signs = [1.0 if d == "maximize" else -1.0 for d in directions]
-    scored = [(t, [s * v for s, v in zip(signs, t.values)]) for t in trials]
+    """The trials no other trial dominates, by number (:func:`lightstudy.ranking.pareto_front`)."""
+    from lightstudy import ranking
 
-    def dominated(v: list[float]) -> bool:
-        return any(all(x >= y for x, y in zip(o, v)) and any(x > y for x, y in zip(o, v)) for _, o in scored)
-
-    return sorted((t for t, v in scored if not dominated(v)), key=lambda t: t.number)
+    return ranking.pareto_front(trials, directions)
 
 
 def _rank(done: Sequence[Any], spec: StudySpec) -> list[Any]:
@@ -91,12 +87,10 @@ class _Candidate:
 
 
 def would_keep(trials: Sequence[FrozenTrial], spec: StudySpec, number: int, values: Sequence[float]) -> bool:
-    """Whether a trial completing now with ``values`` enters the kept set."""
-    if spec.study.checkpoints.keep == 0:
-        return False
-    candidate = _Candidate(number, values)
-    others: list[Any] = [t for t in _with_checkpoint(trials) if t.number != number]
-    return any(t is candidate for t in _rank([*others, candidate], spec))
+    """Whether a trial completing now with ``values`` enters the kept set (:func:`lightstudy.ranking.would_keep`)."""
+    from lightstudy import ranking
+
+    return ranking.would_keep(trials, spec, number, values)
 
 
 def enforce_retention(study: optuna.Study, spec: StudySpec, store: Any) -> list[int]:

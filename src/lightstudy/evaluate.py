@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightstudy.artifacts import CheckpointRef, describe_store, download, make_store
-from lightstudy.checkpoints import kept_trials, load_checkpoint
+from lightstudy.checkpoints import load_checkpoint
 from lightstudy.errors import CheckpointError, LightstudyError
+from lightstudy.ranking import best_first, kept
 
 if TYPE_CHECKING:
     import optuna
@@ -40,22 +41,11 @@ TEST_ATTR_PREFIX = "lightstudy.test."  # study user attr per tested trial: test 
 INJECTED_TRAINER_ARGS = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "logger")
 
 
-def _ranked(study: optuna.Study, spec: StudySpec) -> list[FrozenTrial]:
-    from optuna.trial import TrialState
-
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if spec.study.is_multi_objective:
-        from lightstudy.checkpoints import pareto_front
-
-        return pareto_front(done, spec.study.directions)
-    sign = -1.0 if spec.study.direction == "maximize" else 1.0
-    return sorted(done, key=lambda t: (sign * float(t.values[0]), t.number))
-
-
 def select_trial(
     study: optuna.Study, spec: StudySpec, *, rank: int | None = None, number: int | None = None
 ) -> FrozenTrial:
-    """The ``rank``-th best complete trial (1 = best), or trial ``number``.
+    """The ``rank``-th best complete trial (1 = best, in :mod:`lightstudy.ranking`'s order), or
+    trial ``number``.
 
     Raises:
         LightstudyError: no complete trial, rank out of range, or no such trial.
@@ -75,7 +65,7 @@ def select_trial(
                 fix="pick a complete trial (lightstudy status shows them)",
             )
         return trials[0]
-    ranked = _ranked(study, spec)
+    ranked = best_first(study.get_trials(deepcopy=False), spec.study.directions)
     if not ranked:
         raise LightstudyError(
             f"study {spec.study.name!r} has no complete trial yet",
@@ -91,9 +81,8 @@ def select_trial(
 
 
 def _ref(trial: FrozenTrial, study: optuna.Study, spec: StudySpec) -> CheckpointRef:
-    kept = {t.number for t in kept_trials(study.get_trials(deepcopy=False), spec)}
     ref = CheckpointRef.of(trial)
-    if ref is None or trial.number not in kept:
+    if ref is None or trial.number not in {t.number for t in kept(study.get_trials(deepcopy=False), spec)}:
         raise CheckpointError(
             f"trial {trial.number} has no kept checkpoint (the study keeps the best {spec.study.checkpoints.keep})",
             fix="choose a kept trial (lightstudy best NAME lists them) or raise checkpoints.keep",
@@ -191,7 +180,7 @@ def export_trial(
     paths["params"].write_text(json.dumps(trial.params, indent=2) + "\n")
     metrics = {
         "trial": trial.number,
-        "values": dict(zip(spec.study.metrics, trial.values)),
+        "values": dict(zip(spec.study.metrics, trial.values)) if trial.values is not None else None,
         "intermediate_values": {str(k): v for k, v in sorted(trial.intermediate_values.items())},
         "test": stored_test_metrics(study).get(trial.number),
         "seed": trial.user_attrs.get("seed"),
@@ -216,14 +205,14 @@ def evaluate_on_test(study: optuna.Study, spec: StudySpec, run_dir: Path, top: i
     Raises:
         LightstudyError: no kept checkpoint; CheckpointError: one is missing or unsafe.
     """
-    kept = kept_trials(study.get_trials(deepcopy=False), spec)
-    if not kept:
+    best = kept(study.get_trials(deepcopy=False), spec)
+    if not best:
         raise LightstudyError(
             f"study {spec.study.name!r} keeps no checkpoint yet",
             fix="wait for a trial to complete (and keep checkpoints.keep above 0)",
         )
     results = {}
-    for trial in kept[:top]:
+    for trial in best[:top]:
         with tempfile.TemporaryDirectory(prefix="lightstudy-test-") as tmp:
             path = fetch(study, spec, run_dir, trial, Path(tmp))
             checkpoint = load_checkpoint(path)

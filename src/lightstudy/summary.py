@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightstudy.artifacts import CheckpointRef, location
-from lightstudy.checkpoints import kept_trials, pareto_front
 from lightstudy.errors import LightstudyError
+from lightstudy.ranking import best_first, kept
 
 if TYPE_CHECKING:
     import optuna
@@ -75,13 +75,14 @@ def trial_record(trial: FrozenTrial, spec: StudySpec, run_dir: Path, kept: set[i
 
 
 def best_records(study: optuna.Study, spec: StudySpec, run_dir: Path) -> list[TrialRecord]:
-    """The kept trials, best first (one objective) or the Pareto front (several).
+    """The complete trials best first (one objective) or the Pareto front (several), in
+    :mod:`lightstudy.ranking`'s order, each with its kept checkpoint if it has one.
 
     Raises:
         LightstudyError: the study has no complete trial yet.
     """
     trials = study.get_trials(deepcopy=False)
-    ranked = _ranked(trials, spec)
+    ranked = best_first(trials, spec.study.directions)
     if not ranked:
         c = counts(trials)
         raise LightstudyError(
@@ -91,23 +92,12 @@ def best_records(study: optuna.Study, spec: StudySpec, run_dir: Path) -> list[Tr
         )
     from lightstudy.evaluate import stored_test_metrics
 
-    kept = {t.number for t in kept_trials(trials, spec)}
+    kept_numbers = {t.number for t in kept(trials, spec)}
     tests = stored_test_metrics(study)
-    records = [trial_record(t, spec, run_dir, kept) for t in ranked]
+    records = [trial_record(t, spec, run_dir, kept_numbers) for t in ranked]
     for record in records:
         record.test_metrics = tests.get(record.number)
     return records
-
-
-def _ranked(trials: Sequence[FrozenTrial], spec: StudySpec) -> list[FrozenTrial]:
-    """Complete trials best first; for several objectives, the Pareto front by number."""
-    from optuna.trial import TrialState
-
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None]
-    if spec.study.is_multi_objective:
-        return pareto_front(done, spec.study.directions)
-    sign = -1.0 if spec.study.direction == "maximize" else 1.0
-    return sorted(done, key=lambda t: (sign * float(t.values[0]), t.number))
 
 
 def format_value(value: Any) -> str:

@@ -35,8 +35,8 @@ def status(
     """
     from rich.table import Table
 
-    from lightstudy.checkpoints import kept_trials
     from lightstudy.evaluate import stored_test_metrics
+    from lightstudy.ranking import best_first, has_value, kept
     from lightstudy.storage import open_storage, redact
     from lightstudy.study import budget, load_study
     from lightstudy.summary import counts, format_value
@@ -51,8 +51,10 @@ def status(
                 import optuna
 
                 s = optuna.load_study(study_name=summary.study_name, storage=st)
-                c = counts(s.get_trials(deepcopy=False))
-                best = s.best_value if c["complete"] and len(s.directions) == 1 else None
+                every = s.get_trials(deepcopy=False)
+                c = counts(every)
+                ranked = best_first(every, s.directions) if len(s.directions) == 1 else []
+                best = ranked[0].values[0] if ranked and has_value(ranked[0]) else None
                 table.add_row(
                     summary.study_name,
                     redact(url),
@@ -68,7 +70,7 @@ def status(
     url = storage_url(storage, study=name, run_dir=run_dir)
     study, spec = load_study(url, name)
     trials = study.get_trials(deepcopy=False)
-    kept = {t.number for t in kept_trials(trials, spec)}
+    kept_numbers = {t.number for t in kept(trials, spec)}
     tests = stored_test_metrics(study)
     test_keys = sorted({k for m in tests.values() for k in m})
     table = Table(
@@ -90,7 +92,7 @@ def status(
             t.state.name.lower(),
             *[format_value(v) for v in values],
             *[format_value(t.params.get(p.path)) for p in spec.search_space],
-            "✓" if t.number in kept else "",
+            "✓" if t.number in kept_numbers else "",
             *[format_value(tests.get(t.number, {}).get(k)) for k in test_keys],
             f"{seconds:.1f}s" if seconds is not None else "-",
             _note(t),
