@@ -174,7 +174,7 @@ def test_status_best_and_report_read_what_run_wrote_with_run_dir(tmp_path: Path)
 def test_one_storage_rule_flag_then_environment_then_spec_then_run_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lightstudy.cli.app import storage_url
+    from lightstudy.cli.shared import storage_url
     from lightstudy.errors import StorageError
 
     monkeypatch.chdir(tmp_path)

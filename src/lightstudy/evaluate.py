@@ -17,6 +17,7 @@ from lightstudy.artifacts import CheckpointRef, describe_store, download, make_s
 from lightstudy.checkpoints import load_checkpoint
 from lightstudy.errors import CheckpointError, LightstudyError
 from lightstudy.ranking import best_first, kept
+from lightstudy.summary import TEST_ATTR_PREFIX, stored_test_metrics
 
 if TYPE_CHECKING:
     import optuna
@@ -35,7 +36,6 @@ __all__ = [
     "stored_test_metrics",
 ]
 
-TEST_ATTR_PREFIX = "lightstudy.test."  # study user attr per tested trial: test metrics
 # Trainer arguments lightstudy sets for its workers; an exported config drops them unless the
 # spec set them itself, so LightningCLI's defaults apply where it is used next.
 INJECTED_TRAINER_ARGS = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "logger")
@@ -188,15 +188,6 @@ def export_trial(
     }
     paths["metrics"].write_text(json.dumps(metrics, indent=2) + "\n")
     return paths
-
-
-def stored_test_metrics(study: optuna.Study) -> dict[int, dict[str, float]]:
-    """Test metrics stored by ``lightstudy test``, by trial number."""
-    out = {}
-    for key, value in study.user_attrs.items():
-        if key.startswith(TEST_ATTR_PREFIX):
-            out[int(key[len(TEST_ATTR_PREFIX) :])] = value
-    return out
 
 
 def evaluate_on_test(study: optuna.Study, spec: StudySpec, run_dir: Path, top: int) -> dict[int, dict[str, float]]:

@@ -69,8 +69,7 @@ def render_report(study: optuna.Study, spec: StudySpec, run_dir: Path) -> str:
     """
     from optuna.trial import TrialState
 
-    from lightstudy.evaluate import stored_test_metrics
-    from lightstudy.summary import best_records, counts, format_value
+    from lightstudy.summary import best_records, counts, format_value, stored_test_metrics
 
     trials = study.get_trials(deepcopy=False)
     if not any(t.state == TrialState.COMPLETE for t in trials):

@@ -1,4 +1,5 @@
-"""Reading a study: counts, the best trial(s) and per-trial rows, for ``status``, ``best`` and ``run``."""
+"""Reading a study: counts, the best trial(s), per-trial rows and stored test metrics, for
+``status``, ``best``, ``report`` and ``run``."""
 
 from __future__ import annotations
 
@@ -19,7 +20,17 @@ if TYPE_CHECKING:
 
     from lightstudy.spec import StudySpec
 
-__all__ = ["TrialRecord", "best_records", "counts", "format_value", "trial_record"]
+__all__ = [
+    "TEST_ATTR_PREFIX",
+    "TrialRecord",
+    "best_records",
+    "counts",
+    "format_value",
+    "stored_test_metrics",
+    "trial_record",
+]
+
+TEST_ATTR_PREFIX = "lightstudy.test."  # study user attr per tested trial: its test metrics
 
 
 def counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:
@@ -90,14 +101,21 @@ def best_records(study: optuna.Study, spec: StudySpec, run_dir: Path) -> list[Tr
             f"({c['running']} running, {c['pruned']} pruned, {c['fail']} failed)",
             fix=f"wait for a trial to finish, or run workers: lightstudy worker --study {spec.study.name}",
         )
-    from lightstudy.evaluate import stored_test_metrics
-
     kept_numbers = {t.number for t in kept(trials, spec)}
     tests = stored_test_metrics(study)
     records = [trial_record(t, spec, run_dir, kept_numbers) for t in ranked]
     for record in records:
         record.test_metrics = tests.get(record.number)
     return records
+
+
+def stored_test_metrics(study: optuna.Study) -> dict[int, dict[str, float]]:
+    """Test metrics stored by ``lightstudy test``, by trial number."""
+    out = {}
+    for key, value in study.user_attrs.items():
+        if key.startswith(TEST_ATTR_PREFIX):
+            out[int(key[len(TEST_ATTR_PREFIX) :])] = value
+    return out
 
 
 def format_value(value: Any) -> str:

@@ -1,6 +1,6 @@
 """The ``lightstudy`` command line.
 
-:mod:`lightstudy.cli.app` holds the Typer app, the shared options, the storage resolver and
+:mod:`lightstudy.cli.shared` holds the Typer app, the shared options, the storage resolver and
 :func:`main` (errors become one red line and exit code 2; ``--debug`` shows the traceback). The
 command modules register their commands on that app and import nothing from each other:
 :mod:`lightstudy.cli.studies` (validate, create, run, worker, enqueue, proxy, dashboard) and
@@ -14,6 +14,6 @@ from lightstudy.cli import studies  # noqa: F401
 
 # isort: split
 from lightstudy.cli import results  # noqa: F401
-from lightstudy.cli.app import app, main
+from lightstudy.cli.shared import app, main
 
 __all__ = ["app", "main"]

@@ -2,8 +2,8 @@
 reproduce and report.
 
 Each is a plain function whose docstring is its ``--help``, registered on
-:data:`lightstudy.cli.app.app`. They find the study's database by the one rule of
-:func:`~lightstudy.cli.app.storage_url`: ``--storage``, ``$LIGHTSTUDY_STORAGE``, else
+:data:`lightstudy.cli.shared.app`. They find the study's database by the one rule of
+:func:`~lightstudy.cli.shared.storage_url`: ``--storage``, ``$LIGHTSTUDY_STORAGE``, else
 ``study.db`` in ``--run-dir`` or ``runs/<study>``.
 """
 
@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lightstudy.cli.app import StorageOpt, StudyRunDirOpt, app, console, storage_url, storage_urls
+from lightstudy.cli.shared import StorageOpt, StudyRunDirOpt, app, console, storage_url, storage_urls
 from lightstudy.errors import LightstudyError
 
 __all__ = ["best", "predict_command", "report", "reproduce", "status", "test_command"]
@@ -35,11 +35,10 @@ def status(
     """
     from rich.table import Table
 
-    from lightstudy.evaluate import stored_test_metrics
     from lightstudy.ranking import best_first, has_value, kept
     from lightstudy.storage import open_storage, redact
     from lightstudy.study import budget, load_study
-    from lightstudy.summary import counts, format_value
+    from lightstudy.summary import counts, format_value, stored_test_metrics
 
     out = console()
     if name is None:

@@ -1,7 +1,7 @@
 """The commands that make and run a study: validate, create, run, worker, enqueue, proxy, dashboard.
 
 Each is a plain function whose docstring is its ``--help``, registered on
-:data:`lightstudy.cli.app.app`. Heavy imports happen inside the commands.
+:data:`lightstudy.cli.shared.app`. Heavy imports happen inside the commands.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lightstudy.cli.app import GpusPerTrialOpt, RunDirOpt, StorageOpt, StudyRunDirOpt, app, console, storage_url
+from lightstudy.cli.shared import GpusPerTrialOpt, RunDirOpt, StorageOpt, StudyRunDirOpt, app, console, storage_url
 from lightstudy.errors import LightstudyError
 
 __all__ = ["create", "dashboard", "enqueue_command", "proxy", "run", "validate", "worker"]
