@@ -19,7 +19,7 @@ import datetime
 import logging
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from optuna.study import StudyDirection
@@ -84,7 +84,7 @@ def pareto_front(trials: Sequence[FrozenTrial], directions: Sequence[Direction])
     return sorted((valued[t.number] for t in front), key=lambda t: t.number)
 
 
-def top_k(trials: Sequence[Any], directions: Sequence[Direction], k: int) -> list[Any]:
+def top_k(trials: Sequence[FrozenTrial], directions: Sequence[Direction], k: int) -> list[FrozenTrial]:
     """The best ``k`` complete trials (several objectives: the whole Pareto front; ``k = 0``: none)."""
     if k <= 0:
         return []

@@ -9,17 +9,20 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from lightstudy.cli.shared import GpusPerTrialOpt, RunDirOpt, StorageOpt, StudyRunDirOpt, app, console, storage_url
 from lightstudy.errors import LightstudyError
 
+if TYPE_CHECKING:
+    from lightstudy.spec import StudySpec
+
 __all__ = ["create", "dashboard", "enqueue_command", "proxy", "run", "validate", "worker"]
 
 
-def _load(file: Path) -> Any:
+def _load(file: Path) -> StudySpec:
     """Load a spec and check it completely (imports user classes)."""
     from lightstudy.lightning_config import check_spec
     from lightstudy.spec import load_spec
