@@ -101,3 +101,18 @@ def test_valid_spec_validates(capsys: pytest.CaptureFixture[str], tmp_path: Path
 def test_missing_file_is_a_spec_error(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="file not found"):
         load_spec(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "---\n"])
+def test_empty_file_says_it_is_empty(
+    text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{path}: is empty" in err, err
+    assert "None" not in err, err
+    assert "fix: start from studies/digits.yaml" in err, err

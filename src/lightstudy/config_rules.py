@@ -6,9 +6,14 @@ paths that lead into the config, and how many processes (devices) one trial runs
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Strict, TypeAdapter, ValidationError
+from pydantic import model_validator as validator
+from pydantic.dataclasses import dataclass
 
 from lightstudy.errors import SpecError, did_you_mean
+from lightstudy.schema import CONFIG, refuse, rule, spec_error
 from lightstudy.search_space import Param
 
 __all__ = ["CLASS_SECTIONS", "CONFIG_SECTIONS", "check_config", "check_paths", "trial_world_size"]
@@ -125,94 +130,78 @@ def check_config(source: str, config: Mapping[str, Any]) -> None:
             fix="remove enable_checkpointing, or set study.checkpoints.keep: 0",
         )
     for section in CLASS_SECTIONS:
-        if section not in config:
-            continue
-        value = config[section]
-        if isinstance(value, str) and section in ("optimizer", "lr_scheduler"):
-            continue  # LightningCLI takes a bare class name here
-        if not isinstance(value, Mapping) or not isinstance(value.get("class_path"), str):
-            raise SpecError(
-                source,
-                f"{section}.class_path",
-                "is required: the class to instantiate",
-                value if not isinstance(value, Mapping) else value.get("class_path"),
-                fix=f"write `{section}: {{class_path: package.module.Class, init_args: {{...}}}}`",
+        value = config.get(section)
+        if section in config and not (isinstance(value, str) and section in ("optimizer", "lr_scheduler")):
+            try:  # a bare class name is LightningCLI's shorthand for optimizer: and lr_scheduler:
+                _CLASS_SECTION.validate_python(value)
+            except ValidationError as e:
+                raise spec_error(source, section, e) from e
+
+
+@dataclass(frozen=True, config=CONFIG)
+class _ClassSection:
+    """``model:``, ``data:``, ``optimizer:``, ``lr_scheduler:``: a class and its arguments."""
+
+    class_path: Annotated[
+        str, Strict(), rule("is required: the class to instantiate", "write class_path: package.module.Class")
+    ]
+    init_args: (
+        Annotated[Mapping[str, Any], rule("must be a mapping of constructor arguments", "e.g. init_args: {lr: 0.01}")]
+        | None
+    ) = None
+    dict_kwargs: Any = None
+
+    @validator(mode="before")
+    @classmethod
+    def _keys(cls, data: Any) -> Any:
+        form = "write `{class_path: package.module.Class, init_args: {...}}`"
+        if not isinstance(data, Mapping) or data.get("class_path") is None:
+            got = data.get("class_path") if isinstance(data, Mapping) else data
+            raise refuse("class_path", "is required: the class to instantiate", got, form)
+        for key in set(data) - {"class_path", "init_args", "dict_kwargs"}:
+            raise refuse(
+                str(key), "is not allowed here (only class_path, init_args)", data[key], "move it under init_args"
             )
-        for key in value:
-            if key not in ("class_path", "init_args", "dict_kwargs"):
-                raise SpecError(
-                    source,
-                    f"{section}.{key}",
-                    "is not allowed here (only class_path, init_args)",
-                    value[key],
-                    fix=f"move it under {section}.init_args",
-                )
-        if value.get("init_args") is not None and not isinstance(value["init_args"], Mapping):
-            raise SpecError(
-                source,
-                f"{section}.init_args",
-                "must be a mapping of constructor arguments",
-                value["init_args"],
-                fix="e.g. init_args: {lr: 0.01}",
-            )
+        return data
+
+
+_CLASS_SECTION = TypeAdapter(_ClassSection)
 
 
 def check_paths(source: str, params: tuple[Param, ...], config: Mapping[str, Any]) -> None:
-    seen = set()
+    """Each search-space path leads into a section of the config, and none lies inside another."""
     for param in params:
-        key = f'search_space["{param.path}"]'
-        if param.path in seen:
-            raise SpecError(source, key, "appears twice", param.path, fix="keep one")
-        seen.add(param.path)
-        head, *rest = param.path.split(".")
+        key, (head, *rest) = f'search_space["{param.path}"]', param.path.split(".")
         if head not in CONFIG_SECTIONS:
+            sections = ", ".join(CONFIG_SECTIONS)
             raise SpecError(
                 source,
                 key,
-                "must start with a config section (" + ", ".join(CONFIG_SECTIONS) + ")",
+                f"must start with a config section ({sections})",
                 head,
                 fix=did_you_mean(head, CONFIG_SECTIONS),
             )
-        if not rest:
+        if head in CLASS_SECTIONS and head not in config:
             raise SpecError(
                 source,
                 key,
-                "must name a value inside the section",
+                f"points into `{head}:`, which the config does not have",
                 param.path,
-                fix=f"e.g. {head}.init_args.<argument>",
+                fix=f"add a `{head}:` section with class_path, or fix the path",
             )
-        if head in CLASS_SECTIONS:
-            if head not in config:
-                raise SpecError(
-                    source,
-                    key,
-                    f"points into `{head}:`, which the config does not have",
-                    param.path,
-                    fix=f"add a `{head}:` section with class_path, or fix the path",
-                )
-            if rest[0] != "init_args" and rest != ["class_path"]:
-                raise SpecError(
-                    source,
-                    key,
-                    f"must go through {head}.init_args (or be {head}.class_path)",
-                    param.path,
-                    fix=f"write {head}.init_args.{'.'.join(rest)}",
-                )
-            if rest[0] == "init_args" and len(rest) < 2:
-                raise SpecError(
-                    source,
-                    key,
-                    "must name an argument under init_args",
-                    param.path,
-                    fix=f"e.g. {head}.init_args.lr",
-                )
-    for a in params:
-        for b in params:
-            if b.path.startswith(a.path + "."):
-                raise SpecError(
-                    source,
-                    f'search_space["{b.path}"]',
-                    f"lies inside {a.path}, also searched",
-                    b.path,
-                    fix="search one of them",
-                )
+        if head in CLASS_SECTIONS and rest != ["class_path"] and (rest[:1] != ["init_args"] or len(rest) < 2):
+            arg = ".".join(p for p in rest if p != "init_args") or "lr"
+            raise SpecError(
+                source,
+                key,
+                f"must be {head}.init_args.<argument> or {head}.class_path",
+                param.path,
+                fix=f"write {head}.init_args.{arg}",
+            )
+        if not rest:
+            raise SpecError(
+                source, key, "must name a value inside the section", param.path, fix=f"e.g. {head}.max_epochs"
+            )
+        inside = next((p.path for p in params if param.path.startswith(p.path + ".")), None)
+        if inside:
+            raise SpecError(source, key, f"lies inside {inside}, also searched", param.path, fix="search one of them")

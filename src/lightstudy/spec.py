@@ -11,6 +11,7 @@ everything that can be checked without importing user code: the study block's ru
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -57,28 +58,19 @@ class StudySpec:
     def to_dict(self, *, with_storage: bool = True) -> dict[str, Any]:
         """The canonical document: ``spec_from_dict(spec.to_dict())`` gives the same spec."""
         s = self.study
-        study: dict[str, Any] = {"name": s.name}
-        if s.is_multi_objective:
-            study["directions"] = list(s.directions)
-            study["metrics"] = list(s.metrics)
-        else:
-            study["direction"] = s.direction
-            study["metric"] = s.metric
+        one = not s.is_multi_objective
+        study: dict[str, Any] = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
         study.update(
+            {"direction": s.direction, "metric": s.metric} if one else {"directions": list(s.directions)},
+            metrics=None if one else list(s.metrics),
             storage=s.storage if with_storage else None,
-            n_trials=s.n_trials,
-            timeout=s.timeout,
-            seed=s.seed,
             sampler=s.sampler.to_dict(),
             pruner=s.pruner.to_dict(),
             checkpoints=s.checkpoints.to_dict(),
-            run_dir=s.run_dir,
-            trial_timeout=s.trial_timeout,
-            max_retry=s.max_retry,
-            heartbeat_interval=s.heartbeat_interval,
-            grace_period=s.grace_period,
             enqueue=[dict(e) for e in s.enqueue],
         )
+        if one:
+            del study["directions"], study["metrics"]
         return {
             "study": study,
             "search_space": {p.path: p.to_dict() for p in self.search_space},
@@ -119,6 +111,8 @@ def load_spec(path: str | Path) -> StudySpec:
         if context and problem_mark is not None:
             problem = f"{context}: {problem} at line {problem_mark.line + 1}"
         raise SpecError(source, where, f"is not valid YAML ({problem})", fix="correct the YAML syntax there") from e
+    if doc is None:  # no document at all (empty, only comments, a bare `---`)
+        raise SpecError(source, "", "is empty", fix="start from studies/digits.yaml (a `study:` block and a config)")
     return spec_from_dict(doc, source=source)
 
 
