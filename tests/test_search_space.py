@@ -55,6 +55,9 @@ def test_parses_each_distribution() -> None:
         ({"type": "categorical", "choices": "abc"}, ".choices", "non-empty list"),
         ({"type": "categorical", "choices": []}, ".choices", "non-empty list"),
         ({"type": "float", "low": 0, "high": 1, "path": "x"}, ".path", "not a key"),
+        # Found by tests/test_spec_fuzz.py: these raised TypeError and decimal.InvalidOperation.
+        ({"type": [], "low": 0, "high": 1}, ".type", "one of float"),
+        ({"type": "float", "low": 0, "high": 1, "step": 1e-300}, ".step", "too small for the range"),
         ({"type": "categorical", "choices": [1, 1]}, ".choices", "repeat"),
         ({"type": "categorical", "choices": [[1]]}, ".choices", "null, a bool"),
         ({"type": "categorical"}, ".choices", "non-empty list"),

@@ -5,6 +5,7 @@ paths that lead into the config, and how many processes (devices) one trial runs
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -14,7 +15,7 @@ from pydantic.dataclasses import dataclass
 
 from lightstudy.errors import SpecError, did_you_mean
 from lightstudy.schema import CONFIG, refuse, rule, spec_error
-from lightstudy.search_space import Param
+from lightstudy.search_space import CategoricalParam, Param
 
 __all__ = ["CLASS_SECTIONS", "CONFIG_SECTIONS", "check_config", "check_paths", "trial_world_size"]
 
@@ -55,7 +56,7 @@ def trial_world_size(config: Mapping[str, Any], source: str = "<spec>") -> int:
     trainer = config.get("trainer") or {}
     devices = trainer.get("devices", "auto")
     strategy = trainer.get("strategy", "auto")
-    name = strategy.get("class_path", "") if isinstance(strategy, Mapping) else str(strategy)
+    name = str(strategy.get("class_path", "")) if isinstance(strategy, Mapping) else str(strategy)
     if isinstance(devices, list):
         count: int | None = len(devices)
     elif isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
@@ -112,6 +113,11 @@ def check_config(source: str, config: Mapping[str, Any]) -> None:
             trainer,
             fix="e.g. trainer: {max_epochs: 10}",
         )
+    for key in trainer:
+        if not isinstance(key, str):
+            raise SpecError(
+                source, f"trainer.{key}", "must be the name of a Trainer argument", key, fix="e.g. max_epochs"
+            )
     trial_world_size(config, source)
     if not any(trainer.get(k) not in (None, -1) for k in ("max_epochs", "max_steps", "max_time")):
         raise SpecError(
@@ -145,10 +151,11 @@ class _ClassSection:
     class_path: Annotated[
         str, Strict(), rule("is required: the class to instantiate", "write class_path: package.module.Class")
     ]
-    init_args: (
-        Annotated[Mapping[str, Any], rule("must be a mapping of constructor arguments", "e.g. init_args: {lr: 0.01}")]
-        | None
-    ) = None
+    # LightningCLI itself fails on `init_args: null` (as on a missing class); leave it out instead.
+    init_args: Annotated[
+        Mapping[str, Any],
+        rule("must be a mapping of constructor arguments", "e.g. init_args: {lr: 0.01}, or leave init_args out"),
+    ] = dataclasses.field(default_factory=dict)
     dict_kwargs: Any = None
 
     @validator(mode="before")
@@ -202,6 +209,29 @@ def check_paths(source: str, params: tuple[Param, ...], config: Mapping[str, Any
             raise SpecError(
                 source, key, "must name a value inside the section", param.path, fix=f"e.g. {head}.max_epochs"
             )
+        if rest[-1:] == ["class_path"] and not (
+            isinstance(param, CategoricalParam) and all(isinstance(c, str) for c in param.choices)
+        ):
+            fix = "e.g. {type: categorical, choices: [torch.optim.SGD, torch.optim.AdamW]}"
+            raise SpecError(
+                source, key, "must choose among class paths (categorical, strings)", param.to_dict(), fix=fix
+            )
+        node: Any = config
+        for i, part in enumerate(param.path.split(".")[:-1]):  # apply_params can only walk mappings and lists
+            node = node.get(part) if isinstance(node, Mapping) else node[int(part)] if _indexes(node, part) else node
+            if node is not None and not isinstance(node, (Mapping, list)):
+                at = ".".join(param.path.split(".")[: i + 1])
+                raise SpecError(
+                    source,
+                    key,
+                    f"runs through {at}, which is a value, not a mapping",
+                    node,
+                    fix=f"search {at} itself, or fix the path",
+                )
         inside = next((p.path for p in params if param.path.startswith(p.path + ".")), None)
         if inside:
             raise SpecError(source, key, f"lies inside {inside}, also searched", param.path, fix="search one of them")
+
+
+def _indexes(node: Any, part: str) -> bool:
+    return isinstance(node, list) and part.isdigit() and int(part) < len(node)

@@ -42,7 +42,7 @@ def rule(what: str, fix: str) -> WrapValidator:
             if nested["type"] == "spec":  # a rule further in already said it better
                 at = [str(p) for p in nested["loc"]] + ([nested["ctx"]["at"]] if nested["ctx"].get("at") else [])
                 raise PydanticCustomError("spec", "{rule}", {**nested["ctx"], "at": ".".join(at) or None}) from None
-            got = nested.get("input", value)  # the list item at fault, not the whole list
+            got = nested.get("input", value) if nested["loc"] else value  # the item at fault in a list
             raise PydanticCustomError("spec", "{rule}", {"rule": what, "at": None, "got": got, "fix": fix}) from None
 
     return WrapValidator(check)

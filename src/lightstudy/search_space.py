@@ -83,11 +83,11 @@ def _condition_form(raw: Any) -> Any:
 When = Annotated[
     Condition,
     MinLen(1),
+    BeforeValidator(_condition_form),
     rule(
         "must map earlier parameters to the value(s) that turn this one on",
         "e.g. when: {optimizer.class_path: torch.optim.SGD}",
     ),
-    BeforeValidator(_condition_form),
 ]
 
 # Optuna's distribution rules (its ValueError), worded for the spec: its words -> (key, rule, fix).
@@ -138,6 +138,13 @@ class _Param:
             with warnings.catch_warnings():  # Optuna warns when it trims `high` to the step grid
                 warnings.simplefilter("ignore")
                 self.distribution()
+        except ArithmeticError as e:  # Optuna counts a step grid in Decimal: a step far too small overflows it
+            raise refuse(
+                "step",
+                "is too small for the range to count its grid",
+                _plain(getattr(self, "step")),  # noqa: B009 (only FloatParam has a float step)
+                "raise step, or drop it",
+            ) from e
         except ValueError as e:
             for words, (at, ours, fix, shown) in _OPTUNA_RULES.items():
                 if words in str(e):
@@ -191,7 +198,6 @@ class FloatParam(_Param):
         return abs(k - round(k)) < 1e-8
 
 
-
 @dataclass(frozen=True, config=CONFIG)
 class IntParam(_Param):
     """An integer drawn from [low, high] with ``step``, or on a log scale."""
@@ -218,7 +224,6 @@ class IntParam(_Param):
             and self.low <= value <= self.high
             and (value - self.low) % self.step == 0
         )
-
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -290,7 +295,7 @@ def parse_search_space(source: str, raw: Any) -> tuple[Param, ...]:
             )
         key = f'search_space["{path}"]'
         kind = dist.get("type") if isinstance(dist, Mapping) else "float"  # a non-mapping: float says why
-        if kind not in _KINDS:
+        if not isinstance(kind, str) or kind not in _KINDS:  # `type: []` too
             raise SpecError(
                 source,
                 f"{key}.type",

@@ -21,7 +21,7 @@ from typing import Any
 
 from lightstudy.config_rules import CLASS_SECTIONS, CONFIG_SECTIONS, check_config, check_paths, trial_world_size
 from lightstudy.errors import SpecError, did_you_mean
-from lightstudy.search_space import Param, check_fixed_params, parse_search_space
+from lightstudy.search_space import CategoricalParam, Param, check_fixed_params, parse_search_space
 from lightstudy.study_block import CheckpointSettings, Component, StudySettings, parse_study
 
 __all__ = [
@@ -132,7 +132,7 @@ def spec_from_dict(doc: Any, *, source: str = "<spec>") -> StudySpec:
             fix = did_you_mean(key, allowed)
             if key == "seed_everything":
                 fix = "remove it: each trial's seed is derived from study.seed"
-            raise SpecError(source, str(key), "is not a top-level key of a study spec", doc[key], fix=fix)
+            raise SpecError(source, str(key) or '""', "is not a top-level key of a study spec", doc[key], fix=fix)
     if "study" not in doc:
         raise SpecError(source, "study", "is required", fix="add a `study:` block with at least `name:`")
     settings = parse_study(source, doc["study"])
@@ -150,7 +150,33 @@ def spec_from_dict(doc: Any, *, source: str = "<spec>") -> StudySpec:
             settings.pruner.name,
             fix="set pruner: null (several objectives), or keep one metric",
         )
+    _check_grid(source, settings, search_space)
     return StudySpec(source, settings, search_space, config)
+
+
+GRID_LIMIT = 1_000_000  # points; Optuna's GridSampler lists every one of them in memory
+
+
+def _check_grid(source: str, settings: StudySettings, params: tuple[Param, ...]) -> None:
+    """A GridSampler built from the search space (no grid of its own) has a grid that fits in memory."""
+    if settings.sampler.name.rpartition(".")[2] != "GridSampler" or "search_space" in settings.sampler.kwargs:
+        return
+    points = 1
+    for p in params:
+        if isinstance(p, CategoricalParam):
+            points *= len(p.choices)
+        elif p.step is None:
+            return  # a float without a step has no grid: building the sampler says so
+        else:
+            points *= int((p.high - p.low) // p.step) + 1
+        if points > GRID_LIMIT:
+            raise SpecError(
+                source,
+                "study.sampler",
+                f'GridSampler would list more than {GRID_LIMIT:,} points (search_space["{p.path}"] and those above)',
+                settings.sampler.name,
+                fix="narrow the ranges or raise their step, or use another sampler",
+            )
 
 
 def with_overrides(spec: StudySpec, **overrides: Any) -> StudySpec:

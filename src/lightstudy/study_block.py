@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import field
 from typing import Annotated, Any
 
-from annotated_types import Ge, Gt, MinLen
+from annotated_types import Ge, Gt, Le, MinLen
 from pydantic import AfterValidator, BeforeValidator, Strict, StringConstraints, TypeAdapter, ValidationError
 from pydantic import model_validator as validator
 from pydantic.dataclasses import dataclass
@@ -164,7 +164,11 @@ class StudySettings:
     timeout: Seconds | None = None  # seconds from the study's first trial, study-wide
     seed: (
         Annotated[
-            int, Strict(), Ge(0), rule("must be an integer >= 0 or null", "set seed: 0 (or null for a random seed)")
+            int,
+            Strict(),
+            Ge(0),
+            Le(2**32 - 1),  # numpy's (and so every Optuna sampler's) seed range
+            rule("must be an integer >= 0 or null, at most 2**32 - 1", "set seed: 0 (or null for a random seed)"),
         ]
         | None
     ) = 0  # base of every trial's seed and of the sampler's
