@@ -395,9 +395,9 @@ def test_the_real_script_refuses_without_a_traceback(tmp_path: Path) -> None:
 
 
 @st.composite
-def accepted(draw: st.DrawFn) -> dict[str, Any]:
+def accepted(draw: st.DrawFn, base: dict[str, Any]) -> dict[str, Any]:
     """Mutants that stay valid: other samplers, pruners, spaces, conditions and queued values."""
-    doc = copy.deepcopy(draw(st.sampled_from(BASES)))
+    doc = copy.deepcopy(base)
     study = doc["study"]
     if "directions" not in study:
         study["pruner"] = draw(st.sampled_from([None, "MedianPruner", {"name": "HyperbandPruner", "min_resource": 1}]))
@@ -409,13 +409,16 @@ def accepted(draw: st.DrawFn) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@settings(max_examples=3, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-@given(accepted())
-def test_an_accepted_mutant_is_a_study_that_runs_to_the_end(doc: dict[str, Any]) -> None:
+@pytest.mark.parametrize("base", range(len(BASES)), ids=["plain", "conditional", "several"])
+@settings(max_examples=1, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_an_accepted_mutant_is_a_study_that_runs_to_the_end(base: int, data: st.DataObject) -> None:
+    """One mutant of each base (a run costs a worker's start): create, then run to the end."""
     from optuna.trial import TrialState
 
     from lightstudy.study import load_study
 
+    doc = data.draw(accepted(BASES[base]))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "study.yaml"
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
