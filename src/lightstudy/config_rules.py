@@ -24,26 +24,18 @@ CLASS_SECTIONS = ("model", "data", "optimizer", "lr_scheduler")
 
 
 # Strategies whose processes lightstudy launches itself (one per device), as torchrun would.
-_EXTERNAL_STRATEGIES = (
+_EXTERNAL_STRATEGIES = {
     "ddp",
-    "ddp_find_unused_parameters_true",
-    "ddp_find_unused_parameters_false",
     "fsdp",
     "deepspeed",
-    "deepspeed_stage_1",
-    "deepspeed_stage_2",
-    "deepspeed_stage_2_offload",
-    "deepspeed_stage_3",
-    "deepspeed_stage_3_offload",
-)
-_SELF_LAUNCHING = (
-    "ddp_spawn",
-    "ddp_fork",
-    "ddp_notebook",
-    "ddp_spawn_find_unused_parameters_true",
-    "ddp_fork_find_unused_parameters_true",
-    "ddp_notebook_find_unused_parameters_true",
-)
+    "ddp_find_unused_parameters_true",
+    "ddp_find_unused_parameters_false",
+}
+_EXTERNAL_STRATEGIES |= {f"deepspeed_stage_{stage}" for stage in ("1", "2", "2_offload", "3", "3_offload")}
+# Strategies that start their own processes, which lightstudy could then not stop, prune or retry.
+_SELF_LAUNCHING = {
+    f"ddp_{how}{unused}" for how in ("spawn", "fork", "notebook") for unused in ("", "_find_unused_parameters_true")
+}
 
 
 def trial_world_size(config: Mapping[str, Any], source: str = "<spec>") -> int:

@@ -99,4 +99,4 @@ def spec_error(
     if first["type"] == "missing":
         return SpecError(source, key, "is required", fix=f"add `{loc[-1]}:`" if loc else None)
     message = first["msg"]  # a constraint without a rule(): pydantic's own words
-    return SpecError(source, key, message[:1].lower() + message[1:], first.get("input"), fix="see README, Study files")
+    return SpecError(source, key, message[:1].lower() + message[1:], first.get("input"), fix="see README, A study file")
