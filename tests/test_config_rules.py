@@ -34,3 +34,34 @@ def test_several_nodes_are_refused() -> None:
     with pytest.raises(SpecError, match=r"trainer\.num_nodes"):
         spec_from_dict(doc)
     assert trial_world_size({"trainer": {"devices": [0, 1, 2]}}) == 3
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "rule"),
+    [
+        # Each of these raised a Python exception (a traceback from `validate`) before.
+        (lambda d: d["trainer"].update(strategy={"class_path": 3}), "trainer.strategy", "LightningCLI rejects"),
+        (lambda d: d["trainer"].update({3: 1}), "trainer.3", "name of a Trainer argument"),
+        (
+            lambda d: d["search_space"].update({"trainer.max_epochs.x": {"type": "int", "low": 1, "high": 2}}),
+            'search_space["trainer.max_epochs.x"]',
+            "runs through trainer.max_epochs, which is a value",
+        ),
+        (
+            lambda d: d["search_space"].update({"data.class_path": {"type": "categorical", "choices": [1, 2]}}),
+            'search_space["data.class_path"]',
+            "must choose among class paths",
+        ),
+        # LightningCLI failed on it with "'NoneType' object has no attribute 'keys'".
+        (lambda d: d["model"].update(init_args=None), "model.init_args", "must be a mapping of constructor arguments"),
+    ],
+)
+def test_config_shapes_found_by_the_fuzzer_are_refused(change: Any, key: str, rule: str) -> None:
+    from lightstudy.lightning_config import check_spec
+
+    doc = tiny_spec()
+    change(doc)
+    with pytest.raises(SpecError) as info:
+        check_spec(spec_from_dict(doc, source="s.yaml"))
+    assert str(info.value).startswith(f"s.yaml: {key}: "), info.value
+    assert rule in str(info.value) and "fix:" in str(info.value)

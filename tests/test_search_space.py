@@ -46,7 +46,18 @@ def test_parses_each_distribution() -> None:
         ({"type": "int", "low": 1.5, "high": 4}, ".low", "integer"),
         ({"type": "int", "low": 0, "high": 4, "log": True}, ".low", ">= 1 when log"),
         ({"type": "int", "low": 1, "high": 4, "log": True, "step": 2}, "", "`step` must be 1"),
-        ({"type": "int", "low": 1, "high": 4, "step": 0}, ".step", ">= 1"),
+        ({"type": "int", "low": 1, "high": 4, "step": 0}, ".step", "must be > 0"),
+        ({"type": "int", "low": 1, "high": 4, "step": 1.5}, ".step", "integer"),
+        ({"type": "float", "low": 1e-3, "high": 1, "log": True, "step": 0.1}, "", "`step` and `log` cannot"),
+        ({"type": "float", "low": 0, "high": float("nan")}, ".high", "finite number"),
+        ({"type": "float", "low": 0, "high": 1, "log": "yes"}, ".log", "true or false"),
+        ({"type": "int", "low": True, "high": 4}, ".low", "integer"),
+        ({"type": "categorical", "choices": "abc"}, ".choices", "non-empty list"),
+        ({"type": "categorical", "choices": []}, ".choices", "non-empty list"),
+        ({"type": "float", "low": 0, "high": 1, "path": "x"}, ".path", "not a key"),
+        # Found by tests/test_spec_fuzz.py: these raised TypeError and decimal.InvalidOperation.
+        ({"type": [], "low": 0, "high": 1}, ".type", "one of float"),
+        ({"type": "float", "low": 0, "high": 1, "step": 1e-300}, ".step", "too small for the range"),
         ({"type": "categorical", "choices": [1, 1]}, ".choices", "repeat"),
         ({"type": "categorical", "choices": [[1]]}, ".choices", "null, a bool"),
         ({"type": "categorical"}, ".choices", "non-empty list"),
@@ -62,6 +73,20 @@ def test_rules_name_key_rule_and_value(raw: object, key: str, rule: str) -> None
     message = str(info.value)
     assert message.startswith(f's.yaml: search_space["model.init_args.x"]{key}:'), message
     assert rule in message
+    assert "fix:" in message
+
+
+def test_optuna_decides_and_its_words_survive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bounds are Optuna's to judge: a refusal lightstudy has no wording for keeps Optuna's."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ValueError("`high` must be lucky, but got high=1.")
+
+    monkeypatch.setattr(optuna.distributions.FloatDistribution, "__init__", refuse)
+    with pytest.raises(SpecError) as info:
+        parse_search_space("s.yaml", {"model.init_args.x": {"type": "float", "low": 0, "high": 1}})
+    message = str(info.value)
+    assert message.startswith('s.yaml: search_space["model.init_args.x"]: Optuna refuses it (`high` must be lucky')
     assert "fix:" in message
 
 

@@ -101,3 +101,28 @@ def test_valid_spec_validates(capsys: pytest.CaptureFixture[str], tmp_path: Path
 def test_missing_file_is_a_spec_error(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="file not found"):
         load_spec(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "---\n"])
+def test_empty_file_says_it_is_empty(
+    text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{path}: is empty" in err, err
+    assert "None" not in err, err
+    assert "fix: start from studies/digits.yaml" in err, err
+
+
+def test_a_grid_too_large_to_list_is_refused() -> None:
+    """GridSampler lists every point: 10**9 of them took the machine's memory instead of an error."""
+    doc = tiny_spec(sampler="GridSampler")
+    doc["search_space"] = {"model.init_args.channels": {"type": "int", "low": 1, "high": 10**9}}
+    with pytest.raises(SpecError, match=r"study\.sampler: GridSampler would list more than 1,000,000 points"):
+        spec_from_dict(doc)
+    doc["search_space"]["model.init_args.channels"]["high"] = 16
+    assert spec_from_dict(doc).study.sampler.name == "GridSampler"

@@ -41,6 +41,16 @@ def test_component_forms() -> None:
         ({"metric": "val_acc", "enqueue": {"a": 1}}, "study.enqueue", "list of parameter sets"),
         ({"metric": "val_acc", "max_retry": -1}, "study.max_retry", ">= 0"),
         ({"metric": "val_acc", "seed": 1.5}, "study.seed", "integer >= 0 or null"),
+        ({"metric": "val_acc", "seed": 2**32}, "study.seed", r"at most 2\*\*32 - 1"),
+        ({"metric": "val_acc", "heartbeat_interval": 60}, "study.grace_period", "longer than heartbeat_interval"),
+        (
+            {"metric": "val_acc", "checkpoints": {"endpoint_url": "http://m:9"}},
+            "study.checkpoints.endpoint_url",
+            "s3://",
+        ),
+        ({"metric": "val_acc", "sampler": {"class_path": "a.B", "init_args": 3}}, "study.sampler.init_args", "mapping"),
+        ({"metric": ["a"]}, "study.metric", "must name a metric"),
+        ({"metric": "val_acc", "timeout": True}, "study.timeout", "seconds > 0"),
     ],
 )
 def test_rules(raw: dict, key: str, rule: str) -> None:

@@ -5,11 +5,17 @@ paths that lead into the config, and how many processes (devices) one trial runs
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Strict, TypeAdapter, ValidationError
+from pydantic import model_validator as validator
+from pydantic.dataclasses import dataclass
 
 from lightstudy.errors import SpecError, did_you_mean
-from lightstudy.search_space import Param
+from lightstudy.schema import CONFIG, refuse, rule, spec_error
+from lightstudy.search_space import CategoricalParam, Param
 
 __all__ = ["CLASS_SECTIONS", "CONFIG_SECTIONS", "check_config", "check_paths", "trial_world_size"]
 
@@ -18,26 +24,18 @@ CLASS_SECTIONS = ("model", "data", "optimizer", "lr_scheduler")
 
 
 # Strategies whose processes lightstudy launches itself (one per device), as torchrun would.
-_EXTERNAL_STRATEGIES = (
+_EXTERNAL_STRATEGIES = {
     "ddp",
-    "ddp_find_unused_parameters_true",
-    "ddp_find_unused_parameters_false",
     "fsdp",
     "deepspeed",
-    "deepspeed_stage_1",
-    "deepspeed_stage_2",
-    "deepspeed_stage_2_offload",
-    "deepspeed_stage_3",
-    "deepspeed_stage_3_offload",
-)
-_SELF_LAUNCHING = (
-    "ddp_spawn",
-    "ddp_fork",
-    "ddp_notebook",
-    "ddp_spawn_find_unused_parameters_true",
-    "ddp_fork_find_unused_parameters_true",
-    "ddp_notebook_find_unused_parameters_true",
-)
+    "ddp_find_unused_parameters_true",
+    "ddp_find_unused_parameters_false",
+}
+_EXTERNAL_STRATEGIES |= {f"deepspeed_stage_{stage}" for stage in ("1", "2", "2_offload", "3", "3_offload")}
+# Strategies that start their own processes, which lightstudy could then not stop, prune or retry.
+_SELF_LAUNCHING = {
+    f"ddp_{how}{unused}" for how in ("spawn", "fork", "notebook") for unused in ("", "_find_unused_parameters_true")
+}
 
 
 def trial_world_size(config: Mapping[str, Any], source: str = "<spec>") -> int:
@@ -50,7 +48,7 @@ def trial_world_size(config: Mapping[str, Any], source: str = "<spec>") -> int:
     trainer = config.get("trainer") or {}
     devices = trainer.get("devices", "auto")
     strategy = trainer.get("strategy", "auto")
-    name = strategy.get("class_path", "") if isinstance(strategy, Mapping) else str(strategy)
+    name = str(strategy.get("class_path", "")) if isinstance(strategy, Mapping) else str(strategy)
     if isinstance(devices, list):
         count: int | None = len(devices)
     elif isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
@@ -107,6 +105,11 @@ def check_config(source: str, config: Mapping[str, Any]) -> None:
             trainer,
             fix="e.g. trainer: {max_epochs: 10}",
         )
+    for key in trainer:
+        if not isinstance(key, str):
+            raise SpecError(
+                source, f"trainer.{key}", "must be the name of a Trainer argument", key, fix="e.g. max_epochs"
+            )
     trial_world_size(config, source)
     if not any(trainer.get(k) not in (None, -1) for k in ("max_epochs", "max_steps", "max_time")):
         raise SpecError(
@@ -125,94 +128,102 @@ def check_config(source: str, config: Mapping[str, Any]) -> None:
             fix="remove enable_checkpointing, or set study.checkpoints.keep: 0",
         )
     for section in CLASS_SECTIONS:
-        if section not in config:
-            continue
-        value = config[section]
-        if isinstance(value, str) and section in ("optimizer", "lr_scheduler"):
-            continue  # LightningCLI takes a bare class name here
-        if not isinstance(value, Mapping) or not isinstance(value.get("class_path"), str):
-            raise SpecError(
-                source,
-                f"{section}.class_path",
-                "is required: the class to instantiate",
-                value if not isinstance(value, Mapping) else value.get("class_path"),
-                fix=f"write `{section}: {{class_path: package.module.Class, init_args: {{...}}}}`",
+        value = config.get(section)
+        if section in config and not (isinstance(value, str) and section in ("optimizer", "lr_scheduler")):
+            try:  # a bare class name is LightningCLI's shorthand for optimizer: and lr_scheduler:
+                _CLASS_SECTION.validate_python(value)
+            except ValidationError as e:
+                raise spec_error(source, section, e) from e
+
+
+@dataclass(frozen=True, config=CONFIG)
+class _ClassSection:
+    """``model:``, ``data:``, ``optimizer:``, ``lr_scheduler:``: a class and its arguments."""
+
+    class_path: Annotated[
+        str, Strict(), rule("is required: the class to instantiate", "write class_path: package.module.Class")
+    ]
+    # LightningCLI itself fails on `init_args: null` (as on a missing class); leave it out instead.
+    init_args: Annotated[
+        Mapping[str, Any],
+        rule("must be a mapping of constructor arguments", "e.g. init_args: {lr: 0.01}, or leave init_args out"),
+    ] = dataclasses.field(default_factory=dict)
+    dict_kwargs: Any = None
+
+    @validator(mode="before")
+    @classmethod
+    def _keys(cls, data: Any) -> Any:
+        form = "write `{class_path: package.module.Class, init_args: {...}}`"
+        if not isinstance(data, Mapping) or data.get("class_path") is None:
+            got = data.get("class_path") if isinstance(data, Mapping) else data
+            raise refuse("class_path", "is required: the class to instantiate", got, form)
+        for key in set(data) - {"class_path", "init_args", "dict_kwargs"}:
+            raise refuse(
+                str(key), "is not allowed here (only class_path, init_args)", data[key], "move it under init_args"
             )
-        for key in value:
-            if key not in ("class_path", "init_args", "dict_kwargs"):
-                raise SpecError(
-                    source,
-                    f"{section}.{key}",
-                    "is not allowed here (only class_path, init_args)",
-                    value[key],
-                    fix=f"move it under {section}.init_args",
-                )
-        if value.get("init_args") is not None and not isinstance(value["init_args"], Mapping):
-            raise SpecError(
-                source,
-                f"{section}.init_args",
-                "must be a mapping of constructor arguments",
-                value["init_args"],
-                fix="e.g. init_args: {lr: 0.01}",
-            )
+        return data
+
+
+_CLASS_SECTION = TypeAdapter(_ClassSection)
 
 
 def check_paths(source: str, params: tuple[Param, ...], config: Mapping[str, Any]) -> None:
-    seen = set()
+    """Each search-space path leads into a section of the config, and none lies inside another."""
     for param in params:
-        key = f'search_space["{param.path}"]'
-        if param.path in seen:
-            raise SpecError(source, key, "appears twice", param.path, fix="keep one")
-        seen.add(param.path)
-        head, *rest = param.path.split(".")
+        key, (head, *rest) = f'search_space["{param.path}"]', param.path.split(".")
         if head not in CONFIG_SECTIONS:
+            sections = ", ".join(CONFIG_SECTIONS)
             raise SpecError(
                 source,
                 key,
-                "must start with a config section (" + ", ".join(CONFIG_SECTIONS) + ")",
+                f"must start with a config section ({sections})",
                 head,
                 fix=did_you_mean(head, CONFIG_SECTIONS),
             )
-        if not rest:
+        if head in CLASS_SECTIONS and head not in config:
             raise SpecError(
                 source,
                 key,
-                "must name a value inside the section",
+                f"points into `{head}:`, which the config does not have",
                 param.path,
-                fix=f"e.g. {head}.init_args.<argument>",
+                fix=f"add a `{head}:` section with class_path, or fix the path",
             )
-        if head in CLASS_SECTIONS:
-            if head not in config:
+        if head in CLASS_SECTIONS and rest != ["class_path"] and (rest[:1] != ["init_args"] or len(rest) < 2):
+            arg = ".".join(p for p in rest if p != "init_args") or "lr"
+            raise SpecError(
+                source,
+                key,
+                f"must be {head}.init_args.<argument> or {head}.class_path",
+                param.path,
+                fix=f"write {head}.init_args.{arg}",
+            )
+        if not rest:
+            raise SpecError(
+                source, key, "must name a value inside the section", param.path, fix=f"e.g. {head}.max_epochs"
+            )
+        if rest[-1:] == ["class_path"] and not (
+            isinstance(param, CategoricalParam) and all(isinstance(c, str) for c in param.choices)
+        ):
+            fix = "e.g. {type: categorical, choices: [torch.optim.SGD, torch.optim.AdamW]}"
+            raise SpecError(
+                source, key, "must choose among class paths (categorical, strings)", param.to_dict(), fix=fix
+            )
+        node: Any = config
+        for i, part in enumerate(param.path.split(".")[:-1]):  # apply_params can only walk mappings and lists
+            node = node.get(part) if isinstance(node, Mapping) else node[int(part)] if _indexes(node, part) else node
+            if node is not None and not isinstance(node, (Mapping, list)):
+                at = ".".join(param.path.split(".")[: i + 1])
                 raise SpecError(
                     source,
                     key,
-                    f"points into `{head}:`, which the config does not have",
-                    param.path,
-                    fix=f"add a `{head}:` section with class_path, or fix the path",
+                    f"runs through {at}, which is a value, not a mapping",
+                    node,
+                    fix=f"search {at} itself, or fix the path",
                 )
-            if rest[0] != "init_args" and rest != ["class_path"]:
-                raise SpecError(
-                    source,
-                    key,
-                    f"must go through {head}.init_args (or be {head}.class_path)",
-                    param.path,
-                    fix=f"write {head}.init_args.{'.'.join(rest)}",
-                )
-            if rest[0] == "init_args" and len(rest) < 2:
-                raise SpecError(
-                    source,
-                    key,
-                    "must name an argument under init_args",
-                    param.path,
-                    fix=f"e.g. {head}.init_args.lr",
-                )
-    for a in params:
-        for b in params:
-            if b.path.startswith(a.path + "."):
-                raise SpecError(
-                    source,
-                    f'search_space["{b.path}"]',
-                    f"lies inside {a.path}, also searched",
-                    b.path,
-                    fix="search one of them",
-                )
+        inside = next((p.path for p in params if param.path.startswith(p.path + ".")), None)
+        if inside:
+            raise SpecError(source, key, f"lies inside {inside}, also searched", param.path, fix="search one of them")
+
+
+def _indexes(node: Any, part: str) -> bool:
+    return isinstance(node, list) and part.isdigit() and int(part) < len(node)

@@ -7,7 +7,9 @@ A spec's ``search_space:`` maps a dotted path (``model.init_args.lr``) to a dist
     data.init_args.batch_size: {type: categorical, choices: [32, 64, 128]}
 
 The Optuna parameter name is the dotted path itself, so the dashboard, ``best`` and the exported
-config all speak of the same thing.
+config all speak of the same thing. Each parameter is a frozen pydantic dataclass (types, keys);
+whether its bounds, ``log`` and ``step`` make a distribution is Optuna's to say: the dataclass
+builds one, and Optuna's refusal becomes the spec's error.
 """
 
 from __future__ import annotations
@@ -15,11 +17,28 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+from annotated_types import MinLen
+from pydantic import (
+    AllowInfNan,
+    BeforeValidator,
+    Strict,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+)
+from pydantic import model_validator as validator
+from pydantic.dataclasses import dataclass
 
 from lightstudy.errors import SpecError
+from lightstudy.schema import CONFIG, known_keys, refuse, rule, spec_error
 
 if TYPE_CHECKING:
     import optuna
@@ -33,6 +52,7 @@ __all__ = [
     "Param",
     "apply_params",
     "assignment",
+    "check_fixed_params",
     "is_active",
     "parse_search_space",
     "suggest_params",
@@ -41,17 +61,125 @@ __all__ = [
 CategoricalChoice = None | bool | int | float | str
 Condition = tuple[tuple[str, tuple[Any, ...]], ...]  # ((parent path, allowed values), ...)
 
+Number = Annotated[float, Strict(), AllowInfNan(False), rule("must be a finite number", "set {field}: to a number")]
+Integer = Annotated[int, Strict(), rule("must be an integer", "set {field}: to a whole number")]
+Flag = Annotated[bool, Strict(), rule("must be true or false", "write {field}: true")]
+Choices = Annotated[
+    tuple[StrictBool | StrictInt | StrictFloat | StrictStr | None, ...],
+    rule(
+        "must be a non-empty list of plain values: null, a bool, a number or a string",
+        "list the values to try, e.g. choices: [32, 64, 128]; to choose a class, list class paths",
+    ),
+]
 
-@dataclass(frozen=True)
-class FloatParam:
+
+def _condition_form(raw: Any) -> Any:
+    """``{parent: value or [values], ...}`` as the :data:`Condition` it means."""
+    if isinstance(raw, Mapping):
+        return tuple((parent, tuple(v) if isinstance(v, list) else (v,)) for parent, v in raw.items())
+    return raw if isinstance(raw, tuple) else None  # None: refused below, as every other shape
+
+
+When = Annotated[
+    Condition,
+    MinLen(1),
+    BeforeValidator(_condition_form),
+    rule(
+        "must map earlier parameters to the value(s) that turn this one on",
+        "e.g. when: {optimizer.class_path: torch.optim.SGD}",
+    ),
+]
+
+# Optuna's distribution rules (its ValueError), worded for the spec: its words -> (key, rule, fix).
+# A refusal not listed here still refuses, in Optuna's own words.
+_OPTUNA_RULES = {
+    "`low <= high`": (None, "`low <= high` must hold", "swap low and high", ("low", "high")),
+    "`low > 0`": ("low", "must be > 0 when log is true", "raise low above 0, e.g. 1.0e-5", ()),
+    "`low >= 1`": ("low", "must be >= 1 when log is true", "raise low to 1 or more", ()),
+    "`step > 0`": ("step", "must be > 0", "remove step or make it > 0", ()),
+    "`step` is not supported when `log`": (
+        None,
+        "`step` and `log` cannot be used together",
+        "drop one of them",
+        ("log", "step"),
+    ),
+    "step is 1 when `log`": (None, "`step` must be 1 when `log` is true", "drop step or log", ("log", "step")),
+    "`choices` must contain": ("choices", "must be a non-empty list", "list the values to try, e.g. [32, 64, 128]", ()),
+}
+
+
+class _Param:
+    """What every parameter shares: its keys, Optuna's verdict on it, and ``when``."""
+
+    path: str
+    when: Condition
+
+    @validator(mode="before")
+    @classmethod
+    def _keys(cls, data: Any, info: ValidationInfo) -> Any:
+        kind = cls.__name__.removesuffix("Param").lower()
+        fix = "write e.g. {type: float, low: 0.0, high: 0.5} or {type: categorical, choices: [..]}"
+        data = known_keys(
+            data,
+            cls,
+            what="must be a distribution mapping with a `type`",
+            fix=fix,
+            also=("type",),
+            hidden=("path",),
+            noun=f"a {kind} distribution",
+        )
+        if isinstance(data, Mapping) and info.context:
+            data = {k: v for k, v in data.items() if k != "type"} | {"path": info.context["path"]}
+        return data
+
+    @validator(mode="after")
+    def _optuna_agrees(self) -> Any:
+        try:
+            with warnings.catch_warnings():  # Optuna warns when it trims `high` to the step grid
+                warnings.simplefilter("ignore")
+                self.distribution()
+        except ArithmeticError as e:  # Optuna counts a step grid in Decimal: a step far too small overflows it
+            raise refuse(
+                "step",
+                "is too small for the range to count its grid",
+                _plain(getattr(self, "step")),  # noqa: B009 (only FloatParam has a float step)
+                "raise step, or drop it",
+            ) from e
+        except ValueError as e:
+            for words, (at, ours, fix, shown) in _OPTUNA_RULES.items():
+                if words in str(e):
+                    got = {k: getattr(self, k) for k in shown} if shown else _plain(getattr(self, at or "path"))
+                    raise refuse(at, ours, got, fix) from e
+            raise refuse(None, f"Optuna refuses it ({e})", self.to_dict(), "see optuna.distributions") from e
+        return self
+
+    def distribution(self) -> BaseDistribution:
+        raise NotImplementedError  # each kind builds its Optuna distribution
+
+    def candidates(self) -> tuple[Any, ...]:
+        """Values that bound what the config must accept at this path."""
+        return (getattr(self, "low"), getattr(self, "high"))  # noqa: B009 (declared by the subclasses)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form: ``type`` and every key that is not at its default."""
+        out: dict[str, Any] = {"type": type(self).__name__.removesuffix("Param").lower()}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.name not in ("path", "when") and (f.default is dataclasses.MISSING or value != f.default):
+                out[f.name] = _plain(value)
+        return _with_when(out, self.when)
+
+
+@dataclass(frozen=True, config=CONFIG)
+class FloatParam(_Param):
     """A float drawn from [low, high], on a log scale or a grid of ``step`` if asked."""
 
     path: str
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = None
-    when: Condition = ()  # sampled only when these parameters took one of these values
+    low: Number
+    high: Number
+    log: Flag = False
+    step: Number | None = None
+    when: When = ()  # sampled only when these parameters took one of these values
 
     def distribution(self) -> BaseDistribution:
         from optuna.distributions import FloatDistribution
@@ -61,10 +189,6 @@ class FloatParam:
     def suggest(self, trial: optuna.Trial) -> float:
         return trial.suggest_float(self.path, self.low, self.high, log=self.log, step=self.step)
 
-    def candidates(self) -> tuple[Any, ...]:
-        """Values that bound what the config must accept at this path."""
-        return (self.low, self.high)
-
     def contains(self, value: Any) -> bool:
         if not _is_number(value) or not self.low <= value <= self.high:
             return False
@@ -73,25 +197,17 @@ class FloatParam:
         k = (value - self.low) / self.step
         return abs(k - round(k)) < 1e-8
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": "float", "low": self.low, "high": self.high}
-        if self.log:
-            out["log"] = True
-        if self.step is not None:
-            out["step"] = self.step
-        return _with_when(out, self.when)
 
-
-@dataclass(frozen=True)
-class IntParam:
+@dataclass(frozen=True, config=CONFIG)
+class IntParam(_Param):
     """An integer drawn from [low, high] with ``step``, or on a log scale."""
 
     path: str
-    low: int
-    high: int
-    log: bool = False
-    step: int = 1
-    when: Condition = ()  # sampled only when these parameters took one of these values
+    low: Integer
+    high: Integer
+    log: Flag = False
+    step: Integer = 1
+    when: When = ()  # sampled only when these parameters took one of these values
 
     def distribution(self) -> BaseDistribution:
         from optuna.distributions import IntDistribution
@@ -101,9 +217,6 @@ class IntParam:
     def suggest(self, trial: optuna.Trial) -> int:
         return trial.suggest_int(self.path, self.low, self.high, log=self.log, step=self.step)
 
-    def candidates(self) -> tuple[Any, ...]:
-        return (self.low, self.high)
-
     def contains(self, value: Any) -> bool:
         return (
             isinstance(value, int)
@@ -112,22 +225,21 @@ class IntParam:
             and (value - self.low) % self.step == 0
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": "int", "low": self.low, "high": self.high}
-        if self.log:
-            out["log"] = True
-        if self.step != 1:
-            out["step"] = self.step
-        return _with_when(out, self.when)
 
-
-@dataclass(frozen=True)
-class CategoricalParam:
+@dataclass(frozen=True, config=CONFIG)
+class CategoricalParam(_Param):
     """One of a list of choices (None, bool, int, float or str)."""
 
     path: str
-    choices: tuple[CategoricalChoice, ...]
-    when: Condition = ()  # sampled only when these parameters took one of these values
+    choices: Choices = ()
+    when: When = ()  # sampled only when these parameters took one of these values
+
+    @validator(mode="after")
+    def _distinct(self) -> CategoricalParam:
+        for i, choice in enumerate(self.choices):  # 1 and 1.0 and True are different choices
+            if (type(choice), choice) in {(type(c), c) for c in self.choices[:i]}:
+                raise refuse("choices", "must not repeat a value", choice, "list each choice once")
+        return self
 
     def distribution(self) -> BaseDistribution:
         from optuna.distributions import CategoricalDistribution
@@ -140,9 +252,6 @@ class CategoricalParam:
     def candidates(self) -> tuple[Any, ...]:
         return self.choices
 
-    def to_dict(self) -> dict[str, Any]:
-        return _with_when({"type": "categorical", "choices": list(self.choices)}, self.when)
-
     def contains(self, value: Any) -> bool:
         return any(
             value == c and (type(value) is type(c) or (_is_number(value) and _is_number(c))) for c in self.choices
@@ -151,15 +260,15 @@ class CategoricalParam:
 
 Param = FloatParam | IntParam | CategoricalParam
 
-_KEYS = {
-    "float": {"type", "low", "high", "log", "step", "when"},
-    "int": {"type", "low", "high", "log", "step", "when"},
-    "categorical": {"type", "choices", "when"},
+_KINDS: dict[str, TypeAdapter[Any]] = {
+    "float": TypeAdapter(FloatParam),
+    "int": TypeAdapter(IntParam),
+    "categorical": TypeAdapter(CategoricalParam),
 }
 
 
 def parse_search_space(source: str, raw: Any) -> tuple[Param, ...]:
-    """Parse the ``search_space:`` block into parameters, checking every rule Optuna would.
+    """Parse the ``search_space:`` block into parameters, each a distribution Optuna accepts.
 
     Raises:
         SpecError: naming the parameter, the rule and the value.
@@ -176,49 +285,56 @@ def parse_search_space(source: str, raw: Any) -> tuple[Param, ...]:
         )
     params: list[Param] = []
     for path, dist in raw.items():
-        param = _parse_param(source, path, dist)
-        if isinstance(dist, Mapping) and "when" in dist:
-            param = dataclasses.replace(param, when=_parse_when(source, param.path, dist["when"], params))
+        if not isinstance(path, str) or not path or any(not part for part in path.split(".")):
+            raise SpecError(
+                source,
+                "search_space",
+                "keys must be dotted config paths such as model.init_args.lr",
+                path,
+                fix="name the parameter by its path in the config below the study block",
+            )
+        key = f'search_space["{path}"]'
+        kind = dist.get("type") if isinstance(dist, Mapping) else "float"  # a non-mapping: float says why
+        if not isinstance(kind, str) or kind not in _KINDS:  # `type: []` too
+            raise SpecError(
+                source,
+                f"{key}.type",
+                "must be one of float, int, categorical",
+                kind,
+                fix="set `type:` to float, int or categorical",
+            )
+        try:
+            param = _KINDS[kind].validate_python(dist, context={"path": path})
+        except ValidationError as e:
+            raise spec_error(source, key, e) from e
+        _check_condition(source, key, param, params)
         params.append(param)
     return tuple(params)
 
 
-def _parse_when(source: str, path: str, raw: Any, earlier: list[Param]) -> Condition:
-    """``when: {optimizer.class_path: torch.optim.SGD}`` (one value or a list of them; all must hold)."""
-    key = f'search_space["{path}"].when'
-    if not isinstance(raw, Mapping) or not raw:
-        raise SpecError(
-            source,
-            key,
-            "must map earlier parameters to the value(s) that turn this one on",
-            raw,
-            fix="e.g. when: {optimizer.class_path: torch.optim.SGD}",
-        )
+def _check_condition(source: str, key: str, param: Param, earlier: list[Param]) -> None:
+    """Each parent of ``when`` is an earlier parameter, and each value one it can take."""
     by_path = {p.path: p for p in earlier}
-    condition = []
-    for parent, values in raw.items():
+    for parent, allowed in param.when:
         if parent not in by_path:
             raise SpecError(
                 source,
-                key,
-                f"names {parent!r}, which is not a parameter listed before {path}",
+                f"{key}.when",
+                f"names {parent!r}, which is not a parameter listed before {param.path}",
                 parent,
                 fix="condition on a search-space parameter above this one",
             )
-        allowed = tuple(values) if isinstance(values, list) else (values,)
         if not allowed:
-            raise SpecError(source, key, "needs at least one value", values, fix="list the parent values")
+            raise SpecError(source, f"{key}.when", "needs at least one value", [], fix="list the parent values")
         for value in allowed:
             if not by_path[parent].contains(value):
                 raise SpecError(
                     source,
-                    f"{key}.{parent}",
+                    f"{key}.when.{parent}",
                     f"{value!r} is a value {parent} can never take",
                     value,
                     fix=f"use values from {parent}'s distribution {by_path[parent].to_dict()}",
                 )
-        condition.append((parent, allowed))
-    return tuple(condition)
 
 
 def is_active(param: Param, values: Mapping[str, Any]) -> bool:
@@ -248,151 +364,18 @@ def assignment(params: Iterable[Param], overrides: Mapping[str, Any] | None = No
     return values
 
 
-def _parse_param(source: str, path: Any, raw: Any) -> Param:
-    key = f"search_space[{path!r}]".replace("'", '"')
-    if not isinstance(path, str) or not path or any(not part for part in path.split(".")):
-        raise SpecError(
-            source,
-            "search_space",
-            "keys must be dotted config paths such as model.init_args.lr",
-            path,
-            fix="name the parameter by its path in the config below the study block",
-        )
-    if not isinstance(raw, Mapping):
-        raise SpecError(
-            source,
-            key,
-            "must be a distribution mapping with a `type`",
-            raw,
-            fix="write e.g. {type: float, low: 0.0, high: 0.5} or {type: categorical, choices: [..]}",
-        )
-    kind = raw.get("type")
-    if kind not in _KEYS:
-        raise SpecError(
-            source,
-            f"{key}.type",
-            "must be one of float, int, categorical",
-            kind,
-            fix="set `type:` to float, int or categorical",
-        )
-    unknown = sorted(set(raw) - _KEYS[kind])
-    if unknown:
-        raise SpecError(
-            source,
-            f"{key}.{unknown[0]}",
-            f"is not a key of a {kind} distribution (allowed: {', '.join(sorted(_KEYS[kind]))})",
-            raw[unknown[0]],
-            fix=f"remove `{unknown[0]}` or use one of the allowed keys",
-        )
-    if kind == "categorical":
-        return _parse_categorical(source, key, path, raw)
-    return _parse_numeric(source, key, path, kind, raw)
-
-
-def _parse_categorical(source: str, key: str, path: str, raw: Mapping[str, Any]) -> Param:
-    choices = raw.get("choices")
-    if not isinstance(choices, list) or not choices:
-        raise SpecError(
-            source,
-            f"{key}.choices",
-            "must be a non-empty list",
-            choices,
-            fix="list the values to try, e.g. choices: [32, 64, 128]",
-        )
-    for choice in choices:
-        if choice is not None and not isinstance(choice, (bool, int, float, str)):
-            raise SpecError(
-                source,
-                f"{key}.choices",
-                "each choice must be null, a bool, a number or a string",
-                choice,
-                fix="use plain values; to choose a class, list class paths as strings",
-            )
-    seen: list[Any] = []
-    for choice in choices:
-        if any(type(choice) is type(s) and choice == s for s in seen):
-            raise SpecError(
-                source,
-                f"{key}.choices",
-                "must not repeat a value",
-                choice,
-                fix="list each choice once",
-            )
-        seen.append(choice)
-    return CategoricalParam(path, tuple(choices))
-
-
 def _with_when(out: dict[str, Any], when: Condition) -> dict[str, Any]:
     if when:
         out["when"] = {parent: list(allowed) if len(allowed) > 1 else allowed[0] for parent, allowed in when}
     return out
 
 
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value  # as the YAML wrote it
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _parse_numeric(source: str, key: str, path: str, kind: str, raw: Mapping[str, Any]) -> Param:
-    for bound in ("low", "high"):
-        value = raw.get(bound)
-        ok = isinstance(value, int) and not isinstance(value, bool) if kind == "int" else (_is_number(value))
-        if not ok:
-            noun = "an integer" if kind == "int" else "a finite number"
-            raise SpecError(
-                source,
-                f"{key}.{bound}",
-                f"must be {noun}" + ("" if bound in raw else " (it is required)"),
-                value,
-                fix=f"set {bound}: to {noun}",
-            )
-    low, high = raw["low"], raw["high"]
-    if low > high:
-        raise SpecError(
-            source,
-            key,
-            "`low <= high` must hold",
-            {"low": low, "high": high},
-            fix="swap low and high",
-        )
-    log = raw.get("log", False)
-    if not isinstance(log, bool):
-        raise SpecError(source, f"{key}.log", "must be true or false", log, fix="write log: true")
-    step = raw.get("step")
-    if kind == "float":
-        if step is not None and (not _is_number(step) or step <= 0):
-            raise SpecError(source, f"{key}.step", "must be a number > 0", step, fix="remove step or make it > 0")
-        if log and step is not None:
-            raise SpecError(
-                source,
-                key,
-                "`step` and `log` cannot be used together",
-                {"log": log, "step": step},
-                fix="drop one of them",
-            )
-        if log and low <= 0:
-            raise SpecError(
-                source,
-                f"{key}.low",
-                "must be > 0 when log is true",
-                low,
-                fix="raise low above 0, e.g. 1.0e-5",
-            )
-        return FloatParam(path, float(low), float(high), log, None if step is None else float(step))
-    if step is None:
-        step = 1
-    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-        raise SpecError(source, f"{key}.step", "must be an integer >= 1", step, fix="set step to 1 or more")
-    if log and step != 1:
-        raise SpecError(
-            source,
-            key,
-            "`step` must be 1 when `log` is true",
-            {"log": log, "step": step},
-            fix="drop step or log",
-        )
-    if log and low < 1:
-        raise SpecError(source, f"{key}.low", "must be >= 1 when log is true", low, fix="raise low to 1 or more")
-    return IntParam(path, low, high, log, step)
 
 
 def check_fixed_params(source: str, key: str, params: Iterable[Param], values: Mapping[str, Any]) -> None:

@@ -11,6 +11,7 @@ everything that can be checked without importing user code: the study block's ru
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from typing import Any
 
 from lightstudy.config_rules import CLASS_SECTIONS, CONFIG_SECTIONS, check_config, check_paths, trial_world_size
 from lightstudy.errors import SpecError, did_you_mean
-from lightstudy.search_space import Param, check_fixed_params, parse_search_space
+from lightstudy.search_space import CategoricalParam, Param, check_fixed_params, parse_search_space
 from lightstudy.study_block import CheckpointSettings, Component, StudySettings, parse_study
 
 __all__ = [
@@ -57,28 +58,19 @@ class StudySpec:
     def to_dict(self, *, with_storage: bool = True) -> dict[str, Any]:
         """The canonical document: ``spec_from_dict(spec.to_dict())`` gives the same spec."""
         s = self.study
-        study: dict[str, Any] = {"name": s.name}
-        if s.is_multi_objective:
-            study["directions"] = list(s.directions)
-            study["metrics"] = list(s.metrics)
-        else:
-            study["direction"] = s.direction
-            study["metric"] = s.metric
+        one = not s.is_multi_objective
+        study: dict[str, Any] = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
         study.update(
+            {"direction": s.direction, "metric": s.metric} if one else {"directions": list(s.directions)},
+            metrics=None if one else list(s.metrics),
             storage=s.storage if with_storage else None,
-            n_trials=s.n_trials,
-            timeout=s.timeout,
-            seed=s.seed,
             sampler=s.sampler.to_dict(),
             pruner=s.pruner.to_dict(),
             checkpoints=s.checkpoints.to_dict(),
-            run_dir=s.run_dir,
-            trial_timeout=s.trial_timeout,
-            max_retry=s.max_retry,
-            heartbeat_interval=s.heartbeat_interval,
-            grace_period=s.grace_period,
             enqueue=[dict(e) for e in s.enqueue],
         )
+        if one:
+            del study["directions"], study["metrics"]
         return {
             "study": study,
             "search_space": {p.path: p.to_dict() for p in self.search_space},
@@ -119,6 +111,8 @@ def load_spec(path: str | Path) -> StudySpec:
         if context and problem_mark is not None:
             problem = f"{context}: {problem} at line {problem_mark.line + 1}"
         raise SpecError(source, where, f"is not valid YAML ({problem})", fix="correct the YAML syntax there") from e
+    if doc is None:  # no document at all (empty, only comments, a bare `---`)
+        raise SpecError(source, "", "is empty", fix="start from studies/digits.yaml (a `study:` block and a config)")
     return spec_from_dict(doc, source=source)
 
 
@@ -138,7 +132,7 @@ def spec_from_dict(doc: Any, *, source: str = "<spec>") -> StudySpec:
             fix = did_you_mean(key, allowed)
             if key == "seed_everything":
                 fix = "remove it: each trial's seed is derived from study.seed"
-            raise SpecError(source, str(key), "is not a top-level key of a study spec", doc[key], fix=fix)
+            raise SpecError(source, str(key) or '""', "is not a top-level key of a study spec", doc[key], fix=fix)
     if "study" not in doc:
         raise SpecError(source, "study", "is required", fix="add a `study:` block with at least `name:`")
     settings = parse_study(source, doc["study"])
@@ -156,7 +150,33 @@ def spec_from_dict(doc: Any, *, source: str = "<spec>") -> StudySpec:
             settings.pruner.name,
             fix="set pruner: null (several objectives), or keep one metric",
         )
+    _check_grid(source, settings, search_space)
     return StudySpec(source, settings, search_space, config)
+
+
+GRID_LIMIT = 1_000_000  # points; Optuna's GridSampler lists every one of them in memory
+
+
+def _check_grid(source: str, settings: StudySettings, params: tuple[Param, ...]) -> None:
+    """A GridSampler built from the search space (no grid of its own) has a grid that fits in memory."""
+    if settings.sampler.name.rpartition(".")[2] != "GridSampler" or "search_space" in settings.sampler.kwargs:
+        return
+    points = 1
+    for p in params:
+        if isinstance(p, CategoricalParam):
+            points *= len(p.choices)
+        elif p.step is None:
+            return  # a float without a step has no grid: building the sampler says so
+        else:
+            points *= int((p.high - p.low) // p.step) + 1
+        if points > GRID_LIMIT:
+            raise SpecError(
+                source,
+                "study.sampler",
+                f'GridSampler would list more than {GRID_LIMIT:,} points (search_space["{p.path}"] and those above)',
+                settings.sampler.name,
+                fix="narrow the ranges or raise their step, or use another sampler",
+            )
 
 
 def with_overrides(spec: StudySpec, **overrides: Any) -> StudySpec:
