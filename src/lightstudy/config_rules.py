@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Strict, TypeAdapter, ValidationError
 from pydantic import model_validator as validator
@@ -15,7 +15,9 @@ from pydantic.dataclasses import dataclass
 
 from lightstudy.errors import SpecError, did_you_mean
 from lightstudy.schema import CONFIG, refuse, rule, spec_error
-from lightstudy.search_space import CategoricalParam, Param
+
+if TYPE_CHECKING:
+    from lightstudy.search_space import Param
 
 __all__ = ["CLASS_SECTIONS", "CONFIG_SECTIONS", "check_config", "check_paths", "trial_world_size"]
 
@@ -201,13 +203,12 @@ def check_paths(source: str, params: tuple[Param, ...], config: Mapping[str, Any
             raise SpecError(
                 source, key, "must name a value inside the section", param.path, fix=f"e.g. {head}.max_epochs"
             )
+        doc = param.to_dict()  # its declared type: config_rules stays below search_space
         if rest[-1:] == ["class_path"] and not (
-            isinstance(param, CategoricalParam) and all(isinstance(c, str) for c in param.choices)
+            doc["type"] == "categorical" and all(isinstance(c, str) for c in doc.get("choices", ()))
         ):
             fix = "e.g. {type: categorical, choices: [torch.optim.SGD, torch.optim.AdamW]}"
-            raise SpecError(
-                source, key, "must choose among class paths (categorical, strings)", param.to_dict(), fix=fix
-            )
+            raise SpecError(source, key, "must choose among class paths (categorical, strings)", doc, fix=fix)
         node: Any = config
         for i, part in enumerate(param.path.split(".")[:-1]):  # apply_params can only walk mappings and lists
             node = node.get(part) if isinstance(node, Mapping) else node[int(part)] if _indexes(node, part) else node
