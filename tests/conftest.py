@@ -108,10 +108,13 @@ def _pg_admin(statement: str) -> None:
 
 class PgClones:
     """Fresh databases cloned from one holding Optuna's empty schema (made by ``open_storage``
-    once per test process): cloning is faster than creating the tables, and one thread clones
-    the next database and drops used ones while the test runs, so a test waits for neither."""
+    once per test process): cloning is faster than creating the tables, and threads clone the
+    next databases and drop used ones while tests run, so a test waits for neither."""
+
+    AHEAD = 2  # clones kept ready (CREATE DATABASE waits for a WAL flush: two overlap that wait)
 
     def __init__(self) -> None:
+        import collections
         from concurrent.futures import ThreadPoolExecutor
 
         from lightstudy.storage import open_storage
@@ -119,8 +122,9 @@ class PgClones:
         self.template = f"ls_template_{uuid.uuid4().hex[:10]}"
         _pg_admin(f'CREATE DATABASE "{self.template}"')
         open_storage(f"{PG_BASE}/{self.template}").engine.dispose()  # a template must have no connection
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-clones")
-        self._next = self._pool.submit(self._clone)
+        self._cloner = ThreadPoolExecutor(max_workers=self.AHEAD, thread_name_prefix="pg-clone")
+        self._dropper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pg-drop")
+        self._ahead = collections.deque(self._cloner.submit(self._clone) for _ in range(self.AHEAD))
         self._drops: list[Any] = []
 
     def _clone(self) -> str:
@@ -129,20 +133,22 @@ class PgClones:
         return name
 
     def take(self) -> str:
-        """A new database's URL (the clone made ahead), and the next clone started."""
-        name = self._next.result()
-        self._next = self._pool.submit(self._clone)
+        """A new database's URL (a clone made ahead), and the next clone started."""
+        name = self._ahead.popleft().result()
+        self._ahead.append(self._cloner.submit(self._clone))
         return f"{PG_BASE}/{name}"
 
     def drop(self, url: str) -> None:
         name = url.rsplit("/", 1)[1]
-        self._drops.append(self._pool.submit(_pg_admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        self._drops.append(self._dropper.submit(_pg_admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
     def close(self) -> None:
         try:
-            with contextlib.suppress(Exception):
-                self.drop(f"{PG_BASE}/{self._next.result()}")
-            self._pool.shutdown(wait=True)
+            self._cloner.shutdown(wait=True)
+            for ready in self._ahead:
+                with contextlib.suppress(Exception):
+                    self.drop(f"{PG_BASE}/{ready.result()}")
+            self._dropper.shutdown(wait=True)
             for dropped in self._drops:
                 dropped.result()  # a database left behind is an error, not a silent leak
         finally:

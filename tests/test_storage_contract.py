@@ -70,9 +70,12 @@ def _grpc_reorders(names: list[str]) -> bool:
 
 def _upstream_failure(request: pytest.FixtureRequest, kind: str) -> str | None:
     """The upstream reason this test fails on this storage, if it does (see the module docstring)."""
-    if kind in PROXIES and request.node.originalname == "test_get_all_trials_params_order":
-        if _grpc_reorders(request.getfixturevalue("param_names")):
-            return PARAMS_ORDER
+    if (
+        kind in PROXIES
+        and request.node.originalname == "test_get_all_trials_params_order"
+        and _grpc_reorders(request.getfixturevalue("param_names"))
+    ):
+        return PARAMS_ORDER
     return None
 
 
