@@ -9,9 +9,10 @@ storages. It runs here, unchanged, against each storage a lightstudy worker or c
   test (the suite assumes an empty storage);
 - ``lightstudy_proxy``: that PostgreSQL behind ``lightstudy proxy`` (``serve``: the cached storage
   plus the budget check and the heartbeat tunnel), reached as workers reach it (``grpc://``);
-- ``optuna_proxy``: the same database behind Optuna's own gRPC proxy (``make_server`` over
-  ``get_storage``, as ``run_grpc_proxy_server`` serves it). It is here to show that each test
-  marked as an upstream failure fails there too, and to notice (strict xfail) when Optuna fixes it.
+- ``optuna_proxy`` (``TestOptunaOwnProxy``, only the tests marked as upstream failures): the same
+  database behind Optuna's own gRPC proxy (``make_server`` over ``get_storage``, as
+  ``run_grpc_proxy_server`` serves it), to show each fails there too, and to notice (strict xfail)
+  when Optuna fixes it. Run once on the whole suite (Optuna 5.1), it failed only that test.
 
 Retries through a database restart (``retry_db``) wrap the worker's calls, not the storage object,
 so they are not part of this contract; tests/test_worker.py and tests/test_storage.py hold them.
