@@ -98,6 +98,82 @@ def pg_url() -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def _pg_admin(statement: str) -> None:
+    import psycopg
+
+    admin = PG_BASE.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+class PgClones:
+    """Fresh databases cloned from one holding Optuna's empty schema (made by ``open_storage``
+    once per test process): cloning is faster than creating the tables, and threads clone the
+    next databases and drop used ones while tests run, so a test waits for neither."""
+
+    AHEAD = 2  # clones kept ready (CREATE DATABASE waits for a WAL flush: two overlap that wait)
+
+    def __init__(self) -> None:
+        import collections
+        from concurrent.futures import ThreadPoolExecutor
+
+        from lightstudy.storage import open_storage
+
+        self.template = f"ls_template_{uuid.uuid4().hex[:10]}"
+        _pg_admin(f'CREATE DATABASE "{self.template}"')
+        open_storage(f"{PG_BASE}/{self.template}").engine.dispose()  # a template must have no connection
+        self._cloner = ThreadPoolExecutor(max_workers=self.AHEAD, thread_name_prefix="pg-clone")
+        self._dropper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pg-drop")
+        self._ahead = collections.deque(self._cloner.submit(self._clone) for _ in range(self.AHEAD))
+        self._drops: list[Any] = []
+
+    def _clone(self) -> str:
+        name = f"ls_test_{uuid.uuid4().hex[:10]}"
+        _pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+        return name
+
+    def take(self) -> str:
+        """A new database's URL (a clone made ahead), and the next clone started."""
+        name = self._ahead.popleft().result()
+        self._ahead.append(self._cloner.submit(self._clone))
+        return f"{PG_BASE}/{name}"
+
+    def drop(self, url: str) -> None:
+        name = url.rsplit("/", 1)[1]
+        self._drops.append(self._dropper.submit(_pg_admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    def close(self) -> None:
+        try:
+            self._cloner.shutdown(wait=True)
+            for ready in self._ahead:
+                with contextlib.suppress(Exception):
+                    self.drop(f"{PG_BASE}/{ready.result()}")
+            self._dropper.shutdown(wait=True)
+            for dropped in self._drops:
+                dropped.result()  # a database left behind is an error, not a silent leak
+        finally:
+            _pg_admin(f'DROP DATABASE IF EXISTS "{self.template}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_clones() -> Iterator[PgClones]:
+    clones = PgClones()
+    try:
+        yield clones
+    finally:
+        clones.close()
+
+
+@pytest.fixture
+def pg_optuna_url(pg_clones: PgClones) -> Iterator[str]:
+    """A fresh PostgreSQL database with Optuna's tables and no study, dropped afterwards."""
+    url = pg_clones.take()
+    try:
+        yield url
+    finally:
+        pg_clones.drop(url)
+
+
 class PrivateServer:
     """A throwaway PostgreSQL server of the test's own (initdb on a free port): a test may stop and
     restart it without touching the shared server that the other tests, maybe in parallel, use."""
