@@ -106,12 +106,15 @@ def _import_for_spec(source: str, key: str, path: str) -> type:
     try:
         return import_class(path)
     except ImportError as e:
+        from lightstudy.project import searched
+
         raise SpecError(
             source,
             key,
-            f"does not import ({e})",
+            f"does not import ({e}; looked in {searched()})",
             path,
-            fix="check the spelling, and that the package is installed or on PYTHONPATH",
+            fix="check the spelling; run lightstudy from the project folder, or install the package, "
+            "or add its folder to PYTHONPATH",
         ) from e
     except Exception as e:  # the user's module raised while importing
         raise SpecError(

@@ -177,6 +177,10 @@ def _main(
     Example: lightstudy run studies/digits.yaml --workers 2
     """
     _state["debug"] = debug
+    from lightstudy.project import use_project_folder
+
+    # User classes import from here, in this process and (through PYTHONPATH) in every child.
+    use_project_folder()
     handler: logging.Handler
     if sys.stderr.isatty():
         from rich.logging import RichHandler

@@ -25,8 +25,10 @@ __all__ = ["create", "dashboard", "enqueue_command", "proxy", "run", "validate",
 def _load(file: Path) -> StudySpec:
     """Load a spec and check it completely (imports user classes)."""
     from lightstudy.lightning_config import check_spec
+    from lightstudy.project import use_project_folder
     from lightstudy.spec import load_spec
 
+    use_project_folder(file)  # and the study file's folder, when it is not this one
     spec = load_spec(file)
     check_spec(spec)
     return spec

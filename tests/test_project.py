@@ -1,0 +1,177 @@
+"""A Lightning user's own project, as it is (issue 15): their folder, their config files, their
+LightningCLI subclass with a ``link_arguments``; lightstudy run from that folder with no PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+MODEL = '''
+from typing import Literal
+
+import lightning.pytorch as lp
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class TinyNet(lp.LightningModule):
+    """An MLP on the project's synthetic data."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        features: int = 8,
+        hidden: int = 16,
+        lr: float = 0.01,
+        dropout: float = 0.0,
+        use_bias: bool = True,
+        optimizer: Literal["adam", "sgd"] = "adam",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Linear(features, hidden, bias=use_bias), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+        )
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.val_acc(self(x), y)
+        self.log("val_acc", self.val_acc)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.test_acc(self(x), y)
+        self.log("test_acc", self.test_acc)
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0]).argmax(-1)
+
+    def configure_optimizers(self):
+        cls = torch.optim.Adam if self.hparams.optimizer == "adam" else torch.optim.SGD
+        return cls(self.parameters(), lr=self.hparams.lr)
+'''
+
+DATA = '''
+import lightning.pytorch as lp
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class BlobData(lp.LightningDataModule):
+    """Points whose class is the largest of a fixed linear map: learnable in a few steps."""
+
+    def __init__(self, num_classes: int = 3, features: int = 8, samples: int = 256, batch_size: int = 32) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.features = features
+        self.samples = samples
+        self.batch_size = batch_size
+
+    def setup(self, stage=None):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(self.samples, self.features, generator=g)
+        w = torch.randn(self.features, self.num_classes, generator=g)
+        y = (x @ w).argmax(-1)
+        cut = self.samples * 3 // 4
+        self.train_set = TensorDataset(x[:cut], y[:cut])
+        self.val_set = TensorDataset(x[cut:], y[cut:])
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+    def test_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+    def predict_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+'''
+
+CLI = '''
+from lightning.pytorch.cli import LightningCLI
+
+
+class MyLightningCLI(LightningCLI):
+    """The project's CLI: the model's classes come from the data module."""
+
+    def add_arguments_to_parser(self, parser):
+        parser.link_arguments("data.init_args.num_classes", "model.init_args.num_classes")
+        parser.link_arguments("data.init_args.features", "model.init_args.features")
+'''
+
+MAIN = '''
+from my_project.cli import MyLightningCLI
+
+if __name__ == "__main__":
+    MyLightningCLI()
+'''
+
+BASE = {
+    "trainer": {
+        "max_epochs": 5,
+        "accelerator": "cpu",
+        "devices": 1,
+        "limit_train_batches": 4,
+        "limit_val_batches": 2,
+        "enable_progress_bar": False,
+    },
+    "model": {"class_path": "my_project.model.TinyNet", "init_args": {"hidden": 16, "lr": 0.01}},
+    "data": {"class_path": "my_project.data.BlobData", "init_args": {"num_classes": 3, "batch_size": 32}},
+}
+EXP_SMALL = {"trainer": {"max_epochs": 2}, "model": {"init_args": {"hidden": 8}}}
+
+
+def make_project(root: Path) -> Path:
+    """A researcher's folder: a package of their own, two config files and a main.py."""
+    package = root / "my_project"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for name, text in (("model", MODEL), ("data", DATA), ("cli", CLI)):
+        (package / f"{name}.py").write_text(textwrap.dedent(text).lstrip())
+    (root / "main.py").write_text(MAIN.lstrip())
+    (root / "configs").mkdir()
+    (root / "configs" / "base.yaml").write_text(yaml.safe_dump(BASE, sort_keys=False))
+    (root / "configs" / "exp_small.yaml").write_text(yaml.safe_dump(EXP_SMALL, sort_keys=False))
+    return root
+
+
+def user_env() -> dict[str, str]:
+    """The environment of a user who never heard of PYTHONPATH: lightstudy installed, nothing else."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LIGHTSTUDY_STORAGE")}
+    env["PYTHONUNBUFFERED"] = "1"
+    # This checkout's lightstudy, where an installed one would be; nothing of the user's project.
+    env["PYTHONPATH"] = str(REPO / "src")
+    return env
+
+
+def lightstudy(*args: str, cwd: Path, timeout: float = 600, **extra: str) -> subprocess.CompletedProcess[str]:
+    # The console script, as a user types it: Python puts its own folder on sys.path, not the cwd.
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "lightstudy"), *args],
+        cwd=cwd,
+        env={**user_env(), **extra},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
