@@ -1,5 +1,5 @@
-"""The project folder imports: user classes are found in the current folder, as a LightningCLI script
-finds them beside it.
+"""The project folder imports: user classes are found in the current folder, as a LightningCLI
+script finds them beside it.
 
 A LightningCLI script, ``python -m``, pytest and Hydra all import from the folder a researcher
 works in; the ``lightstudy`` console script does not (Python puts the script's own folder on

@@ -23,15 +23,10 @@ __all__ = ["create", "dashboard", "enqueue_command", "proxy", "run", "validate",
 
 
 def _load(file: Path) -> StudySpec:
-    """Load a spec and check it completely (imports user classes)."""
-    from lightstudy.lightning_config import check_spec
-    from lightstudy.project import use_project_folder
-    from lightstudy.spec import load_spec
+    """Load a spec and check it completely (imports user classes, from the project folder too)."""
+    from lightstudy.api import validate as check
 
-    use_project_folder(file)  # and the study file's folder, when it is not this one
-    spec = load_spec(file)
-    check_spec(spec)
-    return spec
+    return check(file)
 
 
 @app.command()
@@ -77,12 +72,11 @@ def create(
 
     Example: lightstudy create studies/digits.yaml --storage postgresql+psycopg://db/studies
     """
+    from lightstudy.api import create as create_study
     from lightstudy.storage import redact
-    from lightstudy.study import create_study
 
-    spec = _load(file)
-    url = storage_url(storage, spec=spec)
-    create_study(spec, url, update_spec=update_spec)
+    found = create_study(file, storage=storage, update_spec=update_spec)
+    spec, url = found.spec, found.url
     console().print(
         f"study {spec.study.name!r} ready in {redact(url)}\n"
         f"start workers: lightstudy worker --storage {redact(url)} --study {spec.study.name}"
@@ -126,39 +120,28 @@ def run(
 
     Example: lightstudy run studies/digits.yaml --workers 2
     """
+    from lightstudy.api import WorkersFailed
+    from lightstudy.api import run as run_study
     from lightstudy.cli.show import print_best
-    from lightstudy.launcher import Launcher, plan_slots
-    from lightstudy.ranks import check_devices
-    from lightstudy.spec import trial_world_size, with_overrides
-    from lightstudy.storage import redact
-    from lightstudy.study import create_study
 
-    spec = with_overrides(_load(file), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None)
-    url = storage_url(storage, spec=spec)
-    per_trial = gpus_per_trial or trial_world_size(spec.config)
-    if per_trial > 1 and not url.startswith(("sqlite", "postgresql", "mysql")):
-        check_devices(spec, per_trial, url)
-    gpu_trials = str((spec.config.get("trainer") or {}).get("accelerator", "auto")) != "cpu"
-    slots = plan_slots(gpus, workers, trials_per_gpu, gpus_per_trial=per_trial if gpu_trials else 1)
-    if gpus and gpus != "auto" and gpu_trials and len(gpus.split(",")) % per_trial:
-        logging.getLogger("lightstudy").warning(
-            "%d GPU(s) left idle: a trial runs on %d", len(gpus.split(",")) % per_trial, per_trial
+    try:
+        found = run_study(
+            file,
+            workers=workers,
+            gpus=gpus,
+            trials_per_gpu=trials_per_gpu,
+            gpus_per_trial=gpus_per_trial,
+            n_trials=n_trials,
+            timeout=timeout,
+            storage=storage,
+            run_dir=run_dir,
+            update_spec=update_spec,
+            console=console(),
         )
-    create_study(spec, url, update_spec=update_spec or any(v is not None for v in (n_trials, timeout)))
-    out = console()
-    where = ", ".join(f"GPU {s.gpu}" if s.gpu is not None else "CPU" for s in slots)
-    out.print(
-        f"study [bold]{spec.study.name}[/bold] in {redact(url)}: {len(slots)} worker(s) "
-        f"({where}); logs in {spec.run_dir / 'workers'}"
-    )
-    result = Launcher(url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial).run()
-    print_best(spec.study.name, url, spec.run_dir, out, final=True)
-    failed = [i for i, code in enumerate(result.exit_codes) if code not in (0, None)]
-    if failed and not result.interrupted:
-        raise LightstudyError(
-            f"worker(s) {', '.join(map(str, failed))} exited with an error",
-            fix=f"see {spec.run_dir / 'workers'}/worker-<i>.log",
-        )
+    except WorkersFailed as e:
+        print_best(e.study.name, e.study.url, e.study.run_dir, console(), final=True)
+        raise
+    print_best(found.name, found.url, found.run_dir, console(), final=True)
 
 
 @app.command()
