@@ -111,8 +111,11 @@ def exported_config(trial: FrozenTrial, spec: StudySpec) -> dict[str, Any]:
     return config
 
 
-def build_for_eval(config: dict[str, Any], work_dir: Path, *, progress_bar: bool = False) -> Built:
-    """Model, data and a quiet Trainer from a resolved config (no logger, output in ``work_dir``)."""
+def build_for_eval(
+    config: dict[str, Any], work_dir: Path, *, progress_bar: bool = False, cli: str | None = None
+) -> Built:
+    """Model, data and a quiet Trainer from a resolved config (no logger, output in ``work_dir``),
+    through the study's LightningCLI subclass ``cli`` when it has one."""
     from lightstudy.lightning_config import build
 
     config = copy.deepcopy(config)
@@ -129,7 +132,7 @@ def build_for_eval(config: dict[str, Any], work_dir: Path, *, progress_bar: bool
         num_nodes=1,
     )
     trainer.pop("callbacks", None)
-    return build(config, callbacks=[], seed=config.get("seed_everything"))
+    return build(config, callbacks=[], seed=config.get("seed_everything"), cli=cli)
 
 
 def load_weights(built: Built, checkpoint: dict[str, Any], label: str) -> None:
@@ -207,7 +210,7 @@ def evaluate_on_test(study: optuna.Study, spec: StudySpec, run_dir: Path, top: i
         with tempfile.TemporaryDirectory(prefix="lightstudy-test-") as tmp:
             path = fetch(study, spec, run_dir, trial, Path(tmp))
             checkpoint = load_checkpoint(path)
-            built = build_for_eval(exported_config(trial, spec), Path(tmp))
+            built = build_for_eval(exported_config(trial, spec), Path(tmp), cli=spec.cli)
             load_weights(built, checkpoint, path.name)
             out = built.trainer.test(built.model, datamodule=built.datamodule, verbose=False)
         metrics = {k: float(v) for k, v in (out[0] if out else {}).items()}

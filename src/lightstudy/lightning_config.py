@@ -24,7 +24,7 @@ from lightstudy.errors import SpecError
 from lightstudy.search_space import apply_params, assignment
 from lightstudy.spec import CLASS_SECTIONS, StudySpec
 
-__all__ = ["Built", "build", "check_spec", "import_class", "lightning_namespace", "parse_config"]
+__all__ = ["Built", "build", "check_spec", "cli_class", "import_class", "lightning_namespace", "parse_config"]
 
 NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
 
@@ -126,11 +126,31 @@ def _import_for_spec(source: str, key: str, path: str) -> type:
         ) from e
 
 
+def cli_class(namespace: str, path: str | None = None, source: str = "<spec>") -> type:
+    """The LightningCLI class trials parse through: the study's ``cli:`` subclass, else the namespace's.
+
+    Raises:
+        SpecError: ``cli:`` does not import, or is not a LightningCLI of the model's namespace.
+    """
+    base = importlib.import_module(f"{namespace}.cli").LightningCLI
+    if path is None:
+        return base
+    cls = _import_for_spec(source, "cli", path)
+    if not (inspect.isclass(cls) and issubclass(cls, base)):
+        raise SpecError(
+            source,
+            "cli",
+            f"must name a subclass of {namespace}.cli.LightningCLI (the model's namespace)",
+            path,
+            fix=f"subclass {namespace}.cli.LightningCLI",
+        )
+    return cls
+
+
 @functools.cache
-def _cli_classes(namespace: str) -> tuple[type, type]:
-    """(LightningCLI, a LightningCLI that parses but instantiates nothing) of a namespace."""
-    cli_module = importlib.import_module(f"{namespace}.cli")
-    base = cli_module.LightningCLI
+def _cli_classes(namespace: str, cli: str | None = None) -> tuple[type, type]:
+    """(the LightningCLI class, one of it that parses but instantiates nothing)."""
+    base = cli_class(namespace, cli)
 
     class ParseOnlyCLI(base):  # type: ignore[misc, valid-type]
         def instantiate_classes(self) -> None:
@@ -140,8 +160,9 @@ def _cli_classes(namespace: str) -> tuple[type, type]:
 
 
 @functools.cache
-def _reusing_cli(namespace: str) -> type:
-    """A LightningCLI that builds its argument parser once per process and reuses it.
+def _reusing_cli(namespace: str, cli: str | None = None) -> type:
+    """A LightningCLI (the study's ``cli:`` subclass, if any) that builds its argument parser once
+    per process and reuses it.
 
     Building the parser (every Trainer, LightningModule and LightningDataModule argument, from
     their signatures) is a quarter of what LightningCLI costs a trial; the forkserver's warm-up
@@ -149,7 +170,7 @@ def _reusing_cli(namespace: str) -> type:
     does not depend on the trial: callbacks are added at instantiation and the seed is passed in
     the config (``seed_everything``), never as parser defaults.
     """
-    base, _ = _cli_classes(namespace)
+    base, _ = _cli_classes(namespace, cli)
 
     class ReusingCLI(base):  # type: ignore[misc, valid-type]
         _reused_parser: Any = None
@@ -194,13 +215,14 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) < 400 else text[:397] + "..."
 
 
-def parse_config(config: Mapping[str, Any], namespace: str) -> Any:
-    """Parse a config with LightningCLI's parser (no instantiation); returns the CLI object.
+def parse_config(config: Mapping[str, Any], namespace: str, cli: str | None = None) -> Any:
+    """Parse a config with LightningCLI's parser (or the ``cli`` subclass's: its arguments and
+    links apply), without instantiating; returns the CLI object.
 
     Raises:
         ValueError: with jsonargparse's explanation in one line.
     """
-    _, parse_only = _cli_classes(namespace)
+    _, parse_only = _cli_classes(namespace, cli)
     try:
         with _quiet(), _own_argv():
             return parse_only(
@@ -231,6 +253,7 @@ def check_spec(spec: StudySpec) -> None:
     config = spec.lightning_config()
     check_components(spec)
     namespace = lightning_namespace(config, source)
+    cli_class(namespace, spec.cli, source)
     for section in CLASS_SECTIONS:
         value = config.get(section)
         if isinstance(value, Mapping) and section in ("model", "data"):
@@ -250,7 +273,7 @@ def check_spec(spec: StudySpec) -> None:
             cls = _import_for_spec(source, f'search_space["{head}.class_path"]', class_path)
             _check_arg_names(source, f'search_space["{param.path}"]', cls, [rest[1]], class_path)
     try:
-        cli = parse_config(config, namespace)
+        cli = parse_config(config, namespace, spec.cli)
     except ValueError as e:
         key, reason = _explain(str(e))
         raise SpecError(
@@ -339,16 +362,18 @@ def _check_trainer_arg(source: str, key: str, arg: str, trainer_cls: type) -> No
         )
 
 
-def build(config: Mapping[str, Any], *, callbacks: Sequence[Any], seed: int | None) -> Built:
-    """Instantiate model, data module and Trainer (with ``callbacks`` added) via LightningCLI.
+def build(config: Mapping[str, Any], *, callbacks: Sequence[Any], seed: int | None, cli: str | None = None) -> Built:
+    """Instantiate model, data module and Trainer (with ``callbacks`` added) via LightningCLI, or
+    via the ``cli`` subclass (a study's ``cli:``), so its arguments and ``link_arguments`` apply.
 
-    ``seed`` goes through LightningCLI's ``seed_everything`` before anything is built.
+    ``seed`` goes through LightningCLI's ``seed_everything`` before anything is built. The
+    resolved config has the link targets filled in, so a plain LightningCLI trains it.
     """
     namespace = lightning_namespace(config)
     args = dict(config)
     args.setdefault("seed_everything", seed if seed is not None else True)  # a seed in the config wins
     with _own_argv():
-        cli = _reusing_cli(namespace)(
+        cli_obj = _reusing_cli(namespace, cli)(
             args=args,
             run=False,
             save_config_callback=None,
@@ -357,5 +382,5 @@ def build(config: Mapping[str, Any], *, callbacks: Sequence[Any], seed: int | No
         )
     import yaml
 
-    resolved = yaml.safe_load(cli.parser.dump(cli.config, skip_link_targets=False))
-    return Built(cli.model, cli.datamodule, cli.trainer, resolved, namespace)
+    resolved = yaml.safe_load(cli_obj.parser.dump(cli_obj.config, skip_link_targets=False))
+    return Built(cli_obj.model, cli_obj.datamodule, cli_obj.trainer, resolved, namespace)

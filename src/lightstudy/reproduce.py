@@ -72,7 +72,9 @@ def reproduce(study: optuna.Study, spec: StudySpec, number: int, work_dir: Path 
         root = Path(work_dir or tmp)
         trainer = config.setdefault("trainer", {})
         trainer.update(logger=False, default_root_dir=str(root), enable_progress_bar=False)
-        fitted = fit_config(config, spec.study, ckpt_dir=root / "checkpoints", seed=trial.user_attrs.get("seed"))
+        fitted = fit_config(
+            config, spec.study, ckpt_dir=root / "checkpoints", seed=trial.user_attrs.get("seed"), cli=spec.cli
+        )
     recorded_versions: dict[str, Any] = trial.user_attrs.get("versions") or {}
     now = _versions(recorded_versions.get("namespace", "lightning.pytorch"))
     changed = {
