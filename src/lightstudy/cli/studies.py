@@ -1,4 +1,4 @@
-"""The commands that make and run a study: validate, create, run, worker, enqueue, proxy, dashboard.
+"""The commands that make and run a study: init, validate, create, run, worker, enqueue, proxy, dashboard.
 
 Each is a plain function whose docstring is its ``--help``, registered on
 :data:`lightstudy.cli.shared.app`. Heavy imports happen inside the commands.
@@ -19,7 +19,7 @@ from lightstudy.errors import LightstudyError
 if TYPE_CHECKING:
     from lightstudy.spec import StudySpec
 
-__all__ = ["create", "dashboard", "enqueue_command", "proxy", "run", "validate", "worker"]
+__all__ = ["create", "dashboard", "enqueue_command", "init", "proxy", "run", "validate", "worker"]
 
 
 def _load(file: Path) -> StudySpec:
@@ -315,3 +315,79 @@ def dashboard(
 
     url = storage_url(storage, study=study, run_dir=run_dir)
     serve(url, host=host, port=port, run_dir=run_dir)
+
+
+@app.command()
+def init(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Study file to write.")] = Path("study.yaml"),
+    config: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--config", "-c", help="LightningCLI config file; repeat for several (later wins).", show_default=False
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="LightningModule class path (without --config).", show_default=False)
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="LightningDataModule class path.", show_default=False)
+    ] = None,
+    cli: Annotated[
+        str | None,
+        typer.Option("--cli", help="Your LightningCLI subclass (package.module.Class), if any.", show_default=False),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Study name (default: the file's stem).", show_default=False)
+    ] = None,
+    metric: Annotated[str, typer.Option("--metric", help="The logged score to optimize.")] = "val_loss",
+    direction: Annotated[
+        str | None,
+        typer.Option("--direction", help="minimize or maximize (default: from the metric's name).", show_default=False),
+    ] = None,
+    n_trials: Annotated[int, typer.Option("--n-trials", help="Trials of the study, across all workers.")] = 20,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+) -> None:
+    """Write a starting study file from your LightningCLI config (or model and data classes).
+
+    The config files become `config:`; the search space is proposed from the typed float, int,
+    bool and Literal arguments of the model, optimizer and data module (learning rates active,
+    the rest commented out). The file is validated once written.
+
+    Example: lightstudy init --config configs/base.yaml --metric val_acc --out studies/base.yaml
+    """
+    from lightstudy.api import validate as check
+    from lightstudy.errors import SpecError
+    from lightstudy.project import use_project_folder
+    from lightstudy.scaffold import study_file
+
+    if out.exists() and not force:
+        raise LightstudyError(f"{out} exists", fix="pass --force to overwrite it, or another --out")
+    if direction not in (None, "minimize", "maximize"):
+        raise LightstudyError(
+            f"--direction must be minimize or maximize, but got {direction!r}", fix="pass --direction maximize"
+        )
+    use_project_folder(out)
+    text = study_file(
+        out,
+        configs=list(config or []),
+        model=model,
+        data=data,
+        cli=cli,
+        name=name,
+        metric=metric,
+        direction=direction,
+        n_trials=n_trials,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    try:
+        spec = check(out)
+    except SpecError as e:
+        raise LightstudyError(
+            f"wrote {out}, but it does not validate: {e.message}",
+            fix=e.fix or f"edit {out}, then lightstudy validate {out}",
+        ) from e
+    console().print(
+        f"wrote {out}: study {spec.study.name!r}, {len(spec.search_space)} active parameter(s); it validates.\n"
+        f"next: edit the search space, then lightstudy run {out} --workers 2"
+    )
