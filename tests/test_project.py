@@ -120,12 +120,12 @@ class MyLightningCLI(LightningCLI):
         parser.link_arguments("data.init_args.features", "model.init_args.features")
 '''
 
-MAIN = '''
+MAIN = """
 from my_project.cli import MyLightningCLI
 
 if __name__ == "__main__":
     MyLightningCLI()
-'''
+"""
 
 BASE = {
     "trainer": {
@@ -175,3 +175,99 @@ def lightstudy(*args: str, cwd: Path, timeout: float = 600, **extra: str) -> sub
         text=True,
         timeout=timeout,
     )
+
+
+def _ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_a_users_project_from_its_folder(tmp_path: Path) -> None:
+    """init → validate → run (2 workers) → best --export → plain LightningCLI fit of the export,
+    all from the project folder, with none of the project on PYTHONPATH."""
+    root = make_project(tmp_path / "project")
+    (root / "studies").mkdir()
+    out = _ok(
+        lightstudy(
+            "init",
+            "--config",
+            "configs/base.yaml",
+            "--config",
+            "configs/exp_small.yaml",
+            "--cli",
+            "my_project.cli.MyLightningCLI",
+            "--metric",
+            "val_acc",
+            "--n-trials",
+            "3",
+            "--name",
+            "blobs",
+            "--out",
+            "studies/blobs.yaml",
+            cwd=root,
+        )
+    )
+    assert "it validates" in out
+    written = yaml.safe_load((root / "studies" / "blobs.yaml").read_text())
+    assert written["config"] == ["../configs/base.yaml", "../configs/exp_small.yaml"]
+    assert written["cli"] == "my_project.cli.MyLightningCLI"
+    assert list(written["search_space"]) == ["model.init_args.lr"]  # the other proposals are commented
+    text = (root / "studies" / "blobs.yaml").read_text()
+    assert "# model.init_args.optimizer: {type: categorical, choices: [adam, sgd]}" in text  # Literal
+    assert "# data.init_args.batch_size:" in text
+    assert "num_classes" not in text.split("search_space:")[1].split("config:")[0]  # data, not a choice
+
+    # Searching the hidden size too, and tiny trials: uncommenting as the user would.
+    text = text.replace("  # model.init_args.hidden:", "  model.init_args.hidden:")
+    text = text.replace("# trainer: {max_epochs: 10}", "trainer: {max_epochs: 1}")
+    text = text.replace("pruner: {name: MedianPruner}", "pruner: null")
+    (root / "studies" / "blobs.yaml").write_text(text)
+    assert "study 'blobs', 2 parameters" in _ok(lightstudy("validate", "studies/blobs.yaml", cwd=root))
+
+    # The same file without its CLI class: the link is missing, so LightningCLI wants num_classes.
+    bare = root / "studies" / "bare.yaml"
+    bare.write_text(text.replace("cli: my_project.cli.MyLightningCLI", ""))
+    refused = lightstudy("validate", "studies/bare.yaml", cwd=root)
+    assert refused.returncode == 2 and "num_classes" in refused.stderr, refused.stderr
+
+    # Turned off, the project folder does not import, and the error says where it looked.
+    off = lightstudy("validate", "studies/blobs.yaml", cwd=root, LIGHTSTUDY_NO_PROJECT_PATH="1")
+    assert off.returncode == 2
+    assert "No module named 'my_project'" in off.stderr and "LIGHTSTUDY_NO_PROJECT_PATH=1" in off.stderr
+
+    run = _ok(lightstudy("run", "studies/blobs.yaml", "--workers", "2", cwd=root))
+    assert "best trial of blobs" in run, run
+    import optuna
+
+    study = optuna.load_study(study_name="blobs", storage=f"sqlite:///{root / 'runs' / 'blobs' / 'study.db'}")
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3, [t.user_attrs.get("fail_reason") for t in trials]
+    from lightstudy.study import SPEC_ATTR
+
+    stored = study.user_attrs[SPEC_ATTR]
+    # The resolved config is stored: a worker elsewhere needs no copy of the files.
+    assert "config" not in stored
+    assert stored["trainer"]["max_epochs"] == 1 and stored["trainer"]["limit_train_batches"] == 4
+    assert stored["model"]["init_args"]["hidden"] == 8  # exp_small.yaml over base.yaml
+    assert stored["cli"] == "my_project.cli.MyLightningCLI"
+
+    _ok(lightstudy("best", "blobs", "--export", "exported", cwd=root))
+    exported = yaml.safe_load((root / "exported" / "config.yaml").read_text())
+    assert exported["model"]["init_args"]["num_classes"] == 3  # the link's target, filled in
+    assert exported["model"]["init_args"]["hidden"] == study.best_params["model.init_args.hidden"]
+
+    # A plain LightningCLI script trains the export, from the project folder, with no PYTHONPATH.
+    # (Not `python -c`: jsonargparse reads a config from inside its folder, where '' no longer
+    # points at the project; `best --export` says so.)
+    (root / "train.py").write_text("from lightning.pytorch.cli import LightningCLI\n\nLightningCLI()\n")
+    fit = subprocess.run(
+        [sys.executable, "train.py", "fit", "--config", "exported/config.yaml", "--trainer.logger", "false"],
+        cwd=root,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "`Trainer.fit` stopped: `max_epochs=1` reached" in fit.stderr + fit.stdout

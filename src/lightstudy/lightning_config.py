@@ -24,9 +24,59 @@ from lightstudy.errors import SpecError
 from lightstudy.search_space import apply_params, assignment
 from lightstudy.spec import CLASS_SECTIONS, StudySpec
 
-__all__ = ["Built", "build", "check_spec", "cli_class", "import_class", "lightning_namespace", "parse_config"]
+__all__ = [
+    "VERBOSE_VAR",
+    "Built",
+    "build",
+    "check_spec",
+    "cli_class",
+    "import_class",
+    "lightning_namespace",
+    "parse_config",
+    "quiet_lightning",
+]
 
 NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
+VERBOSE_VAR = "LIGHTSTUDY_VERBOSE"  # "1" (set by `lightstudy --verbose`, inherited by children)
+_LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+
+
+def quiet_lightning(verbose: bool | None = None) -> None:
+    """Lightning's output as a lightstudy user needs it: each line once, and only its warnings.
+
+    Lightning adds stream handlers of its own when imported (``lightning`` always, its
+    subpackages when the root logger has none), so beside the root logger's handler every
+    record shows twice. Where the root logger has a handler (the CLI's), Lightning's own are
+    removed and its records propagate to it, once. Not verbose (``verbose`` None reads
+    ``$LIGHTSTUDY_VERBOSE``): its INFO lines ("Seed set to", "GPU available", tips) and its
+    deprecation, future and "possible user" warnings are hidden; other warnings still show.
+    Imports Lightning: call it where Lightning is about to be used.
+    """
+    import logging
+    import os
+    import warnings
+
+    if verbose is None:
+        verbose = os.environ.get(VERBOSE_VAR, "") not in ("", "0")
+    for namespace in ("lightning", *NAMESPACES):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(namespace)
+    root_handled = bool(logging.getLogger().handlers)
+    for name in _LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        if root_handled:
+            for handler in list(logger.handlers):
+                if type(handler) is logging.StreamHandler:  # Lightning's own, not a user's FileHandler
+                    logger.removeHandler(handler)
+            logger.propagate = True
+        logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        return
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for module in ("lightning.fabric.utilities.warnings", "lightning_fabric.utilities.warnings"):
+        with contextlib.suppress(ImportError):
+            warnings.filterwarnings("ignore", category=importlib.import_module(module).PossibleUserWarning)
 
 
 @dataclass

@@ -15,7 +15,15 @@ from typing import Annotated, Any
 
 import typer
 
-from lightstudy.cli.shared import StorageOpt, StudyRunDirOpt, app, console, storage_url, storage_urls
+from lightstudy.cli.shared import (
+    StorageOpt,
+    StudyRunDirOpt,
+    app,
+    console,
+    quiet_lightning,
+    storage_url,
+    storage_urls,
+)
 from lightstudy.errors import LightstudyError
 
 __all__ = ["best", "predict_command", "report", "reproduce", "status", "test_command"]
@@ -159,8 +167,11 @@ def best(
         out.print(f"exported trial {number} of {name} to {export}:")
         for kind, path in paths.items():
             out.print(f"  {kind:<10} {path}")
+        # PYTHONPATH=.: jsonargparse parses a config from inside its folder, where `python -c`'s
+        # '' on sys.path no longer means the project folder.
         out.print(
-            f"train it again: python -c 'from lightning.pytorch.cli import LightningCLI; "
+            f"train it again: python main.py fit --config {paths['config']} (your LightningCLI script), "
+            f"or PYTHONPATH=. python -c 'from lightning.pytorch.cli import LightningCLI; "
             f"LightningCLI()' fit --config {paths['config']}"
         )
         return
@@ -197,6 +208,7 @@ def test_command(
 
     if top < 1:
         raise LightstudyError(f"--top must be >= 1, but got {top}", fix="pass --top 1 or more")
+    quiet_lightning()
     results = load(name, storage=storage, run_dir=run_dir).test(top)
     keys = sorted({k for m in results.values() for k in m})
     table = Table("trial", *keys, title=f"test metrics of {name}")
@@ -248,6 +260,7 @@ def predict_command(
             raise LightstudyError(f"--data expects key=value, but got {item!r}", fix="e.g. --data batch_size=256")
         overrides[key.strip()] = yaml.safe_load(text)
     found = load(name, storage=storage, run_dir=run_dir)
+    quiet_lightning()
     result = found.predict(out, rank=rank, trial=trial, files=list(files or []), data=overrides)
     console().print(f"wrote {result.rows} predictions of trial {result.trial} to {result.path}")
 
@@ -268,6 +281,7 @@ def reproduce(
     from lightstudy.api import load
     from lightstudy.summary import format_value
 
+    quiet_lightning()
     result = load(name, storage=storage, run_dir=run_dir).reproduce(trial)
     out = console()
     for metric, old, new, diff in zip(result.metrics, result.recorded, result.new, result.differences):

@@ -9,6 +9,7 @@ inside the commands, so ``lightstudy --help`` stays instant.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = [
     "app",
     "console",
     "main",
+    "quiet_lightning",
     "storage_url",
     "storage_urls",
 ]
@@ -42,7 +44,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_state = {"debug": False}
+_state = {"debug": False, "verbose": False}
 
 StorageOpt = Annotated[
     str | None,
@@ -105,7 +107,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more (DEBUG).")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Log more (DEBUG), with Lightning's INFO lines and all its warnings."),
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
@@ -115,6 +120,11 @@ def _main(
     Example: lightstudy run studies/digits.yaml --workers 2
     """
     _state["debug"] = debug
+    _state["verbose"] = verbose
+    if verbose:  # the workers and trial processes started from here log more too
+        from lightstudy.lightning_config import VERBOSE_VAR
+
+        os.environ[VERBOSE_VAR] = "1"
     from lightstudy.project import use_project_folder
 
     # User classes import from here, in this process and (through PYTHONPATH) in every child.
@@ -137,6 +147,13 @@ def _main(
         import optuna  # its INFO lines ("A new study created") would interleave with ours
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def quiet_lightning() -> None:
+    """Lightning's lines once each, its INFO lines and deprecations only with ``--verbose``."""
+    from lightstudy.lightning_config import quiet_lightning as quiet
+
+    quiet(verbose=_state["verbose"])
 
 
 def main(argv: list[str] | None = None) -> int:
