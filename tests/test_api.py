@@ -69,8 +69,11 @@ def test_run_then_load_as_a_notebook_does(tmp_path: Path, monkeypatch: pytest.Mo
     assert study.best_trial.number == best.number
     assert study.best_value == best.values[0]
     assert study.best_params == best.params
-    frame = study.trials_dataframe()
-    assert len(frame) == 3 and "params_model.init_args.lr" in frame.columns
+    # pandas is not a dependency of lightstudy (nor installed in CI): without it, one clear line.
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "pandas", None)
+        with pytest.raises(lightstudy.LightstudyError, match="trials_dataframe needs pandas"):
+            study.trials_dataframe()
 
     # Later, in another cell (or kernel): the same study, from its database.
     again = lightstudy.load("nb", run_dir=tmp_path / "runs" / "nb")
@@ -85,6 +88,14 @@ def test_run_then_load_as_a_notebook_does(tmp_path: Path, monkeypatch: pytest.Mo
     assert json.loads(paths["metrics"].read_text())["trial"] == study.best_trial.number
     tested = again.test(top=2)
     assert len(tested) == 2 and all("test_acc" in m for m in tested.values())
+    # Each tested trial's note in optuna-dashboard now says what a person looks for.
+    from optuna_dashboard import get_note
+
+    best_number = study.best_trial.number
+    note = get_note(optuna.trial.Trial(again.optuna, study.best_trial._trial_id))
+    assert note.startswith(f"## Trial {best_number}: complete")
+    assert "**Checkpoint:** kept" in note and "**Test:** test_acc = " in note
+    assert "`model.init_args.lr` = " in note and "**Config:** ConvNet · DigitsDataModule · max_epochs=1" in note
     predictions = again.predict(tmp_path / "pred.csv")
     assert predictions.trial == study.best_trial.number and predictions.rows > 0
     page = again.report(tmp_path / "report.html")

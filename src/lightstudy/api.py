@@ -97,7 +97,17 @@ class Study:
         return dict(self.best_trial.params)
 
     def trials_dataframe(self, **kwargs: Any) -> pd.DataFrame:
-        """Optuna's ``trials_dataframe`` (needs pandas), one row per trial."""
+        """Optuna's ``trials_dataframe``, one row per trial (needs pandas, as in any notebook).
+
+        Raises:
+            LightstudyError: pandas is not installed.
+        """
+        try:
+            import pandas  # noqa: F401
+        except ImportError as e:
+            raise LightstudyError(
+                "trials_dataframe needs pandas, which is not installed", fix="pip install pandas"
+            ) from e
         return self._study.trials_dataframe(**kwargs)
 
     def trial(self, *, rank: int | None = None, number: int | None = None) -> FrozenTrial:
@@ -117,11 +127,15 @@ class Study:
     def test(self, top: int = 1) -> dict[int, dict[str, float]]:
         """``trainer.test`` with the kept checkpoints of the best ``top`` trials; the metrics are
         stored in the study (``status``, ``best`` and ``report`` show them) and returned by trial."""
+        from lightstudy.dashboard import write_trial_note
         from lightstudy.evaluate import evaluate_on_test
 
         if top < 1:
             raise LightstudyError(f"top must be >= 1, but got {top}", fix="pass top=1 or more")
-        return evaluate_on_test(self._study, self.spec, self.run_dir, top)
+        results = evaluate_on_test(self._study, self.spec, self.run_dir, top)
+        for number in results:  # the dashboard's note of each tested trial shows its test metrics
+            write_trial_note(self._study, self.spec, number)
+        return results
 
     def predict(
         self,

@@ -17,7 +17,7 @@ from lightstudy.artifacts import CheckpointRef, describe_store, download, make_s
 from lightstudy.checkpoints import load_checkpoint
 from lightstudy.errors import CheckpointError, LightstudyError
 from lightstudy.ranking import best_first, kept
-from lightstudy.summary import TEST_ATTR_PREFIX, stored_test_metrics
+from lightstudy.summary import TEST_ATTR_PREFIX, recorded_config, stored_test_metrics
 
 if TYPE_CHECKING:
     import optuna
@@ -96,8 +96,8 @@ def exported_config(trial: FrozenTrial, spec: StudySpec) -> dict[str, Any]:
     Raises:
         LightstudyError: the trial recorded no config (it failed before training).
     """
-    config = trial.user_attrs.get("config")
-    if not isinstance(config, dict):
+    config = recorded_config(trial)
+    if config is None:
         raise LightstudyError(
             f"trial {trial.number} recorded no config (it ended before training started)",
             fix="choose a complete trial",

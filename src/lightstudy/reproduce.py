@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightstudy.errors import LightstudyError
+from lightstudy.summary import recorded_config
 
 if TYPE_CHECKING:
     import optuna
@@ -51,8 +52,8 @@ def reproduce(study: optuna.Study, spec: StudySpec, number: int, work_dir: Path 
     from lightstudy.trial import _versions, fit_config
 
     trial = select_trial(study, spec, number=number)
-    config = trial.user_attrs.get("config")
-    if not isinstance(config, dict):
+    config = recorded_config(trial)
+    if config is None:
         raise LightstudyError(
             f"trial {number} recorded no config (it was run before lightstudy recorded configs)",
             fix="reproduce a trial run by this version of lightstudy",
