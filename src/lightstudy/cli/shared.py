@@ -119,11 +119,13 @@ def _main(
 
     Example: lightstudy run studies/digits.yaml --workers 2
     """
+    from lightstudy.lightning_config import VERBOSE_VAR
+
+    # A worker started by `lightstudy --verbose run` inherits the variable: it logs more too.
+    verbose = verbose or os.environ.get(VERBOSE_VAR, "") not in ("", "0")
     _state["debug"] = debug
     _state["verbose"] = verbose
-    if verbose:  # the workers and trial processes started from here log more too
-        from lightstudy.lightning_config import VERBOSE_VAR
-
+    if verbose:
         os.environ[VERBOSE_VAR] = "1"
     from lightstudy.project import use_project_folder
 
