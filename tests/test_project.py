@@ -271,3 +271,34 @@ def test_a_users_project_from_its_folder(tmp_path: Path) -> None:
     )
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_epochs=1` reached" in fit.stderr + fit.stdout
+
+
+def test_the_project_folders_go_first_on_sys_path_and_pythonpath(tmp_path: Path, monkeypatch) -> None:
+    from lightstudy import project
+
+    study = tmp_path / "studies" / "x.yaml"
+    study.parent.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.delenv(project.OFF_VAR, raising=False)
+    added = project.use_project_folder(study)
+    assert added == [tmp_path.resolve(), study.parent.resolve()]
+    assert sys.path[:2] == [str(tmp_path.resolve()), str(study.parent.resolve())]
+    assert os.environ["PYTHONPATH"].split(os.pathsep) == [*sys.path[:2], "/elsewhere"]
+    before, path_before = os.environ["PYTHONPATH"], list(sys.path)
+    project.use_project_folder(study)  # idempotent: nothing added twice
+    assert os.environ["PYTHONPATH"] == before and sys.path == path_before
+    assert str(tmp_path.resolve()) in project.searched()
+
+
+def test_turned_off_the_project_folder_is_not_added(tmp_path: Path, monkeypatch) -> None:
+    from lightstudy import project
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv(project.OFF_VAR, "1")
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    assert project.use_project_folder() == []
+    assert str(tmp_path.resolve()) not in sys.path and "PYTHONPATH" not in os.environ
+    assert f"{project.OFF_VAR}=1" in project.searched()
