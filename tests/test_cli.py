@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from conftest import REPO, Dashboard, cli, run_cli, tiny_spec, write_spec
+from conftest import REPO, Dashboard, Finished, cli, run_cli, tiny_spec, write_spec
 from lightstudy.cli import app
 from lightstudy.spec import spec_from_dict
 from lightstudy.study import create_study, load_study
@@ -213,3 +213,45 @@ def test_create_and_status_follow_the_storage_rule(tmp_path: Path) -> None:
     assert "env.db" in status.stdout
     status = run_cli("status", "tiny", "--storage", flag, cwd=tmp_path, env={"LIGHTSTUDY_STORAGE": env}, check=True)
     assert "flag.db" in status.stdout
+
+
+def test_test_command_prints_lightning_lines_once_and_only_with_verbose(finished_study: Finished) -> None:
+    """Lightning's INFO lines ("Seed set to", "GPU available") showed twice (its own handler beside
+    the CLI's) with its deprecation warnings; now: hidden, and once each with --verbose."""
+    args = ("test", finished_study.name, "--storage", finished_study.url, "--run-dir", str(finished_study.run_dir))
+    quiet = cli(*args, check=True)
+    assert "test metrics of finished" in quiet.stdout
+    assert "Seed set to" not in quiet.stdout + quiet.stderr
+    assert "deprecated" not in quiet.stderr
+    loud = cli("--verbose", *args, check=True)
+    assert (loud.stdout + loud.stderr).count("GPU available") == 1, loud.stderr
+
+
+def test_init_refuses_to_overwrite_and_needs_a_config_or_a_model(tmp_path: Path) -> None:
+    (tmp_path / "study.yaml").write_text("study: {name: x}\n")
+    refused = run_cli("init", "--config", "base.yaml", "--out", "study.yaml", cwd=tmp_path)
+    assert refused.returncode == 2 and "study.yaml exists" in refused.stderr
+    empty = run_cli("init", "--out", "new.yaml", cwd=tmp_path)
+    assert empty.returncode == 2 and "--config FILE" in " ".join(empty.stderr.split())
+    assert not (tmp_path / "new.yaml").exists()
+
+
+def test_init_from_the_bundled_classes_writes_a_file_that_validates(tmp_path: Path) -> None:
+    done = run_cli(
+        "init",
+        "--model",
+        "lightstudy.examples.ConvNet",
+        "--data",
+        "lightstudy.examples.DigitsDataModule",
+        "--metric",
+        "val_acc",
+        "--out",
+        "digits.yaml",
+        cwd=tmp_path,
+        check=True,
+    )
+    assert "it validates" in done.stdout
+    text = (tmp_path / "digits.yaml").read_text()
+    assert "  model.init_args.lr: {type: float, low: 0.001, high: 0.1, log: true}" in text
+    assert "# model.init_args.dropout: {type: float, low: 0.0, high: 0.5}" in text
+    assert "num_classes" not in text.split("search_space:")[1].split("trainer:")[0]

@@ -74,3 +74,40 @@ def test_a_reused_parser_builds_what_a_fresh_lightning_cli_builds() -> None:
         assert built.config["seed_everything"] == seed
         assert dict(built.model.hparams) == dict(fresh.model.hparams)
         assert built.datamodule.hparams.batch_size == batch_size
+
+
+LINKING_CLI = """
+from lightning.pytorch.cli import LightningCLI
+
+
+class LinkingCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        parser.link_arguments("data.init_args.batch_size", "model.init_args.hidden")
+"""
+
+
+def test_a_study_cli_class_parses_and_builds_with_its_links(tmp_path, monkeypatch) -> None:
+    """`cli:` makes validate and every build go through the user's LightningCLI subclass."""
+    (tmp_path / "my_cli.py").write_text(LINKING_CLI)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    doc = tiny_spec("linked")
+    doc["cli"] = "my_cli.LinkingCLI"
+    doc["model"]["init_args"].pop("hidden")
+    doc["search_space"] = {"model.init_args.lr": doc["search_space"]["model.init_args.lr"]}
+    spec = spec_from_dict(doc)
+    check_spec(spec)
+    built = build(spec.lightning_config(), callbacks=[], seed=0, cli=spec.cli)
+    assert built.model.hparams.hidden == 64  # the data module's batch_size, through the link
+    assert built.config["model"]["init_args"]["hidden"] == 64  # the resolved config has it filled in
+    plain = build(built.config, callbacks=[], seed=0)  # and a plain LightningCLI builds that
+    assert plain.model.hparams.hidden == 64
+
+
+def test_a_cli_that_is_not_a_lightning_cli_is_refused(tmp_path) -> None:
+    doc = tiny_spec("notcli")
+    doc["cli"] = "lightstudy.examples.ConvNet"
+    with pytest.raises(SpecError, match=r"cli: must name a subclass of lightning\.pytorch\.cli\.LightningCLI"):
+        check_spec(spec_from_dict(doc))
+    doc["cli"] = "nowhere_at_all.MyCLI"
+    with pytest.raises(SpecError, match=r"cli: does not import \(No module named 'nowhere_at_all'; looked in"):
+        check_spec(spec_from_dict(doc))

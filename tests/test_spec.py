@@ -126,3 +126,94 @@ def test_a_grid_too_large_to_list_is_refused() -> None:
         spec_from_dict(doc)
     doc["search_space"]["model.init_args.channels"]["high"] = 16
     assert spec_from_dict(doc).study.sampler.name == "GridSampler"
+
+
+# --- `config:` files and `cli:` (issue 15) ------------------------------------------------------
+
+
+def _with_config_files(tmp_path: Path) -> tuple[Path, dict]:
+    import yaml
+
+    doc = tiny_spec("files")
+    (tmp_path / "configs").mkdir()
+    base = {
+        "seed_everything": 123,  # fit --print_config writes it; the study's seed wins
+        "ckpt_path": None,
+        "trainer": doc.pop("trainer"),
+        "model": doc.pop("model"),
+        "data": doc.pop("data"),
+    }
+    (tmp_path / "configs" / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "configs" / "exp.yaml").write_text(
+        yaml.safe_dump({"trainer": {"max_epochs": 7}, "model": {"init_args": {"channels": 4}}})
+    )
+    (tmp_path / "studies").mkdir()
+    doc["config"] = ["../configs/base.yaml", "../configs/exp.yaml"]
+    return tmp_path / "studies" / "files.yaml", doc
+
+
+def test_config_files_merge_like_lightningcli_and_inline_keys_win(tmp_path: Path) -> None:
+    path, doc = _with_config_files(tmp_path)
+    doc["trainer"] = {"max_epochs": 3}
+    spec = load_spec(write_spec(path, doc))
+    config = spec.lightning_config()
+    assert config["trainer"] == {"max_epochs": 3, "accelerator": "cpu", "devices": 1}  # inline over exp over base
+    assert config["model"]["init_args"] == {"channels": 4, "hidden": 32}  # exp.yaml over base.yaml, key by key
+    assert "seed_everything" not in config and "ckpt_path" not in config
+    stored = spec.to_dict()
+    assert "config" not in stored  # resolved: a worker elsewhere needs no copy of the files
+    assert spec_from_dict(stored).lightning_config() == config
+
+
+def test_a_config_file_with_another_class_path_starts_the_section_afresh() -> None:
+    from lightstudy.spec import merge_configs
+
+    merged = merge_configs(
+        [
+            {"model": {"class_path": "a.A", "init_args": {"x": 1, "y": 2}}},
+            {"model": {"init_args": {"y": 3}}},
+            {"model": {"class_path": "b.B", "init_args": {"z": 4}}},
+        ]
+    )
+    assert merged == {"model": {"class_path": "b.B", "init_args": {"z": 4}}}
+    assert merge_configs(
+        [{"model": {"class_path": "a.A", "init_args": {"x": 1}}}, {"model": {"init_args": {"y": 3}}}]
+    ) == {"model": {"class_path": "a.A", "init_args": {"x": 1, "y": 3}}}
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        (lambda d: d.update(config=["../configs/missing.yaml"]), "config[0]", "file not found"),
+        (lambda d: d.update(config=[]), "config", "a list of them"),
+        (lambda d: d.update(config=[3]), "config", "a list of them"),
+        (lambda d: d.update(cli="NotDotted"), "cli", "import path of a LightningCLI subclass"),
+    ],
+)
+def test_config_and_cli_refusals_name_the_key(tmp_path: Path, change, key: str, words: str) -> None:
+    path, doc = _with_config_files(tmp_path)
+    change(doc)
+    with pytest.raises(SpecError) as info:
+        load_spec(write_spec(path, doc))
+    assert f"files.yaml: {key}" in str(info.value) and words in str(info.value)
+
+
+def test_a_config_file_with_a_ckpt_path_or_a_foreign_key_is_refused(tmp_path: Path) -> None:
+    import yaml
+
+    path, doc = _with_config_files(tmp_path)
+    (tmp_path / "configs" / "exp.yaml").write_text(yaml.safe_dump({"ckpt_path": "last.ckpt"}))
+    with pytest.raises(SpecError, match="ckpt_path: a trial starts from scratch"):
+        load_spec(write_spec(path, doc))
+    (tmp_path / "configs" / "exp.yaml").write_text(yaml.safe_dump({"fit": {"trainer": {}}}))
+    with pytest.raises(SpecError, match=r"exp\.yaml: fit: is not a LightningCLI config key"):
+        load_spec(write_spec(path, doc))
+
+
+def test_cli_is_kept_in_the_stored_spec() -> None:
+    doc = tiny_spec("withcli")
+    doc["cli"] = "lightning.pytorch.cli.LightningCLI"
+    spec = spec_from_dict(doc)
+    assert spec.cli == "lightning.pytorch.cli.LightningCLI"
+    assert spec_from_dict(spec.to_dict()).cli == spec.cli
+    assert spec.fingerprint() != spec_from_dict(tiny_spec("withcli")).fingerprint()

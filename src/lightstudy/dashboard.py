@@ -8,7 +8,7 @@ from typing import IO, Any
 
 from lightstudy.storage import open_storage, redact
 
-__all__ = ["StudiesStore", "serve"]
+__all__ = ["StudiesStore", "serve", "trial_note", "write_trial_note"]
 
 _log = logging.getLogger(__name__)
 
@@ -73,3 +73,95 @@ def serve(url: str, *, host: str = "127.0.0.1", port: int = 8080, run_dir: Path 
         _log.warning("the dashboard has no authentication and is bound to %s", host)
     _log.info("optuna-dashboard on http://%s:%d for %s", host, port, redact(url))
     run_server(storage, host=host, port=port, artifact_store=StudiesStore(stores) if stores else None)
+
+
+# --- trial notes ---------------------------------------------------------------------------------
+
+
+def _at(config: Any, path: str) -> Any:
+    """The value at a dotted path of a config, or ``_MISSING``."""
+    for part in path.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return _MISSING
+        config = config[part]
+    return config
+
+
+_MISSING = object()
+
+
+def trial_note(trial: Any, spec: Any, *, kept: bool, test_metrics: dict[str, float] | None = None) -> str:
+    """The Markdown note a person reads on a trial's page in optuna-dashboard.
+
+    What they look for: the outcome (values, or why it failed or was pruned), the parameters that
+    differ from the study file's config, whether its checkpoint is kept or was removed, what it
+    resumed from, and its test metrics.
+    """
+    from lightstudy.artifacts import CheckpointRef
+    from lightstudy.summary import config_summary, format_value, recorded_config
+
+    state = trial.state.name.lower()
+    lines = [f"## Trial {trial.number}: {state}"]
+    if trial.values is not None:
+        lines.append(", ".join(f"**{m}** = {format_value(v)}" for m, v in zip(spec.study.metrics, trial.values)))
+    if state == "fail":
+        lines.append(f"**Failed:** {trial.user_attrs.get('fail_reason', 'the worker died (heartbeat stale)')}")
+    if state == "pruned":
+        steps = sorted(trial.intermediate_values)
+        if steps:
+            last = steps[-1]
+            lines.append(f"**Pruned** after step {last} ({format_value(trial.intermediate_values[last])})")
+        else:
+            lines.append("**Pruned** before its first report")
+    if trial.user_attrs.get("interrupted"):
+        lines.append("Handed back when its worker stopped; retried as another trial.")
+    base = spec.lightning_config()
+    changed = []
+    for path, value in trial.params.items():
+        default = _at(base, path)
+        if default is _MISSING:
+            changed.append(f"- `{path}` = {format_value(value)} (the class's default otherwise)")
+        elif default != value:
+            changed.append(f"- `{path}` = {format_value(value)} (config: {format_value(default)})")
+    if changed:
+        lines += ["", "**Changed from the config:**", *changed]
+    elif trial.params:
+        lines += ["", "Parameters as in the config."]
+    lines.append("")
+    ref = CheckpointRef.of(trial)
+    if ref is not None and kept:
+        lines.append(f"**Checkpoint:** kept (`{ref.filename}`), among the best {spec.study.checkpoints.keep}")
+    elif ref is not None:
+        lines.append(f"**Checkpoint:** removed (outside the best {spec.study.checkpoints.keep})")
+    elif state == "complete":
+        lines.append("**Checkpoint:** none kept")
+    resumed = trial.user_attrs.get("resumed_from")
+    if isinstance(resumed, dict):
+        epoch = f", epoch {resumed['epoch']}" if resumed.get("epoch") is not None else ""
+        lines.append(f"**Resumed from** trial {resumed.get('trial')}{epoch}")
+    if test_metrics:
+        lines.append("**Test:** " + ", ".join(f"{k} = {format_value(v)}" for k, v in sorted(test_metrics.items())))
+    config = recorded_config(trial)
+    if config is not None:
+        lines.append(f"**Config:** {config_summary(config)} (full: `lightstudy best {spec.study.name} --export DIR`)")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_trial_note(study: Any, spec: Any, number: int) -> str:
+    """Write trial ``number``'s note with optuna-dashboard's notes API (``save_note``); returns it.
+
+    Called by the worker once a trial is told (and again by ``test`` when test metrics arrive);
+    each call saves a new version of the note, which the dashboard shows.
+    """
+    import optuna
+    from optuna_dashboard import save_note
+
+    from lightstudy.ranking import kept
+    from lightstudy.summary import stored_test_metrics
+
+    trials = study.get_trials(deepcopy=False)
+    trial = next(t for t in trials if t.number == number)
+    is_kept = number in {t.number for t in kept(trials, spec)}
+    body = trial_note(trial, spec, kept=is_kept, test_metrics=stored_test_metrics(study).get(number))
+    save_note(optuna.trial.Trial(study, trial._trial_id), body)
+    return body

@@ -17,7 +17,7 @@ from lightstudy.artifacts import CheckpointRef, describe_store, download, make_s
 from lightstudy.checkpoints import load_checkpoint
 from lightstudy.errors import CheckpointError, LightstudyError
 from lightstudy.ranking import best_first, kept
-from lightstudy.summary import TEST_ATTR_PREFIX, stored_test_metrics
+from lightstudy.summary import TEST_ATTR_PREFIX, recorded_config, stored_test_metrics
 
 if TYPE_CHECKING:
     import optuna
@@ -96,8 +96,8 @@ def exported_config(trial: FrozenTrial, spec: StudySpec) -> dict[str, Any]:
     Raises:
         LightstudyError: the trial recorded no config (it failed before training).
     """
-    config = trial.user_attrs.get("config")
-    if not isinstance(config, dict):
+    config = recorded_config(trial)
+    if config is None:
         raise LightstudyError(
             f"trial {trial.number} recorded no config (it ended before training started)",
             fix="choose a complete trial",
@@ -111,8 +111,11 @@ def exported_config(trial: FrozenTrial, spec: StudySpec) -> dict[str, Any]:
     return config
 
 
-def build_for_eval(config: dict[str, Any], work_dir: Path, *, progress_bar: bool = False) -> Built:
-    """Model, data and a quiet Trainer from a resolved config (no logger, output in ``work_dir``)."""
+def build_for_eval(
+    config: dict[str, Any], work_dir: Path, *, progress_bar: bool = False, cli: str | None = None
+) -> Built:
+    """Model, data and a quiet Trainer from a resolved config (no logger, output in ``work_dir``),
+    through the study's LightningCLI subclass ``cli`` when it has one."""
     from lightstudy.lightning_config import build
 
     config = copy.deepcopy(config)
@@ -129,7 +132,7 @@ def build_for_eval(config: dict[str, Any], work_dir: Path, *, progress_bar: bool
         num_nodes=1,
     )
     trainer.pop("callbacks", None)
-    return build(config, callbacks=[], seed=config.get("seed_everything"))
+    return build(config, callbacks=[], seed=config.get("seed_everything"), cli=cli)
 
 
 def load_weights(built: Built, checkpoint: dict[str, Any], label: str) -> None:
@@ -207,7 +210,7 @@ def evaluate_on_test(study: optuna.Study, spec: StudySpec, run_dir: Path, top: i
         with tempfile.TemporaryDirectory(prefix="lightstudy-test-") as tmp:
             path = fetch(study, spec, run_dir, trial, Path(tmp))
             checkpoint = load_checkpoint(path)
-            built = build_for_eval(exported_config(trial, spec), Path(tmp))
+            built = build_for_eval(exported_config(trial, spec), Path(tmp), cli=spec.cli)
             load_weights(built, checkpoint, path.name)
             out = built.trainer.test(built.model, datamodule=built.datamodule, verbose=False)
         metrics = {k: float(v) for k, v in (out[0] if out else {}).items()}

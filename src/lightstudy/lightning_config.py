@@ -24,9 +24,59 @@ from lightstudy.errors import SpecError
 from lightstudy.search_space import apply_params, assignment
 from lightstudy.spec import CLASS_SECTIONS, StudySpec
 
-__all__ = ["Built", "build", "check_spec", "import_class", "lightning_namespace", "parse_config"]
+__all__ = [
+    "VERBOSE_VAR",
+    "Built",
+    "build",
+    "check_spec",
+    "cli_class",
+    "import_class",
+    "lightning_namespace",
+    "parse_config",
+    "quiet_lightning",
+]
 
 NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
+VERBOSE_VAR = "LIGHTSTUDY_VERBOSE"  # "1" (set by `lightstudy --verbose`, inherited by children)
+_LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+
+
+def quiet_lightning(verbose: bool | None = None) -> None:
+    """Lightning's output as a lightstudy user needs it: each line once, and only its warnings.
+
+    Lightning adds stream handlers of its own when imported (``lightning`` always, its
+    subpackages when the root logger has none), so beside the root logger's handler every
+    record shows twice. Where the root logger has a handler (the CLI's), Lightning's own are
+    removed and its records propagate to it, once. Not verbose (``verbose`` None reads
+    ``$LIGHTSTUDY_VERBOSE``): its INFO lines ("Seed set to", "GPU available", tips) and its
+    deprecation, future and "possible user" warnings are hidden; other warnings still show.
+    Imports Lightning: call it where Lightning is about to be used.
+    """
+    import logging
+    import os
+    import warnings
+
+    if verbose is None:
+        verbose = os.environ.get(VERBOSE_VAR, "") not in ("", "0")
+    for namespace in ("lightning", *NAMESPACES):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(namespace)
+    root_handled = bool(logging.getLogger().handlers)
+    for name in _LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        if root_handled:
+            for handler in list(logger.handlers):
+                if type(handler) is logging.StreamHandler:  # Lightning's own, not a user's FileHandler
+                    logger.removeHandler(handler)
+            logger.propagate = True
+        logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        return
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for module in ("lightning.fabric.utilities.warnings", "lightning_fabric.utilities.warnings"):
+        with contextlib.suppress(ImportError):
+            warnings.filterwarnings("ignore", category=importlib.import_module(module).PossibleUserWarning)
 
 
 @dataclass
@@ -106,12 +156,15 @@ def _import_for_spec(source: str, key: str, path: str) -> type:
     try:
         return import_class(path)
     except ImportError as e:
+        from lightstudy.project import searched
+
         raise SpecError(
             source,
             key,
-            f"does not import ({e})",
+            f"does not import ({e}; looked in {searched()})",
             path,
-            fix="check the spelling, and that the package is installed or on PYTHONPATH",
+            fix="check the spelling; run lightstudy from the project folder, or install the package, "
+            "or add its folder to PYTHONPATH",
         ) from e
     except Exception as e:  # the user's module raised while importing
         raise SpecError(
@@ -123,11 +176,31 @@ def _import_for_spec(source: str, key: str, path: str) -> type:
         ) from e
 
 
+def cli_class(namespace: str, path: str | None = None, source: str = "<spec>") -> type:
+    """The LightningCLI class trials parse through: the study's ``cli:`` subclass, else the namespace's.
+
+    Raises:
+        SpecError: ``cli:`` does not import, or is not a LightningCLI of the model's namespace.
+    """
+    base = importlib.import_module(f"{namespace}.cli").LightningCLI
+    if path is None:
+        return base
+    cls = _import_for_spec(source, "cli", path)
+    if not (inspect.isclass(cls) and issubclass(cls, base)):
+        raise SpecError(
+            source,
+            "cli",
+            f"must name a subclass of {namespace}.cli.LightningCLI (the model's namespace)",
+            path,
+            fix=f"subclass {namespace}.cli.LightningCLI",
+        )
+    return cls
+
+
 @functools.cache
-def _cli_classes(namespace: str) -> tuple[type, type]:
-    """(LightningCLI, a LightningCLI that parses but instantiates nothing) of a namespace."""
-    cli_module = importlib.import_module(f"{namespace}.cli")
-    base = cli_module.LightningCLI
+def _cli_classes(namespace: str, cli: str | None = None) -> tuple[type, type]:
+    """(the LightningCLI class, one of it that parses but instantiates nothing)."""
+    base = cli_class(namespace, cli)
 
     class ParseOnlyCLI(base):  # type: ignore[misc, valid-type]
         def instantiate_classes(self) -> None:
@@ -137,8 +210,9 @@ def _cli_classes(namespace: str) -> tuple[type, type]:
 
 
 @functools.cache
-def _reusing_cli(namespace: str) -> type:
-    """A LightningCLI that builds its argument parser once per process and reuses it.
+def _reusing_cli(namespace: str, cli: str | None = None) -> type:
+    """A LightningCLI (the study's ``cli:`` subclass, if any) that builds its argument parser once
+    per process and reuses it.
 
     Building the parser (every Trainer, LightningModule and LightningDataModule argument, from
     their signatures) is a quarter of what LightningCLI costs a trial; the forkserver's warm-up
@@ -146,7 +220,7 @@ def _reusing_cli(namespace: str) -> type:
     does not depend on the trial: callbacks are added at instantiation and the seed is passed in
     the config (``seed_everything``), never as parser defaults.
     """
-    base, _ = _cli_classes(namespace)
+    base, _ = _cli_classes(namespace, cli)
 
     class ReusingCLI(base):  # type: ignore[misc, valid-type]
         _reused_parser: Any = None
@@ -191,13 +265,14 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) < 400 else text[:397] + "..."
 
 
-def parse_config(config: Mapping[str, Any], namespace: str) -> Any:
-    """Parse a config with LightningCLI's parser (no instantiation); returns the CLI object.
+def parse_config(config: Mapping[str, Any], namespace: str, cli: str | None = None) -> Any:
+    """Parse a config with LightningCLI's parser (or the ``cli`` subclass's: its arguments and
+    links apply), without instantiating; returns the CLI object.
 
     Raises:
         ValueError: with jsonargparse's explanation in one line.
     """
-    _, parse_only = _cli_classes(namespace)
+    _, parse_only = _cli_classes(namespace, cli)
     try:
         with _quiet(), _own_argv():
             return parse_only(
@@ -228,6 +303,7 @@ def check_spec(spec: StudySpec) -> None:
     config = spec.lightning_config()
     check_components(spec)
     namespace = lightning_namespace(config, source)
+    cli_class(namespace, spec.cli, source)
     for section in CLASS_SECTIONS:
         value = config.get(section)
         if isinstance(value, Mapping) and section in ("model", "data"):
@@ -247,7 +323,7 @@ def check_spec(spec: StudySpec) -> None:
             cls = _import_for_spec(source, f'search_space["{head}.class_path"]', class_path)
             _check_arg_names(source, f'search_space["{param.path}"]', cls, [rest[1]], class_path)
     try:
-        cli = parse_config(config, namespace)
+        cli = parse_config(config, namespace, spec.cli)
     except ValueError as e:
         key, reason = _explain(str(e))
         raise SpecError(
@@ -336,16 +412,18 @@ def _check_trainer_arg(source: str, key: str, arg: str, trainer_cls: type) -> No
         )
 
 
-def build(config: Mapping[str, Any], *, callbacks: Sequence[Any], seed: int | None) -> Built:
-    """Instantiate model, data module and Trainer (with ``callbacks`` added) via LightningCLI.
+def build(config: Mapping[str, Any], *, callbacks: Sequence[Any], seed: int | None, cli: str | None = None) -> Built:
+    """Instantiate model, data module and Trainer (with ``callbacks`` added) via LightningCLI, or
+    via the ``cli`` subclass (a study's ``cli:``), so its arguments and ``link_arguments`` apply.
 
-    ``seed`` goes through LightningCLI's ``seed_everything`` before anything is built.
+    ``seed`` goes through LightningCLI's ``seed_everything`` before anything is built. The
+    resolved config has the link targets filled in, so a plain LightningCLI trains it.
     """
     namespace = lightning_namespace(config)
     args = dict(config)
     args.setdefault("seed_everything", seed if seed is not None else True)  # a seed in the config wins
     with _own_argv():
-        cli = _reusing_cli(namespace)(
+        cli_obj = _reusing_cli(namespace, cli)(
             args=args,
             run=False,
             save_config_callback=None,
@@ -354,5 +432,5 @@ def build(config: Mapping[str, Any], *, callbacks: Sequence[Any], seed: int | No
         )
     import yaml
 
-    resolved = yaml.safe_load(cli.parser.dump(cli.config, skip_link_targets=False))
-    return Built(cli.model, cli.datamodule, cli.trainer, resolved, namespace)
+    resolved = yaml.safe_load(cli_obj.parser.dump(cli_obj.config, skip_link_targets=False))
+    return Built(cli_obj.model, cli_obj.datamodule, cli_obj.trainer, resolved, namespace)

@@ -90,7 +90,7 @@ def predict(
     with tempfile.TemporaryDirectory(prefix="lightstudy-predict-") as tmp:
         path = fetch(study, spec, run_dir, trial, Path(tmp))
         checkpoint = load_checkpoint(path, name=f"{path.name} (trial {trial.number})")
-        built = build_for_eval(config, Path(tmp), progress_bar=True)
+        built = build_for_eval(config, Path(tmp), progress_bar=True, cli=spec.cli)
         load_weights(built, checkpoint, path.name)
         if files:
             reader = getattr(built.datamodule, "files_dataloader", None)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightstudy.errors import LightstudyError
+from lightstudy.summary import recorded_config
 
 if TYPE_CHECKING:
     import optuna
@@ -51,8 +52,8 @@ def reproduce(study: optuna.Study, spec: StudySpec, number: int, work_dir: Path 
     from lightstudy.trial import _versions, fit_config
 
     trial = select_trial(study, spec, number=number)
-    config = trial.user_attrs.get("config")
-    if not isinstance(config, dict):
+    config = recorded_config(trial)
+    if config is None:
         raise LightstudyError(
             f"trial {number} recorded no config (it was run before lightstudy recorded configs)",
             fix="reproduce a trial run by this version of lightstudy",
@@ -72,7 +73,9 @@ def reproduce(study: optuna.Study, spec: StudySpec, number: int, work_dir: Path 
         root = Path(work_dir or tmp)
         trainer = config.setdefault("trainer", {})
         trainer.update(logger=False, default_root_dir=str(root), enable_progress_bar=False)
-        fitted = fit_config(config, spec.study, ckpt_dir=root / "checkpoints", seed=trial.user_attrs.get("seed"))
+        fitted = fit_config(
+            config, spec.study, ckpt_dir=root / "checkpoints", seed=trial.user_attrs.get("seed"), cli=spec.cli
+        )
     recorded_versions: dict[str, Any] = trial.user_attrs.get("versions") or {}
     now = _versions(recorded_versions.get("namespace", "lightning.pytorch"))
     changed = {

@@ -32,6 +32,7 @@ __all__ = [
     "StudySettings",
     "StudySpec",
     "load_spec",
+    "merge_configs",
     "spec_from_dict",
     "trial_world_size",
     "with_overrides",
@@ -45,7 +46,8 @@ class StudySpec:
     source: str
     study: StudySettings
     search_space: tuple[Param, ...]
-    config: Mapping[str, Any]
+    config: Mapping[str, Any]  # resolved: the `config:` files merged, the inline sections on top
+    cli: str | None = None  # a LightningCLI subclass (package.module.Class) every trial parses through
 
     def lightning_config(self) -> dict[str, Any]:
         """A fresh copy of the LightningCLI config (``trainer``, ``model``, ``data``, ...)."""
@@ -74,6 +76,7 @@ class StudySpec:
         return {
             "study": study,
             "search_space": {p.path: p.to_dict() for p in self.search_space},
+            **({"cli": self.cli} if self.cli else {}),
             **self.lightning_config(),
         }
 
@@ -126,7 +129,7 @@ def spec_from_dict(doc: Any, *, source: str = "<spec>") -> StudySpec:
             doc,
             fix="start from studies/digits.yaml",
         )
-    allowed = ("study", "search_space", *CONFIG_SECTIONS)
+    allowed = ("study", "search_space", "config", "cli", *CONFIG_SECTIONS)
     for key in doc:
         if key not in allowed:
             fix = did_you_mean(key, allowed)
@@ -137,7 +140,10 @@ def spec_from_dict(doc: Any, *, source: str = "<spec>") -> StudySpec:
         raise SpecError(source, "study", "is required", fix="add a `study:` block with at least `name:`")
     settings = parse_study(source, doc["study"])
     search_space = parse_search_space(source, doc.get("search_space"))
-    config = {k: copy.deepcopy(doc[k]) for k in CONFIG_SECTIONS if k in doc}
+    cli = _cli_path(source, doc.get("cli"))
+    config = merge_configs(
+        [*_config_files(source, doc.get("config")), {k: doc[k] for k in CONFIG_SECTIONS if k in doc}]
+    )
     check_config(source, config)
     check_paths(source, search_space, config)
     for i, params in enumerate(settings.enqueue):
@@ -151,7 +157,101 @@ def spec_from_dict(doc: Any, *, source: str = "<spec>") -> StudySpec:
             fix="set pruner: null (several objectives), or keep one metric",
         )
     _check_grid(source, settings, search_space)
-    return StudySpec(source, settings, search_space, config)
+    return StudySpec(source, settings, search_space, config, cli)
+
+
+# --- `config:` files and `cli:` ----------------------------------------------------------------
+
+# Keys of a LightningCLI config file that a study sets itself: each trial's seed comes from
+# study.seed, and a trial starts from scratch (or from its own checkpoint when retried).
+_FILE_ONLY_KEYS = ("seed_everything", "ckpt_path")
+
+
+def _cli_path(source: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or "." not in value.strip(".") or " " in value:
+        raise SpecError(
+            source,
+            "cli",
+            "must be the import path of a LightningCLI subclass",
+            value,
+            fix="e.g. cli: my_project.cli.MyLightningCLI",
+        )
+    return value
+
+
+def _config_files(source: str, value: Any) -> list[dict[str, Any]]:
+    """The ``config:`` files, read in order (paths relative to the study file's folder)."""
+    import yaml
+
+    if value is None:
+        return []
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise SpecError(
+            source,
+            "config",
+            "must be a LightningCLI config file or a list of them",
+            value,
+            fix="e.g. config: [configs/base.yaml, configs/exp_small.yaml]",
+        )
+    folder = Path(source).parent if Path(source).is_file() else Path.cwd()
+    docs = []
+    for i, name in enumerate(names):
+        key = f"config[{i}]"
+        path = folder / name
+        try:
+            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise SpecError(
+                source, key, f"file not found ({path})", name, fix="paths are relative to the study file's folder"
+            ) from e
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            reason = " ".join(str(e).split())[:200]
+            raise SpecError(
+                source, key, f"cannot be read as YAML ({reason})", name, fix="pass a LightningCLI config"
+            ) from e
+        if doc is None:
+            continue
+        if not isinstance(doc, Mapping):
+            raise SpecError(
+                source, key, "must hold a YAML mapping (a LightningCLI config)", name, fix="see fit --print_config"
+            )
+        for k in doc:
+            if k not in (*CONFIG_SECTIONS, *_FILE_ONLY_KEYS):
+                raise SpecError(
+                    source,
+                    f"{key}: {name}: {k}",
+                    "is not a LightningCLI config key lightstudy can search",
+                    fix=f"keep {', '.join(CONFIG_SECTIONS)} (a `fit --print_config` output works as is)",
+                )
+        if doc.get("ckpt_path") is not None:
+            raise SpecError(
+                source, f"{key}: {name}: ckpt_path", "a trial starts from scratch", doc["ckpt_path"], fix="remove it"
+            )
+        docs.append({k: v for k, v in doc.items() if k in CONFIG_SECTIONS})
+    return docs
+
+
+def merge_configs(configs: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """LightningCLI ``--config`` semantics: later configs win, key by key; a section given another
+    ``class_path`` starts afresh (the old class's ``init_args`` do not apply to the new one)."""
+    merged: dict[str, Any] = {}
+    for config in configs:
+        merged = _merge(merged, copy.deepcopy(dict(config)))
+    return merged
+
+
+def _merge(base: Any, over: Any) -> Any:
+    if not isinstance(base, Mapping) or not isinstance(over, Mapping):
+        return over
+    if "class_path" in over and "class_path" in base and over["class_path"] != base["class_path"]:
+        return dict(over)
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(base[key], value) if key in base else value
+    return out
 
 
 GRID_LIMIT = 1_000_000  # points; Optuna's GridSampler lists every one of them in memory

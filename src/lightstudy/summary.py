@@ -21,16 +21,46 @@ if TYPE_CHECKING:
     from lightstudy.spec import StudySpec
 
 __all__ = [
+    "CONFIG_ATTR",
     "TEST_ATTR_PREFIX",
     "TrialRecord",
     "best_records",
+    "config_summary",
     "counts",
     "format_value",
+    "recorded_config",
     "stored_test_metrics",
     "trial_record",
 ]
 
 TEST_ATTR_PREFIX = "lightstudy.test."  # study user attr per tested trial: its test metrics
+# Trial system attr with the trial's resolved LightningCLI config: a record for lightstudy, kept
+# out of the user attrs optuna-dashboard lays out (one ~1,350-character line widened its page).
+# Trials recorded before it have the config in the user attr "config"; both are read.
+CONFIG_ATTR = "lightstudy.config"
+
+
+def recorded_config(trial: FrozenTrial) -> dict[str, Any] | None:
+    """The resolved config a trial recorded (system attr, else the older user attr), or None."""
+    config = trial.system_attrs.get(CONFIG_ATTR)
+    if not isinstance(config, dict):
+        config = trial.user_attrs.get("config")
+    return config if isinstance(config, dict) else None
+
+
+def config_summary(config: dict[str, Any], limit: int = 160) -> str:
+    """One short line for a person: the classes and the trainer's epochs, e.g.
+    ``TinyNet · BlobData · max_epochs=12`` (the full config stays in :data:`CONFIG_ATTR`)."""
+    parts = []
+    for section in ("model", "data", "optimizer", "lr_scheduler"):
+        value = config.get(section)
+        if isinstance(value, dict) and isinstance(value.get("class_path"), str):
+            parts.append(value["class_path"].rsplit(".", 1)[-1])
+    epochs = (config.get("trainer") or {}).get("max_epochs")
+    if epochs is not None:
+        parts.append(f"max_epochs={epochs}")
+    text = " · ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:
@@ -63,7 +93,7 @@ class TrialRecord:
             "seed": self.seed,
             "duration_s": self.duration,
             "test_metrics": self.test_metrics,
-            "user_attrs": {k: v for k, v in self.attrs.items() if k not in ("config", "versions")},
+            "user_attrs": {k: v for k, v in self.attrs.items() if k not in ("config", "versions", "config_summary")},
         }
 
 

@@ -214,6 +214,7 @@ def fit_config(
     trial: Any = None,
     resume: str | None = None,
     on_built: Callable[[Any], None] | None = None,
+    cli: str | None = None,
 ) -> Fitted:
     """Build the config with LightningCLI and fit it with lightstudy's callbacks.
 
@@ -225,6 +226,7 @@ def fit_config(
         trial: The Optuna trial to report to and prune (None: no pruning, as in ``reproduce``).
         resume: A checkpoint to continue from (loaded with ``weights_only=True``).
         on_built: Called with the built objects before training starts.
+        cli: The study's LightningCLI subclass (``cli:``) to parse and instantiate through.
 
     Raises:
         TrialError: no validation score for the metric was recorded.
@@ -246,7 +248,7 @@ def fit_config(
         pruning = pruning_callback(namespace, trial, settings.metric)
         callbacks.insert(0, pruning)
     saving = _time_saves(checkpoint)
-    built = build(config, callbacks=callbacks, seed=seed)
+    built = build(config, callbacks=callbacks, seed=seed, cli=cli)
     if on_built is not None:
         on_built(built)
     built.trainer.fit(built.model, datamodule=built.datamodule, ckpt_path=resume, weights_only=True)
@@ -324,6 +326,7 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
         trial=trial,
         resume=job.resume,
         on_built=record,
+        cli=spec.cli,
     )
     timings["fit"] = time.time() - t - timings["setup"]
     timings["save"] = fitted.save_seconds

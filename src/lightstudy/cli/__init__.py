@@ -3,7 +3,7 @@
 :mod:`lightstudy.cli.shared` holds the Typer app, the shared options, the storage resolver and
 :func:`main` (errors become one red line and exit code 2; ``--debug`` shows the traceback). The
 command modules register their commands on that app and import nothing from each other:
-:mod:`lightstudy.cli.studies` (validate, create, run, worker, enqueue, proxy, dashboard) and
+:mod:`lightstudy.cli.studies` (init, validate, create, run, worker, enqueue, proxy, dashboard) and
 :mod:`lightstudy.cli.results` (status, best, test, predict, reproduce, report).
 """
 

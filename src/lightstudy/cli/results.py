@@ -15,7 +15,15 @@ from typing import Annotated, Any
 
 import typer
 
-from lightstudy.cli.shared import StorageOpt, StudyRunDirOpt, app, console, storage_url, storage_urls
+from lightstudy.cli.shared import (
+    StorageOpt,
+    StudyRunDirOpt,
+    app,
+    console,
+    quiet_lightning,
+    storage_url,
+    storage_urls,
+)
 from lightstudy.errors import LightstudyError
 
 __all__ = ["best", "predict_command", "report", "reproduce", "status", "test_command"]
@@ -144,41 +152,40 @@ def best(
 
     Example: lightstudy best digits --export exported/ --rank 1
     """
-    from lightstudy.study import load_study
+    from lightstudy.api import load
 
     if output_format not in ("table", "json"):
         raise LightstudyError(
             f"--format must be table or json, but got {output_format!r}",
             fix="pass --format table or --format json",
         )
-    url = storage_url(storage, study=name, run_dir=run_dir)
-    study, spec = load_study(url, name)
-    folder = Path(run_dir or spec.run_dir)
+    found = load(name, storage=storage, run_dir=run_dir)
     if export is not None:
-        from lightstudy.evaluate import export_trial, select_trial
-
-        trial = select_trial(study, spec, rank=rank)
-        paths = export_trial(study, spec, folder, trial, export)
+        number = found.trial(rank=rank).number
+        paths = found.export(export, trial=number)
         out = console()
-        out.print(f"exported trial {trial.number} of {name} to {export}:")
+        out.print(f"exported trial {number} of {name} to {export}:")
         for kind, path in paths.items():
             out.print(f"  {kind:<10} {path}")
+        # PYTHONPATH=.: jsonargparse parses a config from inside its folder, where `python -c`'s
+        # '' on sys.path no longer means the project folder.
         out.print(
-            f"train it again: python -c 'from lightning.pytorch.cli import LightningCLI; "
+            f"train it again: python main.py fit --config {paths['config']} (your LightningCLI script), "
+            f"or PYTHONPATH=. python -c 'from lightning.pytorch.cli import LightningCLI; "
             f"LightningCLI()' fit --config {paths['config']}"
         )
         return
     if output_format == "json":
         from lightstudy.summary import best_records
 
-        records = best_records(study, spec, folder)
-        doc = [r.to_json(spec.study.metrics) for r in records]
-        out = doc if spec.study.is_multi_objective else doc[min(rank, len(doc)) - 1]
+        records = best_records(found.optuna, found.spec, found.run_dir)
+        doc = [r.to_json(found.spec.study.metrics) for r in records]
+        out = doc if found.spec.study.is_multi_objective else doc[min(rank, len(doc)) - 1]
         typer.echo(json.dumps(out, indent=2, default=str))
         return
     from lightstudy.cli.show import print_best
 
-    print_best(name, url, run_dir, console(), final=False)
+    print_best(name, found.url, run_dir, console(), final=False)
 
 
 @app.command("test")
@@ -196,15 +203,13 @@ def test_command(
     """
     from rich.table import Table
 
-    from lightstudy.evaluate import evaluate_on_test
-    from lightstudy.study import load_study
+    from lightstudy.api import load
     from lightstudy.summary import format_value
 
     if top < 1:
         raise LightstudyError(f"--top must be >= 1, but got {top}", fix="pass --top 1 or more")
-    url = storage_url(storage, study=name, run_dir=run_dir)
-    study, spec = load_study(url, name)
-    results = evaluate_on_test(study, spec, Path(run_dir or spec.run_dir), top)
+    quiet_lightning()
+    results = load(name, storage=storage, run_dir=run_dir).test(top)
     keys = sorted({k for m in results.values() for k in m})
     table = Table("trial", *keys, title=f"test metrics of {name}")
     for number, metrics in results.items():
@@ -244,8 +249,7 @@ def predict_command(
     """
     import yaml
 
-    from lightstudy.predict import predict
-    from lightstudy.study import load_study
+    from lightstudy.api import load
 
     if rank is not None and trial is not None:
         raise LightstudyError("give --rank or --trial, not both", fix="drop one of them")
@@ -255,18 +259,9 @@ def predict_command(
         if not sep or not key:
             raise LightstudyError(f"--data expects key=value, but got {item!r}", fix="e.g. --data batch_size=256")
         overrides[key.strip()] = yaml.safe_load(text)
-    url = storage_url(storage, study=name, run_dir=run_dir)
-    study, spec = load_study(url, name)
-    result = predict(
-        study,
-        spec,
-        Path(run_dir or spec.run_dir),
-        out,
-        rank=rank,
-        number=trial,
-        files=list(files or []),
-        data_args=overrides,
-    )
+    found = load(name, storage=storage, run_dir=run_dir)
+    quiet_lightning()
+    result = found.predict(out, rank=rank, trial=trial, files=list(files or []), data=overrides)
     console().print(f"wrote {result.rows} predictions of trial {result.trial} to {result.path}")
 
 
@@ -283,13 +278,11 @@ def reproduce(
 
     Example: lightstudy reproduce digits --trial 12
     """
-    from lightstudy.reproduce import reproduce as run_again
-    from lightstudy.study import load_study
+    from lightstudy.api import load
     from lightstudy.summary import format_value
 
-    url = storage_url(storage, study=name, run_dir=run_dir)
-    study, spec = load_study(url, name)
-    result = run_again(study, spec, trial)
+    quiet_lightning()
+    result = load(name, storage=storage, run_dir=run_dir).reproduce(trial)
     out = console()
     for metric, old, new, diff in zip(result.metrics, result.recorded, result.new, result.differences):
         out.print(
@@ -315,12 +308,7 @@ def report(
 
     Example: lightstudy report digits --out digits.html
     """
-    from lightstudy.report import render_report
-    from lightstudy.study import load_study
+    from lightstudy.api import load
 
-    url = storage_url(storage, study=name, run_dir=run_dir)
-    study, spec = load_study(url, name)
-    page = render_report(study, spec, Path(run_dir or spec.run_dir))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
-    console().print(f"wrote {out} ({len(page) // 1024} KiB)")
+    written = load(name, storage=storage, run_dir=run_dir).report(out)
+    console().print(f"wrote {written} ({written.stat().st_size // 1024} KiB)")

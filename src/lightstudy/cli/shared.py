@@ -13,15 +13,13 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from lightstudy import __version__
-from lightstudy.errors import LightstudyError, StorageError
-
-if TYPE_CHECKING:
-    from lightstudy.spec import StudySpec
+from lightstudy.errors import LightstudyError
+from lightstudy.locations import storage_url, storage_urls
 
 __all__ = [
     "GpusPerTrialOpt",
@@ -31,6 +29,7 @@ __all__ = [
     "app",
     "console",
     "main",
+    "quiet_lightning",
     "storage_url",
     "storage_urls",
 ]
@@ -45,7 +44,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_state = {"debug": False}
+_state = {"debug": False, "verbose": False}
 
 StorageOpt = Annotated[
     str | None,
@@ -86,65 +85,6 @@ StudyRunDirOpt = Annotated[
 ]
 
 
-# --- the storage URL: one rule for every command -----------------------------------------------
-
-
-def storage_url(
-    flag: str | None,
-    *,
-    spec: StudySpec | None = None,
-    study: str | None = None,
-    run_dir: Path | None = None,
-) -> str:
-    """The study database URL, by one rule: the ``--storage`` flag, else ``$LIGHTSTUDY_STORAGE``,
-    else the spec's ``storage``, else SQLite in the run folder.
-
-    Commands given a spec file (validate, create, run) take the run folder from it (``--run-dir``
-    already applied); the database there is created when missing. The commands that read a
-    study know no spec before they have read it: their run folder is ``run_dir`` (their
-    ``--run-dir``), else ``runs/<study>``, and its ``study.db`` must exist, since reading must not
-    create an empty database.
-
-    Raises:
-        StorageError: nothing names a database (the message says where it looked).
-    """
-    from lightstudy.storage import ENV_VAR, resolve_url
-
-    if spec is not None:
-        return resolve_url(flag, spec.study.storage, spec.run_dir)
-    folder = Path(run_dir) if run_dir is not None else (Path("runs") / study if study else None)
-    found = folder if folder is not None and (folder / "study.db").exists() else None
-    try:
-        return resolve_url(flag, None, found)
-    except StorageError:
-        if folder is None:
-            raise
-        raise StorageError(
-            f"no storage given and no {folder / 'study.db'} here",
-            fix=f"pass --storage URL, or --run-dir of the run folder that holds study.db, or set {ENV_VAR}",
-        ) from None
-
-
-def storage_urls(flag: str | None, run_dir: Path | None) -> list[str]:
-    """The databases ``status`` lists: the one the flag, ``$LIGHTSTUDY_STORAGE`` or ``--run-dir``
-    names, else every ``runs/*/study.db`` here.
-
-    Raises:
-        StorageError: none is named and there is none here.
-    """
-    from lightstudy.storage import ENV_VAR, default_url
-
-    if flag or os.environ.get(ENV_VAR) or run_dir is not None:
-        return [storage_url(flag, run_dir=run_dir)]
-    urls = [default_url(path.parent) for path in sorted(Path("runs").glob("*/study.db"))]
-    if not urls:
-        raise StorageError(
-            "no storage given and no runs/*/study.db here",
-            fix=f"pass --storage URL, or --run-dir of a run folder, or set {ENV_VAR}",
-        )
-    return urls
-
-
 # --- output, logging, errors -------------------------------------------------------------------
 
 
@@ -167,7 +107,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more (DEBUG).")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Log more (DEBUG), with Lightning's INFO lines and all its warnings."),
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
@@ -176,7 +119,18 @@ def _main(
 
     Example: lightstudy run studies/digits.yaml --workers 2
     """
+    from lightstudy.lightning_config import VERBOSE_VAR
+
+    # A worker started by `lightstudy --verbose run` inherits the variable: it logs more too.
+    verbose = verbose or os.environ.get(VERBOSE_VAR, "") not in ("", "0")
     _state["debug"] = debug
+    _state["verbose"] = verbose
+    if verbose:
+        os.environ[VERBOSE_VAR] = "1"
+    from lightstudy.project import use_project_folder
+
+    # User classes import from here, in this process and (through PYTHONPATH) in every child.
+    use_project_folder()
     handler: logging.Handler
     if sys.stderr.isatty():
         from rich.logging import RichHandler
@@ -195,6 +149,13 @@ def _main(
         import optuna  # its INFO lines ("A new study created") would interleave with ours
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def quiet_lightning() -> None:
+    """Lightning's lines once each, its INFO lines and deprecations only with ``--verbose``."""
+    from lightstudy.lightning_config import quiet_lightning as quiet
+
+    quiet(verbose=_state["verbose"])
 
 
 def main(argv: list[str] | None = None) -> int:

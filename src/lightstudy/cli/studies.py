@@ -1,4 +1,4 @@
-"""The commands that make and run a study: validate, create, run, worker, enqueue, proxy, dashboard.
+"""The commands that make and run a study: init, validate, create, run, worker, enqueue, proxy, dashboard.
 
 Each is a plain function whose docstring is its ``--help``, registered on
 :data:`lightstudy.cli.shared.app`. Heavy imports happen inside the commands.
@@ -19,17 +19,14 @@ from lightstudy.errors import LightstudyError
 if TYPE_CHECKING:
     from lightstudy.spec import StudySpec
 
-__all__ = ["create", "dashboard", "enqueue_command", "proxy", "run", "validate", "worker"]
+__all__ = ["create", "dashboard", "enqueue_command", "init", "proxy", "run", "validate", "worker"]
 
 
 def _load(file: Path) -> StudySpec:
-    """Load a spec and check it completely (imports user classes)."""
-    from lightstudy.lightning_config import check_spec
-    from lightstudy.spec import load_spec
+    """Load a spec and check it completely (imports user classes, from the project folder too)."""
+    from lightstudy.api import validate as check
 
-    spec = load_spec(file)
-    check_spec(spec)
-    return spec
+    return check(file)
 
 
 @app.command()
@@ -75,12 +72,11 @@ def create(
 
     Example: lightstudy create studies/digits.yaml --storage postgresql+psycopg://db/studies
     """
+    from lightstudy.api import create as create_study
     from lightstudy.storage import redact
-    from lightstudy.study import create_study
 
-    spec = _load(file)
-    url = storage_url(storage, spec=spec)
-    create_study(spec, url, update_spec=update_spec)
+    found = create_study(file, storage=storage, update_spec=update_spec)
+    spec, url = found.spec, found.url
     console().print(
         f"study {spec.study.name!r} ready in {redact(url)}\n"
         f"start workers: lightstudy worker --storage {redact(url)} --study {spec.study.name}"
@@ -124,39 +120,28 @@ def run(
 
     Example: lightstudy run studies/digits.yaml --workers 2
     """
+    from lightstudy.api import WorkersFailed
+    from lightstudy.api import run as run_study
     from lightstudy.cli.show import print_best
-    from lightstudy.launcher import Launcher, plan_slots
-    from lightstudy.ranks import check_devices
-    from lightstudy.spec import trial_world_size, with_overrides
-    from lightstudy.storage import redact
-    from lightstudy.study import create_study
 
-    spec = with_overrides(_load(file), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None)
-    url = storage_url(storage, spec=spec)
-    per_trial = gpus_per_trial or trial_world_size(spec.config)
-    if per_trial > 1 and not url.startswith(("sqlite", "postgresql", "mysql")):
-        check_devices(spec, per_trial, url)
-    gpu_trials = str((spec.config.get("trainer") or {}).get("accelerator", "auto")) != "cpu"
-    slots = plan_slots(gpus, workers, trials_per_gpu, gpus_per_trial=per_trial if gpu_trials else 1)
-    if gpus and gpus != "auto" and gpu_trials and len(gpus.split(",")) % per_trial:
-        logging.getLogger("lightstudy").warning(
-            "%d GPU(s) left idle: a trial runs on %d", len(gpus.split(",")) % per_trial, per_trial
+    try:
+        found = run_study(
+            file,
+            workers=workers,
+            gpus=gpus,
+            trials_per_gpu=trials_per_gpu,
+            gpus_per_trial=gpus_per_trial,
+            n_trials=n_trials,
+            timeout=timeout,
+            storage=storage,
+            run_dir=run_dir,
+            update_spec=update_spec,
+            console=console(),
         )
-    create_study(spec, url, update_spec=update_spec or any(v is not None for v in (n_trials, timeout)))
-    out = console()
-    where = ", ".join(f"GPU {s.gpu}" if s.gpu is not None else "CPU" for s in slots)
-    out.print(
-        f"study [bold]{spec.study.name}[/bold] in {redact(url)}: {len(slots)} worker(s) "
-        f"({where}); logs in {spec.run_dir / 'workers'}"
-    )
-    result = Launcher(url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial).run()
-    print_best(spec.study.name, url, spec.run_dir, out, final=True)
-    failed = [i for i, code in enumerate(result.exit_codes) if code not in (0, None)]
-    if failed and not result.interrupted:
-        raise LightstudyError(
-            f"worker(s) {', '.join(map(str, failed))} exited with an error",
-            fix=f"see {spec.run_dir / 'workers'}/worker-<i>.log",
-        )
+    except WorkersFailed as e:
+        print_best(e.study.name, e.study.url, e.study.run_dir, console(), final=True)
+        raise
+    print_best(found.name, found.url, found.run_dir, console(), final=True)
 
 
 @app.command()
@@ -330,3 +315,79 @@ def dashboard(
 
     url = storage_url(storage, study=study, run_dir=run_dir)
     serve(url, host=host, port=port, run_dir=run_dir)
+
+
+@app.command()
+def init(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Study file to write.")] = Path("study.yaml"),
+    config: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--config", "-c", help="LightningCLI config file; repeat for several (later wins).", show_default=False
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="LightningModule class path (without --config).", show_default=False)
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="LightningDataModule class path.", show_default=False)
+    ] = None,
+    cli: Annotated[
+        str | None,
+        typer.Option("--cli", help="Your LightningCLI subclass (package.module.Class), if any.", show_default=False),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Study name (default: the file's stem).", show_default=False)
+    ] = None,
+    metric: Annotated[str, typer.Option("--metric", help="The logged score to optimize.")] = "val_loss",
+    direction: Annotated[
+        str | None,
+        typer.Option("--direction", help="minimize or maximize (default: from the metric's name).", show_default=False),
+    ] = None,
+    n_trials: Annotated[int, typer.Option("--n-trials", help="Trials of the study, across all workers.")] = 20,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+) -> None:
+    """Write a starting study file from your LightningCLI config (or model and data classes).
+
+    The config files become `config:`; the search space is proposed from the typed float, int,
+    bool and Literal arguments of the model, optimizer and data module (learning rates active,
+    the rest commented out). The file is validated once written.
+
+    Example: lightstudy init --config configs/base.yaml --metric val_acc --out studies/base.yaml
+    """
+    from lightstudy.api import validate as check
+    from lightstudy.errors import SpecError
+    from lightstudy.project import use_project_folder
+    from lightstudy.scaffold import study_file
+
+    if out.exists() and not force:
+        raise LightstudyError(f"{out} exists", fix="pass --force to overwrite it, or another --out")
+    if direction not in (None, "minimize", "maximize"):
+        raise LightstudyError(
+            f"--direction must be minimize or maximize, but got {direction!r}", fix="pass --direction maximize"
+        )
+    use_project_folder(out)
+    text = study_file(
+        out,
+        configs=list(config or []),
+        model=model,
+        data=data,
+        cli=cli,
+        name=name,
+        metric=metric,
+        direction=direction,
+        n_trials=n_trials,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    try:
+        spec = check(out)
+    except SpecError as e:
+        raise LightstudyError(
+            f"wrote {out}, but it does not validate: {e.message}",
+            fix=e.fix or f"edit {out}, then lightstudy validate {out}",
+        ) from e
+    console().print(
+        f"wrote {out}: study {spec.study.name!r}, {len(spec.search_space)} active parameter(s); it validates.\n"
+        f"next: edit the search space, then lightstudy run {out} --workers 2"
+    )
