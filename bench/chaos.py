@@ -70,8 +70,8 @@ def _args() -> argparse.Namespace:
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true", help="about 2 minutes in all (75 s of chaos): checks the script")
-    p.add_argument("--minutes", type=float, default=None, help="minutes of chaos (default 10; --quick 1.25)")
+    p.add_argument("--quick", action="store_true", help="about 2 minutes in all (60 s of chaos): checks the script")
+    p.add_argument("--minutes", type=float, default=None, help="minutes of chaos (default 10; --quick 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the schedule (default 0)")
     p.add_argument("--workers", type=int, default=6, help="workers kept running (default 6)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints the study keeps (default 3)")
@@ -79,7 +79,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--keep-files", action="store_true", help="leave the run folder and worker logs (path printed)")
     args = p.parse_args()
     if args.minutes is None:
-        args.minutes = 1.25 if args.quick else 10.0
+        args.minutes = 1.0 if args.quick else 10.0
     for name, low in (("minutes", 0.5), ("workers", 2), ("keep", 1)):
         if getattr(args, name) < low:
             print(f"bench/chaos.py: --{name} {getattr(args, name)} is too small; give at least {low}", file=sys.stderr)
@@ -223,14 +223,24 @@ def _spec(n_trials: int, keep: int, seed: int) -> dict[str, Any]:
 
 
 def _newest_checkpoint_epoch(folder: Path) -> int | None:
-    """The epoch of the newest checkpoint (by global step) in a trial folder."""
+    """The epoch of the newest checkpoint (by global step) in a trial folder.
+
+    The files are read first, at once: the retry may start within milliseconds and, once it has
+    finished, its worker deletes the folder's checkpoints.
+    """
+    import io
+
     import torch
 
-    best: tuple[int, int] | None = None
+    blobs = []
     for path in folder.glob("*.ckpt"):
+        with contextlib.suppress(OSError):
+            blobs.append(path.read_bytes())
+    best: tuple[int, int] | None = None
+    for blob in blobs:
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # being written, or removed meanwhile
+            ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        except Exception:  # cut short by the kill
             continue
         key = (int(ckpt.get("global_step", -1)), int(ckpt.get("epoch", -1)))
         best = key if best is None or key > best else best
@@ -246,6 +256,8 @@ class Chaos:
         self.fleet = Fleet(url, work)
         self.kills: dict[str, int] = {kind: 0 for kind, _ in EVENTS}
         self.skipped = 0
+        self.sigterm_ignored = 0
+        self.terms: dict[int, tuple[int, int]] = {}  # SIGTERMed trial -> (its worker, last step then)
         self.db_restarts = 0
         self.db_down: tuple[float, float] | None = None
         self.snapshots: dict[int, int | None] = {}  # trial number -> newest checkpoint epoch when SIGKILLed
@@ -268,9 +280,7 @@ class Chaos:
     def trials(self, *states: Any) -> list[Any]:
         from lightstudy.storage import retry_db
 
-        return retry_db(
-            lambda: self.study().get_trials(deepcopy=False, states=states or None), what="read the trials"
-        )
+        return retry_db(lambda: self.study().get_trials(deepcopy=False, states=states or None), what="read the trials")
 
     # the chaos phase
 
@@ -326,18 +336,20 @@ class Chaos:
             return
         worker, pid = targets[min(int(event.pick * len(targets)), len(targets) - 1)]
         sig = signal.SIGKILL if event.kind.startswith("SIGKILL") else signal.SIGTERM
-        number = self._running_trial(worker) if event.kind == "SIGKILL trial" else None
+        running = self._running_trial(worker)
+        if running is not None and sig == signal.SIGTERM:
+            self.terms[running.number] = (worker.pid, max(running.intermediate_values, default=-1))
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
             self.kills[event.kind] += 1
-            print(f"{event.at:7.1f}s {event.kind} {pid} (worker {worker.pid})", flush=True)
+            print(f"{time.monotonic() - self.t0:7.1f}s {event.kind} {pid} (worker {worker.pid})", flush=True)
             if event.kind.endswith("worker"):
                 worker.signals.append(event.kind)
-        if number is not None:
-            self._snapshot(pid, number)
+        if running is not None and event.kind == "SIGKILL trial":
+            self._snapshot(pid, running.number, str(running.user_attrs["trial_dir"]))
 
-    def _running_trial(self, worker: WorkerProc) -> tuple[int, str] | None:
-        """The trial (number, folder) the worker runs now, if the database answers."""
+    def _running_trial(self, worker: WorkerProc) -> Any:
+        """The trial the worker runs now, if the database answers."""
         from optuna.trial import TrialState
 
         try:
@@ -346,15 +358,14 @@ class Chaos:
             return None
         for t in trials:
             if t.user_attrs.get("worker") == f"{self.host}:{worker.pid}" and "trial_dir" in t.user_attrs:
-                return t.number, str(t.user_attrs["trial_dir"])
+                return t
         return None
 
-    def _snapshot(self, pid: int, trial: tuple[int, str]) -> None:
+    def _snapshot(self, pid: int, number: int, folder: str) -> None:
         """The newest checkpoint the killed trial process left: what its retry must resume."""
         deadline = time.monotonic() + 10
         while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        number, folder = trial
+            time.sleep(0.005)
         self.snapshots[number] = _newest_checkpoint_epoch(self.work / "run" / folder / "checkpoints")
 
     def _restart_db(self, down_for: float) -> None:
@@ -380,6 +391,9 @@ class Chaos:
         for w in live:
             if not w.signals:
                 w.signals.append("SIGTERM (drain)")
+                running = self._running_trial(w)
+                if running is not None:
+                    self.terms[running.number] = (w.pid, max(running.intermediate_values, default=-1))
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(w.pid, signal.SIGTERM)
         for w in live:
@@ -391,6 +405,7 @@ class Chaos:
                 w.proc.wait()
         for w in self.fleet.reap():
             self._judge_exit(w)
+        print(f"{time.monotonic() - self.t0:7.1f}s drain: {len(live)} workers stopped", flush=True)
         spec = _spec(1, self.args.keep, self.args.seed)
         used = budget(self.trials(), spec_from_dict(spec)).used
         spec["study"]["n_trials"] = used
@@ -401,6 +416,7 @@ class Chaos:
             check=True,
             capture_output=True,
         )
+        print(f"{time.monotonic() - self.t0:7.1f}s drain: budget closed at {used} trials", flush=True)
         drainers = [self.fleet.start(100 + i) for i in range(min(3, self.args.workers))]
         for w in drainers:
             try:
@@ -409,6 +425,7 @@ class Chaos:
                 self.violations.append(f"drain worker {w.pid} did not finish the study within 600 s")
         for w in self.fleet.reap():
             self._judge_exit(w, draining=True)
+        print(f"{time.monotonic() - self.t0:7.1f}s drain: the study is finished", flush=True)
         deadline = time.monotonic() + 15  # forkservers exit once their worker is gone
         while (stray := self.fleet.stragglers()) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -478,6 +495,15 @@ class Chaos:
             self.violations.append(f"{len(orphans)} orphan(s): {orphans[:10]}")
         if kept_files != result["keep"] or len(kept_ids) != result["keep"]:
             self.violations.append(f"kept checkpoints: {kept_files} files for the top {result['keep']}")
+        for number, (pid, step) in sorted(self.terms.items()):
+            t = by_number[number]
+            if t.state == TrialState.COMPLETE and max(t.intermediate_values, default=-1) - step >= 2:
+                # Only a trial in its last validation may still complete after the signal.
+                self.sigterm_ignored += 1
+                self.violations.append(
+                    f"SIGTERM ignored: worker {pid}'s trial {number} trained on from epoch {step + 1} "
+                    f"to {max(t.intermediate_values)} and completed instead of being handed back"
+                )
         for fault in bad_resumes:
             self.violations.append(fault)
         if self.db_restarts != 1:
@@ -521,6 +547,9 @@ def _retried(trials: list[Any]) -> set[int]:
 
 
 def main() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*experimental")  # Optuna's, for the retry callback
     args = _args()
     work = Path(tempfile.mkdtemp(prefix="lightstudy-chaos-"))
     began = time.monotonic()
@@ -532,6 +561,8 @@ def main() -> None:
         subprocess.run(
             [sys.executable, "-m", "lightstudy", "create", str(path), "--storage", url], check=True, capture_output=True
         )
+        import torch  # noqa: F401  (now: the first checkpoint snapshot must not wait for it)
+
         chaos = Chaos(args, server, url, work)
         try:
             chaos_s = chaos.run()
@@ -550,6 +581,7 @@ def main() -> None:
         [
             *[[f"{kind} (sent)", n] for kind, n in kinds],
             ["events with no target", chaos.skipped],
+            ["SIGTERMs the trial ignored", chaos.sigterm_ignored],
             ["database restarts", result["db_restarts"]],
             ["workers started", chaos.fleet.count],
             ["trials finished / budget", f"{result['finished']} / {result['n_trials']}"],
