@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -60,6 +61,7 @@ EVENTS = (  # what the schedule does, with its weight
     ("SIGKILL worker", 2),
     ("SIGTERM worker", 2),
 )
+POSTPONE = 6.0  # s an event waits for a target (a trial process, a worker) before it is dropped
 QUIET_BEFORE_DB = 25.0  # no worker starts this long before the database stops (see chaos-db-outage)
 
 
@@ -298,8 +300,8 @@ class Chaos:
                 self._restart_db(db_for)
                 db_done = True
                 continue
-            if pending and now >= pending[0].at:
-                self._fire(pending.pop(0))
+            if pending and now >= pending[0].at and self._fire(pending[0]):
+                pending.pop(0)
                 continue
             time.sleep(0.1)  # the schedule's clock: nothing here waits for a condition
         return time.monotonic() - t0
@@ -317,13 +319,16 @@ class Chaos:
         code = w.proc.returncode
         if "SIGKILL worker" in w.signals:
             return
+        if code == -signal.SIGTERM and not re.search(r"trial \d+ started", w.log.read_text(errors="replace")):
+            return  # SIGTERMed while it started up (before its handlers): it had claimed nothing
         if not w.signals and (code != 0 or not draining):  # the budget is open while the chaos runs
             tail = w.log.read_text(errors="replace")[-600:].strip().replace("\n", " | ")
             self.violations.append(f"worker {w.pid} exited {code} unasked: {tail}")
         elif code != 0:
             self.violations.append(f"worker {w.pid} exited {code} after SIGTERM, not 0")
 
-    def _fire(self, event: Event) -> None:
+    def _fire(self, event: Event) -> bool:
+        """Send the event's signal; False: no target yet, try again."""
         parents = _ppids()
         workers = sorted(self.fleet.live.values(), key=lambda w: w.slot)
         workers = [w for w in workers if not w.signals]  # one signal each; a second means 'now'
@@ -331,9 +336,11 @@ class Chaos:
             targets = [(w, pid) for w in workers for pid in _trial_processes(w.pid, parents)]
         else:
             targets = [(w, w.pid) for w in workers]
-        if not targets:
+        if not targets:  # none now (workers starting, between trials): a little later, or never
+            if time.monotonic() - self.t0 - event.at < POSTPONE:
+                return False
             self.skipped += 1
-            return
+            return True
         worker, pid = targets[min(int(event.pick * len(targets)), len(targets) - 1)]
         sig = signal.SIGKILL if event.kind.startswith("SIGKILL") else signal.SIGTERM
         running = self._running_trial(worker)
@@ -347,6 +354,7 @@ class Chaos:
                 worker.signals.append(event.kind)
         if running is not None and event.kind == "SIGKILL trial":
             self._snapshot(pid, running.number, str(running.user_attrs["trial_dir"]))
+        return True
 
     def _running_trial(self, worker: WorkerProc) -> Any:
         """The trial the worker runs now, if the database answers."""
@@ -384,7 +392,7 @@ class Chaos:
         import optuna
 
         from lightstudy.spec import spec_from_dict
-        from lightstudy.study import budget
+        from lightstudy.study import budget, create_study
 
         start = time.monotonic()
         live = list(self.fleet.live.values())
@@ -409,13 +417,8 @@ class Chaos:
         spec = _spec(1, self.args.keep, self.args.seed)
         used = budget(self.trials(), spec_from_dict(spec)).used
         spec["study"]["n_trials"] = used
-        path = self.work / "chaos.yaml"
-        path.write_text(yaml.safe_dump(spec, sort_keys=False))
-        subprocess.run(
-            [sys.executable, "-m", "lightstudy", "create", str(path), "--storage", self.url, "--update-spec"],
-            check=True,
-            capture_output=True,
-        )
+        (self.work / "chaos.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        create_study(spec_from_dict(spec), self.url, update_spec=True)  # lightstudy create --update-spec
         print(f"{time.monotonic() - self.t0:7.1f}s drain: budget closed at {used} trials", flush=True)
         drainers = [self.fleet.start(100 + i) for i in range(min(3, self.args.workers))]
         for w in drainers:
@@ -558,9 +561,10 @@ def main() -> None:
         url = server.database("ls_chaos")
         path = work / "chaos.yaml"
         path.write_text(yaml.safe_dump(_spec(1_000_000, args.keep, args.seed), sort_keys=False))
-        subprocess.run(
-            [sys.executable, "-m", "lightstudy", "create", str(path), "--storage", url], check=True, capture_output=True
-        )
+        from lightstudy.spec import spec_from_dict
+        from lightstudy.study import create_study
+
+        create_study(spec_from_dict(yaml.safe_load(path.read_text())), url)  # lightstudy create
         import torch  # noqa: F401  (now: the first checkpoint snapshot must not wait for it)
 
         chaos = Chaos(args, server, url, work)
