@@ -39,7 +39,7 @@ from lightstudy.checkpoints import (
 from lightstudy.ranks import check_devices, run_processes
 from lightstudy.spec import trial_world_size
 from lightstudy.storage import beat, db_error_text, open_storage, record_attr, retry_db
-from lightstudy.study import load_study
+from lightstudy.study import load_study, tell
 from lightstudy.trial import TrialJob, TrialOutcome, trial_dir_name
 
 if TYPE_CHECKING:
@@ -319,7 +319,7 @@ class Worker:
 
         if (before := stored()).is_finished():
             raise UpdateFinishedTrialError(f"trial {trial.number} is already {before.name}")
-        retry_db(lambda: self.study.tell(trial, values, state=state, skip_if_finished=True), what="tell")
+        retry_db(lambda: tell(self.study, trial, values, state), what="tell")
         if (after := stored()) != state:
             raise UpdateFinishedTrialError(f"trial {trial.number} is already {after.name}")
 
