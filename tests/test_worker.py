@@ -308,3 +308,28 @@ def test_a_trial_failed_as_stale_meanwhile_is_not_retried_twice(tmp_path: Path, 
     study.tell(trial, state=TrialState.FAIL)  # what the reaper does to a trial whose heartbeat stopped
     with pytest.raises(UpdateFinishedTrialError):
         worker._tell(trial, TrialState.COMPLETE, [0.5])
+
+
+def test_a_nop_pruner_by_class_path_asks_no_pruning_question(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """trial.py compared the pruner's name with "NopPruner", so `optuna.pruners.NopPruner` (a
+    form the spec accepts) made every epoch wait on a pruning answer from the worker."""
+    import lightstudy.worker as worker_module
+
+    asked: list[str] = []
+    answer = worker_module._answer
+
+    def counting(trial: Any) -> Any:
+        handle = answer(trial)
+
+        def recorded(message: Any) -> Any:
+            asked.append(type(message).__name__ if not isinstance(message, tuple) else message[0])
+            return handle(message)
+
+        return recorded
+
+    monkeypatch.setattr(worker_module, "_answer", counting)
+    create_study(spec_from_dict(tiny_spec(n_trials=1, pruner="optuna.pruners.NopPruner")), sqlite_url)
+    assert Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", threads=1).run().complete == 1
+    assert asked and not [kind for kind in asked if "prune" in kind.lower()], asked

@@ -53,6 +53,7 @@ class TrialJob:
     rank: int = 0  # this process's rank in a multi-device (DDP) trial
     world_size: int = 1  # processes of the trial; > 1: one per device, launched by the worker
     master_port: int | None = None  # rendezvous port of a DDP trial (on 127.0.0.1)
+    prunes: bool = True  # False: the study's pruner is a NopPruner (never ask the worker)
 
 
 @dataclass
@@ -150,8 +151,7 @@ def run_trial(job: TrialJob, conn: Any = None) -> TrialOutcome:
     print(f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()}{rank}, params {job.params}", flush=True)
     t = time.time()
     if conn is not None and job.world_size == 1:
-        pruner = (job.spec.get("study") or {}).get("pruner") or {}
-        trial: Any = WorkerTrial(conn, job.number, job.params, prunes=pruner.get("name") != "NopPruner")
+        trial: Any = WorkerTrial(conn, job.number, job.params, prunes=job.prunes)
     else:
         trial = retry_db(lambda: _open_trial(job), what="open the study")
     timings["storage"] = time.time() - t

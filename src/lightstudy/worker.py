@@ -151,6 +151,8 @@ class Worker:
         return claim_trial(self.study, self.spec)
 
     def _run_one(self, trial: optuna.Trial, claim: float = 0.0) -> None:
+        from optuna.pruners import NopPruner
+
         prepared = time.time()
         frozen = retry_db(lambda: self._storage.get_trial(trial._trial_id), what="read the trial")
         root = lineage_root(frozen)
@@ -184,6 +186,7 @@ class Worker:
             resume=resume,
             resumed_trial=resumed_trial,
             threads=self.threads,
+            prunes=not isinstance(self.study.pruner, NopPruner),  # by name or by class path
         )
         _log.info(
             "trial %d started%s: %s",
