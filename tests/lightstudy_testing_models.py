@@ -86,3 +86,10 @@ class GateNet(ConvNet):
             while not trainer.received_sigterm and time.monotonic() < deadline:
                 time.sleep(0.01)  # a poll on the process's own state, not a guess at timing
         return super().validation_step(batch, batch_idx)
+
+
+class WorseningNet(ConvNet):
+    """Logs ``val_acc = 0.9 - 0.1 * epoch``: only epoch 0 improves the study metric."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_acc", 0.9 - 0.1 * self.current_epoch)
