@@ -380,3 +380,27 @@ def test_sigterm_during_validation_hands_the_trial_back(
     assert retry.state == TrialState.WAITING
     trial_log = (tmp_path / "run" / "trials" / "trial-0000" / "trial.log").read_text()
     assert "stopped by signal" in trial_log
+
+
+def test_a_signal_before_the_trial_process_starts_hands_the_trial_back(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM between the claim and the trial process's start found no process to pass it to,
+    and the trial then trained to its end."""
+    create_study(spec_from_dict(tiny_spec(n_trials=2)), sqlite_url)
+    worker = Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", threads=1)
+    set_attrs = worker._set_attrs
+
+    def signalled(trial: Any, attrs: dict[str, Any]) -> None:
+        set_attrs(trial, attrs)
+        if not worker._signals:
+            os.kill(os.getpid(), signal.SIGTERM)  # the worker's own handler (run installs it)
+
+    monkeypatch.setattr(worker, "_set_attrs", signalled)
+    report = worker.run()
+    assert (report.complete, report.interrupted) == (0, 1)
+    study, _ = load_study(sqlite_url, "tiny")
+    first, retry = study.get_trials()
+    assert first.state == TrialState.FAIL and first.user_attrs["interrupted"] is True
+    assert retry.state == TrialState.WAITING
+    assert not (tmp_path / "run" / "trials" / "trial-0000" / "trial.log").exists()  # never started

@@ -236,6 +236,7 @@ class Worker:
             self.spec.study.trial_timeout,
             self._children,
             _answer(self._trial),
+            stopping=lambda: self._signals > 0,
         )
 
     # --- telling Optuna ---------------------------------------------------------------------
