@@ -21,6 +21,8 @@ from lightstudy.spec import spec_from_dict
 from lightstudy.study import create_study, load_study
 
 TESTS = str(Path(__file__).parent)
+# The tests folder (its test models) first, then what this process imports lightstudy from.
+PYTHONPATH = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p)
 
 
 def _ddp(n_trials: int, **study: Any) -> dict[str, Any]:
@@ -59,7 +61,7 @@ def _alive(pids: set[int]) -> set[int]:
 
 
 def _worker(url: str, run_dir: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": TESTS, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "lightstudy", "worker", "--study", "ddp", "--run-dir", str(run_dir), "--threads", "2"],
         env=env,

@@ -24,6 +24,8 @@ from lightstudy.storage import open_storage
 from lightstudy.study import create_study, load_study
 
 TESTS = str(Path(__file__).parent)
+# The tests folder (its test models) first, then what this process imports lightstudy from.
+PYTHONPATH = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p)
 
 
 def test_the_proxy_keeps_the_study_wide_budget(sqlite_url: str) -> None:
@@ -87,7 +89,7 @@ def _connections(pg_url: str) -> int:
 
 
 def _workers(grpc_url: str, run_dir: Path, n: int) -> list[subprocess.Popen[str]]:
-    env = {**os.environ, "PYTHONPATH": TESTS, "LIGHTSTUDY_STORAGE": grpc_url, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "LIGHTSTUDY_STORAGE": grpc_url, "PYTHONUNBUFFERED": "1"}
     return [
         subprocess.Popen(
             [

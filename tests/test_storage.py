@@ -114,3 +114,30 @@ def test_retry_db_retries_connection_errors_only() -> None:
     assert len(calls) == 3
     with pytest.raises(ValueError):
         retry_db(lambda: (_ for _ in ()).throw(ValueError("no")), what="test")
+
+
+def test_a_plain_postgresql_url_uses_psycopg(pg_url: str) -> None:
+    """`postgresql://` (no driver, as most users write it) failed with "an exception is raised
+    during the commit" (SQLAlchemy's default driver, psycopg2, is not installed)."""
+    plain = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    storage = open_storage(plain)
+    assert str(storage.url).startswith("postgresql+psycopg://")
+    assert storage.get_all_studies() == []
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("mysql://u@127.0.0.1/x", "driver 'mysqldb' is not installed"),
+        ("mysql+pymysql://u@127.0.0.1/x", "driver 'pymysql' is not installed"),
+        ("postgresql+psycopg2://u@127.0.0.1/x", "driver 'psycopg2' is not installed"),
+    ],
+)
+def test_a_url_whose_driver_is_missing_is_one_line(url: str, said: str) -> None:
+    """`mysql://...` gave an ImportError traceback from Optuna."""
+    from conftest import run_cli
+
+    done = run_cli("status", "--storage", url)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0] and "fix:" in lines[0], done.stderr

@@ -32,6 +32,7 @@ __all__ = [
     "connection_error",
     "db_error_text",
     "default_url",
+    "normalize_url",
     "open_storage",
     "record_attr",
     "redact",
@@ -113,6 +114,7 @@ def check_url(url: str) -> None:
     if url.startswith("grpc://"):
         _grpc_address(url)
         return
+    url = normalize_url(url)
     try:
         parsed = make_url(url)
     except ArgumentError as e:
@@ -126,11 +128,25 @@ def check_url(url: str) -> None:
             f"storage {redact(url)!r}: backend {backend!r} is not supported",
             fix="use sqlite:///path/study.db or postgresql+psycopg://user@host/db",
         )
-    if backend == "postgresql" and parsed.get_driver_name() not in ("psycopg", "psycopg2"):
-        raise StorageError(
-            f"storage {redact(url)!r}: driver {parsed.get_driver_name()!r} is not installed",
-            fix="write the URL as postgresql+psycopg://... (psycopg 3 comes with lightstudy)",
+    driver = parsed.get_driver_name()
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError as e:
+        fix = (
+            "write the URL as postgresql+psycopg://... (psycopg 3 comes with lightstudy)"
+            if backend == "postgresql"
+            else f"install the {driver} package, or use postgresql+psycopg://... (comes with lightstudy)"
         )
+        raise StorageError(f"storage {redact(url)!r}: driver {driver!r} is not installed", fix=fix) from e
+
+
+def normalize_url(url: str) -> str:
+    """``url`` with the driver lightstudy ships where it names none: ``postgresql://`` (and
+    ``postgres://``) mean psycopg 3, not SQLAlchemy's default psycopg2, which is not installed."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
 
 
 def _grpc_address(url: str) -> tuple[str, int]:
@@ -153,6 +169,7 @@ def open_storage(url: str, *, create: bool = True) -> Any:
     import optuna
     import sqlalchemy.exc
 
+    url = normalize_url(url)
     check_url(url)
     if url.startswith("grpc://"):
         host, port = _grpc_address(url)

@@ -30,11 +30,13 @@ __all__ = [
     "enqueue",
     "load_study",
     "retried_numbers",
+    "tell",
 ]
 
 SPEC_ATTR = "lightstudy.spec"
 FINGERPRINT_ATTR = "lightstudy.fingerprint"
 VERSION_ATTR = "lightstudy.version"
+GRID_ATTR = "grid_id"  # the system attr in which GridSampler records a trial's point
 
 _log = logging.getLogger(__name__)
 
@@ -198,11 +200,12 @@ class Budget:
     waiting: int
     timed_out: bool
     full: bool  # n_trials reached
+    exhausted: bool = False  # a GridSampler study: every point of the grid has been started
 
     @property
     def may_claim(self) -> bool:
         """A worker may start a trial: a fresh one, or a waiting retry/enqueued one."""
-        return not self.timed_out and (not self.full or self.waiting > 0)
+        return not self.timed_out and (not (self.full or self.exhausted) or self.waiting > 0)
 
     @property
     def done(self) -> bool:
@@ -228,7 +231,8 @@ def budget(trials: Sequence[FrozenTrial], spec: StudySpec, now: datetime.datetim
         for t in trials
     )
     starts = [t.datetime_start for t in trials if t.datetime_start is not None]
-    return _budget(spec, used, running, waiting, min(starts, default=None), now)
+    grid = {t.system_attrs[GRID_ATTR] for t in trials if GRID_ATTR in t.system_attrs}
+    return _budget(spec, used, running, waiting, min(starts, default=None), now, grid_started=len(grid))
 
 
 def _budget(
@@ -238,13 +242,20 @@ def _budget(
     waiting: int,
     first_start: datetime.datetime | None,
     now: datetime.datetime | None = None,
+    *,
+    grid_started: int = 0,
 ) -> Budget:
-    """The study's rules (``n_trials``, ``timeout`` from the first trial's start) over the counts."""
+    """The study's rules (``n_trials``, ``timeout`` from the first trial's start, a GridSampler's
+    grid: ``grid_started`` of its points have a trial) over the counts."""
+    from lightstudy.components import grid_size
+
     timed_out = False
     if spec.study.timeout is not None and first_start is not None:
         timed_out = ((now or datetime.datetime.now()) - first_start).total_seconds() >= spec.study.timeout
     full = spec.study.n_trials is not None and used >= spec.study.n_trials
-    return Budget(used, running, waiting, timed_out, full)
+    points = grid_size(spec)
+    exhausted = points is not None and grid_started >= points
+    return Budget(used, running, waiting, timed_out, full, exhausted)
 
 
 def count_budget(study: optuna.Study, spec: StudySpec) -> tuple[Budget, int]:
@@ -280,6 +291,11 @@ def count_budget(study: optuna.Study, spec: StudySpec) -> tuple[Budget, int]:
             .where(mine, a.c.key == "retry_history")
         ).scalars()
         retried = sorted({history[-1] for history in map(json.loads, histories) if history})
+        grid_started = conn.execute(
+            sqlalchemy.select(sqlalchemy.func.count(sqlalchemy.distinct(a.c.value_json)))
+            .join(t, a.c.trial_id == t.c.trial_id)
+            .where(mine, a.c.key == GRID_ATTR)
+        ).scalar_one()
         failed_retried = 0
         for i in range(0, len(retried), 500):
             failed_retried += conn.execute(
@@ -291,7 +307,7 @@ def count_budget(study: optuna.Study, spec: StudySpec) -> tuple[Budget, int]:
     first_start = min((start for _, _, start in rows if start is not None), default=None)
     used = sum(counts.values()) - failed_retried
     running, waiting = counts.get(TrialState.RUNNING, 0), counts.get(TrialState.WAITING, 0)
-    return _budget(spec, used, running, waiting, first_start), sum(counts.values())
+    return _budget(spec, used, running, waiting, first_start, grid_started=grid_started), sum(counts.values())
 
 
 def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | None, Budget]:
@@ -337,6 +353,21 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
         return trial, state
 
 
+def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None, state: Any) -> None:
+    """``study.tell`` outside ``Study.optimize``, as lightstudy's workers tell.
+
+    A sampler may call ``study.stop()`` from ``after_trial`` (GridSampler does when its grid is
+    used up), which raises outside ``optimize``; stopping means nothing here (the budget, which
+    counts the grid, ends the study), so the call is answered with a no-op for this tell.
+    """
+    stop = study.stop
+    study.stop = lambda: None  # type: ignore[method-assign]
+    try:
+        study.tell(trial, values, state=state, skip_if_finished=True)
+    finally:
+        study.stop = stop  # type: ignore[method-assign]
+
+
 def _abandon(study: optuna.Study, trial: optuna.Trial) -> None:
     from optuna.trial import TrialState
 
@@ -344,7 +375,7 @@ def _abandon(study: optuna.Study, trial: optuna.Trial) -> None:
 
     def fail_and_retry() -> None:
         trial.set_user_attr("fail_reason", "the claim was interrupted by a database error; retried")
-        study.tell(trial, state=TrialState.FAIL)
+        tell(study, trial, None, TrialState.FAIL)
         callback = study._storage.get_heartbeat_stale_trial_callback()  # type: ignore[attr-defined]
         if callback is not None:
             callback(study, copy.deepcopy(study._storage.get_trial(trial._trial_id)))

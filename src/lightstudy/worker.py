@@ -39,7 +39,7 @@ from lightstudy.checkpoints import (
 from lightstudy.ranks import check_devices, run_processes
 from lightstudy.spec import trial_world_size
 from lightstudy.storage import beat, db_error_text, open_storage, record_attr, retry_db
-from lightstudy.study import load_study
+from lightstudy.study import load_study, tell
 from lightstudy.trial import TrialJob, TrialOutcome, trial_dir_name
 
 if TYPE_CHECKING:
@@ -151,6 +151,8 @@ class Worker:
         return claim_trial(self.study, self.spec)
 
     def _run_one(self, trial: optuna.Trial, claim: float = 0.0) -> None:
+        from optuna.pruners import NopPruner
+
         prepared = time.time()
         frozen = retry_db(lambda: self._storage.get_trial(trial._trial_id), what="read the trial")
         root = lineage_root(frozen)
@@ -184,6 +186,7 @@ class Worker:
             resume=resume,
             resumed_trial=resumed_trial,
             threads=self.threads,
+            prunes=not isinstance(self.study.pruner, NopPruner),  # by name or by class path
         )
         _log.info(
             "trial %d started%s: %s",
@@ -233,6 +236,7 @@ class Worker:
             self.spec.study.trial_timeout,
             self._children,
             _answer(self._trial),
+            stopping=lambda: self._signals > 0,
         )
 
     # --- telling Optuna ---------------------------------------------------------------------
@@ -319,7 +323,7 @@ class Worker:
 
         if (before := stored()).is_finished():
             raise UpdateFinishedTrialError(f"trial {trial.number} is already {before.name}")
-        retry_db(lambda: self.study.tell(trial, values, state=state, skip_if_finished=True), what="tell")
+        retry_db(lambda: tell(self.study, trial, values, state), what="tell")
         if (after := stored()) != state:
             raise UpdateFinishedTrialError(f"trial {trial.number} is already {after.name}")
 
