@@ -557,6 +557,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lightstudy-chaos-"))
     began = time.monotonic()
     print(f"chaos: {args.minutes:g} min, {args.workers} workers, seed {args.seed}, in {work}", flush=True)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     with PrivatePostgres() as server:
         url = server.database("ls_chaos")
         path = work / "chaos.yaml"
