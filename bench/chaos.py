@@ -140,10 +140,22 @@ def _alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def _trial_processes(worker_pid: int, parents: dict[int, int]) -> list[int]:
-    """The worker's trial processes: the children of its forkserver (its own child)."""
+def _trial_processes(worker_pid: int, parents: dict[int, int], run: Path) -> list[tuple[int, str]]:
+    """The worker's trial processes and their trial folders (relative to ``run``).
+
+    A trial process is a child of the worker's forkserver whose output goes to a ``trial.log``
+    under ``run``; the forkserver has other children (a plain child of it is no trial).
+    """
     servers = {pid for pid, parent in parents.items() if parent == worker_pid}
-    return sorted(pid for pid, parent in parents.items() if parent in servers)
+    found = []
+    for pid in sorted(pid for pid, parent in parents.items() if parent in servers):
+        try:
+            out = Path(os.readlink(f"/proc/{pid}/fd/1"))
+        except OSError:
+            continue
+        if out.name == "trial.log" and out.parent.is_relative_to(run):
+            found.append((pid, str(out.parent.relative_to(run))))
+    return found
 
 
 @dataclass
@@ -266,6 +278,7 @@ class Chaos:
         self.violations: list[str] = []
         self.host = socket.gethostname()
         self._study: Any = None
+        self._logs: dict[int, dict[int, str]] = {}  # lineage root -> trial number -> its trial.log part
         self.t0 = time.monotonic()
 
     def study(self) -> Any:
@@ -332,18 +345,21 @@ class Chaos:
         parents = _ppids()
         workers = sorted(self.fleet.live.values(), key=lambda w: w.slot)
         workers = [w for w in workers if not w.signals]  # one signal each; a second means 'now'
+        run = self.work / "run"
         if event.kind.endswith("trial"):
-            targets = [(w, pid) for w in workers for pid in _trial_processes(w.pid, parents)]
+            targets = [(w, pid, folder) for w in workers for pid, folder in _trial_processes(w.pid, parents, run)]
         else:
-            targets = [(w, w.pid) for w in workers]
+            targets = [(w, w.pid, None) for w in workers]
         if not targets:  # none now (workers starting, between trials): a little later, or never
             if time.monotonic() - self.t0 - event.at < POSTPONE:
                 return False
             self.skipped += 1
             return True
-        worker, pid = targets[min(int(event.pick * len(targets)), len(targets) - 1)]
+        worker, pid, folder = targets[min(int(event.pick * len(targets)), len(targets) - 1)]
         sig = signal.SIGKILL if event.kind.startswith("SIGKILL") else signal.SIGTERM
         running = self._running_trial(worker)
+        if running is not None and folder is not None and running.user_attrs.get("trial_dir") != folder:
+            running = None  # not the process of the trial the database has the worker run
         if running is not None and sig == signal.SIGTERM:
             self.terms[running.number] = (worker.pid, max(running.intermediate_values, default=-1))
         with contextlib.suppress(ProcessLookupError):
@@ -515,12 +531,32 @@ class Chaos:
             self.violations.append("the schedule killed nothing")
         return result
 
+    def _trained(self, trial: Any) -> bool:
+        """Whether the trial's own process got to training, by its lineage's ``trial.log``.
+
+        (Its attrs cannot tell: a retry queued by the stale-trial reaper inherits its
+        predecessor's user attrs, ``config`` and ``resumed_from`` among them.)
+        """
+        from lightstudy.checkpoints import lineage_root
+        from lightstudy.trial import trial_dir_name
+
+        root = lineage_root(trial)
+        if root not in self._logs:
+            path = self.work / "run" / trial_dir_name(root) / "trial.log"
+            text = path.read_text(errors="replace") if path.exists() else ""
+            attempts: dict[int, str] = {}
+            for part in re.split(r"^(?=trial \d+ of study )", text, flags=re.M):
+                if head := re.match(r"trial (\d+) of study ", part):
+                    attempts[int(head[1])] = part
+            self._logs[root] = attempts
+        return "training starts at epoch" in self._logs[root].get(trial.number, "")
+
     def _resume_fault(self, retry: Any, by_number: dict[int, Any]) -> str | None:
         """Why ``retry`` did not continue its predecessor's last checkpoint (None: it did)."""
         before = by_number.get(retry.system_attrs["retry_history"][-1])
         if before is None:
             return f"trial {retry.number}: its predecessor is not in the study"
-        if "config" not in retry.user_attrs:
+        if not self._trained(retry):
             return None  # its process never got to training: the checkpoint waits for the next retry
         steps = list(before.intermediate_values)
         resumed = retry.user_attrs.get("resumed_from") or {}
