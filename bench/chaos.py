@@ -62,7 +62,7 @@ EVENTS = (  # what the schedule does, with its weight
     ("SIGTERM worker", 2),
 )
 POSTPONE = 6.0  # s an event waits for a target (a trial process, a worker) before it is dropped
-QUIET_BEFORE_DB = 25.0  # no worker starts this long before the database stops (see chaos-db-outage)
+QUIET_BEFORE_DB = 25.0  # no worker starts this long before the database stops (issue 16, bug (d))
 
 
 def _args() -> argparse.Namespace:
@@ -323,7 +323,7 @@ class Chaos:
         for w in self.fleet.reap():
             self._judge_exit(w)
         if not db_done and db_at - QUIET_BEFORE_DB <= now:
-            return  # a worker starting while the database is away exits 2 (chaos-db-outage.md)
+            return  # a worker starting while the database is away exits 2 (issue 16, bug (d))
         for slot in range(self.args.workers):
             if slot not in self.fleet.live:
                 self.fleet.start(slot)
