@@ -280,7 +280,7 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
 
     store = storage_of(study)
     with store.claim_lock(spec.study.name):
-        retry_db(lambda: store.reap(study, spec.study.grace_period), what="reap stale trials")
+        store.reap(study, spec.study.grace_period)
         state, offset = count_budget(study, spec)
         if not state.may_claim:
             return None, state
@@ -290,7 +290,7 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
             warnings.simplefilter("ignore")
             study.sampler = build_sampler(spec, seed_offset=offset)
             try:
-                trial = retry_db(study.ask, what="claim a trial")
+                trial = store.ask(study)
             except Exception as e:
                 if store.budget_spent(e):  # the proxy counted the budget spent meanwhile
                     return None, count_budget(study, spec)[0]
@@ -307,18 +307,9 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None, state: Any) -> None:
-    """``study.tell`` outside ``Study.optimize``, as lightstudy's workers tell.
-
-    A sampler may call ``study.stop()`` from ``after_trial`` (GridSampler does when its grid is
-    used up), which raises outside ``optimize``; stopping means nothing here (the budget, which
-    counts the grid, ends the study), so the call is answered with a no-op for this tell.
-    """
-    stop = study.stop
-    study.stop = lambda: None  # type: ignore[method-assign]
-    try:
-        study.tell(trial, values, state=state, skip_if_finished=True)
-    finally:
-        study.stop = stop  # type: ignore[method-assign]
+    """:meth:`lightstudy.storage.boundary.StudyStorage.tell` (a sampler's ``study.stop()`` is a
+    no-op; a database restart is ridden out)."""
+    storage_of(study).tell(study, trial, values, state)
 
 
 def _abandon(study: optuna.Study, trial: optuna.Trial, max_retry: int | None) -> None:
@@ -337,7 +328,7 @@ def _abandon(study: optuna.Study, trial: optuna.Trial, max_retry: int | None) ->
         _log.warning("could not hand back trial %d: %s", trial.number, e)
 
 
-def reap_unbeaten(study: optuna.Study, spec: StudySpec) -> int:
+def reap_unbeaten(study: optuna.Study, spec: StudySpec, now: datetime.datetime | None = None) -> int:
     """Fail and retry RUNNING trials that never recorded a heartbeat and started more than the
-    grace period ago (see :meth:`lightstudy.storage.DatabaseStorage.reap`)."""
-    return storage_of(study).reap_unbeaten(study, spec.study.grace_period)
+    grace period before ``now`` (see :meth:`lightstudy.storage.boundary.DatabaseStorage.reap`)."""
+    return storage_of(study).reap_unbeaten(study, spec.study.grace_period, now)

@@ -39,7 +39,7 @@ from lightstudy.ranks import check_devices, run_processes
 from lightstudy.spec import trial_world_size
 from lightstudy.storage import db_error_text, open_storage, retry_db
 from lightstudy.storage.boundary import StudyStorage, trial_id, wrap
-from lightstudy.study import load_study, tell
+from lightstudy.study import load_study
 from lightstudy.trial import TrialJob, TrialOutcome, trial_dir_name
 
 if TYPE_CHECKING:
@@ -236,7 +236,7 @@ class Worker:
             threads,
             self.spec.study.trial_timeout,
             self._children,
-            _answer(self._trial),
+            _answer(self.db, self._trial),
             stopping=lambda: self._signals > 0,
         )
 
@@ -324,7 +324,7 @@ class Worker:
 
         if (before := stored()).is_finished():
             raise UpdateFinishedTrialError(f"trial {trial.number} is already {before.name}")
-        retry_db(lambda: tell(self.study, trial, values, state), what="tell")
+        self.db.tell(self.study, trial, values, state)
         if (after := stored()) != state:
             raise UpdateFinishedTrialError(f"trial {trial.number} is already {after.name}")
 
@@ -338,7 +338,7 @@ class Worker:
         """Upload the trial's best checkpoint if it enters the study's top k now."""
         if rel is None:
             return None
-        trials = retry_db(lambda: self.study.get_trials(deepcopy=False), what="rank the trial")
+        trials = self.db.trials(self.study)
         if not would_keep(trials, self.spec, trial.number, values):
             return None
         path = self.run_dir / rel
@@ -435,17 +435,17 @@ class _Heartbeat:
                 _log.warning("heartbeat of trial id %d failed (%s); will try again", self._trial, db_error_text(e))
 
 
-def _answer(trial: optuna.Trial) -> Any:
+def _answer(db: StudyStorage, trial: optuna.Trial) -> Any:
     """What the worker does for the trial process: report, decide pruning, record attrs."""
 
     def handle(message: tuple[Any, ...]) -> Any:
         kind = message[0]
         if kind == "report":
-            retry_db(lambda: trial.report(message[1], message[2]), what="report")
+            db.report(trial, message[1], message[2])
         elif kind == "should_prune":
-            return retry_db(lambda: trial.should_prune(), what="ask the pruner")
+            return db.should_prune(trial)
         elif kind == "attr":
-            retry_db(lambda: trial.set_user_attr(message[1], message[2]), what="record the trial")
+            db.record(trial, message[1], message[2])
         return None
 
     return handle

@@ -162,10 +162,44 @@ class StudyStorage:
     def __init__(self, storage: BaseStorage) -> None:
         self.optuna = storage
 
-    # --- trials -----------------------------------------------------------------------------
+    # --- trials (Optuna's public calls, each riding out a database restart) -------------------
 
     def trial(self, trial_id: int) -> FrozenTrial:
         return retry_db(lambda: self.optuna.get_trial(trial_id), what="read the trial")
+
+    def trials(self, study: optuna.Study) -> list[FrozenTrial]:
+        return retry_db(lambda: study.get_trials(deepcopy=False), what="read the trials")
+
+    def ask(self, study: optuna.Study) -> optuna.Trial:
+        return retry_db(study.ask, what="claim a trial")
+
+    def tell(self, study: optuna.Study, trial: optuna.Trial, values: list[float] | None, state: TrialState) -> None:
+        """``study.tell`` outside ``Study.optimize``, as lightstudy's workers tell.
+
+        A sampler may call ``study.stop()`` from ``after_trial`` (GridSampler does when its grid
+        is used up), which raises outside ``optimize``; stopping means nothing here (the budget,
+        which counts the grid, ends the study), so that call is a no-op during the tell. A tell
+        whose commit reached the database before the connection broke is not told twice.
+        """
+
+        def told() -> None:
+            stop = study.stop
+            study.stop = lambda: None  # type: ignore[method-assign]
+            try:
+                study.tell(trial, values, state=state, skip_if_finished=True)
+            finally:
+                study.stop = stop  # type: ignore[method-assign]
+
+        retry_db(told, what="tell")
+
+    def report(self, trial: optuna.Trial, value: float, step: int) -> None:
+        retry_db(lambda: trial.report(value, step), what="report")
+
+    def should_prune(self, trial: optuna.Trial) -> bool:
+        return retry_db(trial.should_prune, what="ask the pruner")
+
+    def record(self, trial: optuna.Trial, key: str, value: Any) -> None:
+        retry_db(lambda: trial.set_user_attr(key, value), what="record the trial")
 
     def set_trial_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
         """Record user attrs (one call each here; one transaction in a database)."""
@@ -222,8 +256,8 @@ class StudyStorage:
         """Fail and retry trials whose worker is gone (none here: no heartbeats)."""
         return 0
 
-    def reap_unbeaten(self, study: optuna.Study, grace_period: float) -> int:
-        """Fail and retry RUNNING trials that never beat (none here: no heartbeats)."""
+    def reap_unbeaten(self, study: optuna.Study, grace_period: float, now: datetime.datetime | None = None) -> int:
+        """Fail and retry RUNNING trials that never beat, as of ``now`` (none here: no heartbeats)."""
         return 0
 
     # --- study attrs (the checkpoint list) --------------------------------------------------
@@ -367,17 +401,20 @@ class DatabaseStorage(StudyStorage):
         heartbeat, would never free them. Each is failed, then retried."""
         from optuna.storages import fail_stale_trials
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fail_stale_trials(study)
-        return self.reap_unbeaten(study, grace_period)
+        def reaped() -> int:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fail_stale_trials(study)
+            return self.reap_unbeaten(study, grace_period)
 
-    def reap_unbeaten(self, study: optuna.Study, grace_period: float) -> int:
+        return retry_db(reaped, what="reap stale trials")
+
+    def reap_unbeaten(self, study: optuna.Study, grace_period: float, now: datetime.datetime | None = None) -> int:
         import sqlalchemy
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
-        cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace_period)
+        cutoff = (now or datetime.datetime.now()) - datetime.timedelta(seconds=grace_period)
         query = sqlalchemy.text(
             "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
             "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL "
