@@ -135,8 +135,6 @@ def test_claims_sample_different_parameters_per_claim(sqlite_url: str) -> None:
 
 
 def test_a_claim_that_never_beat_is_reaped_and_retried(sqlite_url: str) -> None:
-    import time
-
     from lightstudy.study import reap_unbeaten
 
     spec = spec_from_dict(tiny_spec(n_trials=3))  # grace_period 3 s
@@ -144,15 +142,16 @@ def test_a_claim_that_never_beat_is_reaped_and_retried(sqlite_url: str) -> None:
     study, spec = load_study(sqlite_url, "tiny")
     orphan = study.ask()  # a claim that broke before its first heartbeat
     assert reap_unbeaten(study, spec) == 0  # not yet past the grace period
-    time.sleep(spec.study.grace_period + 0.5)
-    assert reap_unbeaten(study, spec) == 1
+    later = datetime.datetime.now() + datetime.timedelta(seconds=spec.study.grace_period + 0.5)
+    assert reap_unbeaten(study, spec, now=later) == 1  # an injected clock, not a wait
     states = [t.state for t in study.get_trials()]
     assert states == [TrialState.FAIL, TrialState.WAITING]
     assert study.get_trials()[1].system_attrs["failed_trial"] == orphan.number
 
 
 def _grid_doc(n_trials: int | None = 20) -> dict[str, Any]:
-    doc = tiny_spec("grid", n_trials=n_trials, sampler="GridSampler")
+    # (a long grace period: the claimed trials below never beat again, and must not go stale)
+    doc = tiny_spec("grid", n_trials=n_trials, sampler="GridSampler", grace_period=600)
     doc["search_space"] = {  # 4 x 3 = 12 points
         "data.init_args.batch_size": {"type": "categorical", "choices": [16, 32, 64, 128]},
         "model.init_args.lr": {"type": "categorical", "choices": [0.001, 0.01, 0.03]},

@@ -59,8 +59,7 @@ def test_killed_trial_process_fails_is_retried_and_resumes(tmp_path: Path, sqlit
     killed: list[int] = []
 
     def kill_once_checkpointed() -> None:
-        _when(lambda: last.exists() and bool(worker._children))
-        time.sleep(0.3)
+        _when(lambda: last.exists() and bool(worker._children))  # last.ckpt appears whole (an atomic rename)
         [child] = worker._children
         killed.append(child.pid)
         os.kill(child.pid, signal.SIGKILL)
@@ -245,7 +244,7 @@ def test_postgres_restart_during_a_study_costs_no_trial(private_postgres: Privat
     study, _ = load_study(pg_url, "tiny")
     _when(lambda: len([t for t in study.get_trials() if t.state == TrialState.COMPLETE]) >= 2, timeout=300)
     private_postgres.stop()  # the server goes away (fast shutdown: sessions cut), then comes back
-    time.sleep(3)
+    time.sleep(3)  # the outage itself (its length, not a wait for anything)
     private_postgres.start()
     outs = [p.communicate(timeout=600)[0] for p in procs]
     (tmp_path / "workers.log").write_text("\n=====\n".join(outs))
@@ -322,8 +321,8 @@ def test_a_nop_pruner_by_class_path_asks_no_pruning_question(
     asked: list[str] = []
     answer = worker_module._answer
 
-    def counting(trial: Any) -> Any:
-        handle = answer(trial)
+    def counting(db: Any, trial: Any) -> Any:
+        handle = answer(db, trial)
 
         def recorded(message: Any) -> Any:
             asked.append(type(message).__name__ if not isinstance(message, tuple) else message[0])

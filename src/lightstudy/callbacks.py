@@ -245,21 +245,21 @@ def _last_class(namespace: str) -> type:
     base = pl_module(namespace).callbacks.Checkpoint
 
     class LastCheckpoint(base):  # type: ignore[misc, valid-type]
-        """Saves where training stands to ``path`` after every epoch's validation, whatever the
-        metric did: the point a retry resumes from is the last finished epoch."""
+        """Saves where training stands to ``path`` at the end of every training epoch (after
+        its validation), whatever the metric did: a retry resumes at the next epoch. (Saved at
+        validation end instead, the checkpoint reads as mid-epoch and the epoch is run again.)"""
 
         def __init__(self, path: Path) -> None:
             self.path = path
 
-        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-            if not trainer.sanity_checking:
-                trainer.save_checkpoint(self.path)
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            trainer.save_checkpoint(self.path)
 
     return LastCheckpoint
 
 
 def last_checkpoint_callback(namespace: str, path: Path) -> Any:
-    """Save ``path`` (a trial's ``last.ckpt``) after every epoch, always to that one file."""
+    """Save ``path`` (a trial's ``last.ckpt``) at every epoch's end, always to that one file."""
     return _last_class(namespace)(path)
 
 

@@ -21,6 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from lightstudy.artifacts import CheckpointRef, is_listed, remove_checkpoint
 from lightstudy.errors import CheckpointError
+from lightstudy.storage.boundary import storage_of
 
 if TYPE_CHECKING:
     import optuna
@@ -97,7 +98,7 @@ def enforce_retention(study: optuna.Study, spec: StudySpec, store: Any) -> list[
     """Remove every stored checkpoint outside the kept set; returns the trial numbers removed."""
     trials = study.get_trials(deepcopy=False)
     kept = {t.number for t in kept_trials(trials, spec)}
-    attrs = study._storage.get_study_system_attrs(study._study_id)
+    attrs = storage_of(study).study_system_attrs(study)
     removed = []
     for trial in _with_checkpoint(trials):
         ref = CheckpointRef.of(trial)

@@ -1,8 +1,16 @@
-"""The study database: Optuna's RDBStorage, set up for many workers, and the claim lock.
+"""The study storage: the only code that knows Optuna's storage internals and schema.
+
+This module: which URL (flag > environment > spec > default), checked without connecting and
+shown with the password hidden; :func:`open_storage`, which also refuses an Optuna schema the
+queries here were not written for; :func:`retry_db` (riding out database restarts), from the boundary.
+:mod:`lightstudy.storage.boundary`: :class:`~lightstudy.storage.boundary.StudyStorage` over the
+database directly or through ``lightstudy proxy`` (heartbeat, claim lock, budget counts, a
+trial's attrs in one transaction, reaping, the checkpoint list, the pruner's reads).
+:mod:`lightstudy.storage.server`: the proxy's gRPC server.
 
 SQLite (the embedded default) gets WAL and a busy timeout so several local workers share one
 file; PostgreSQL gets pre-ping and small bounded pools so many workers on many machines do not
-exhaust the server. URLs are shown with the password hidden, everywhere.
+exhaust the server. Importing this module imports no Optuna (the CLI's ``--help`` stays instant).
 """
 
 from __future__ import annotations
@@ -11,37 +19,36 @@ import contextlib
 import logging
 import os
 import sqlite3
-import time
-import zlib
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 from lightstudy.errors import StorageError
-
-if TYPE_CHECKING:
-    from optuna.storages import RDBStorage
-
-    from lightstudy.spec import StudySettings
+from lightstudy.storage.boundary import DB_RETRY_SECONDS, connection_error, db_error_text, retry_db
 
 __all__ = [
+    "DB_RETRY_SECONDS",
     "ENV_VAR",
-    "beat",
-    "claim_lock",
-    "configure_heartbeat",
+    "SCHEMA_VERSIONS",
+    "check_schema",
+    "check_url",
     "connection_error",
     "db_error_text",
     "default_url",
+    "grpc_address",
     "normalize_url",
     "open_storage",
     "record_attr",
     "redact",
+    "redact_text",
     "resolve_url",
     "retry_db",
     "sqlite_path",
 ]
 
 ENV_VAR = "LIGHTSTUDY_STORAGE"
+# Optuna's RDB schema (alembic revision) that the raw queries of this package were written and
+# tested against (Optuna 4.2 to 5.1 all use it); another one is refused rather than misread.
+SCHEMA_VERSIONS = frozenset({"v3.2.0.a"})
 SQLITE_BUSY_TIMEOUT = 60.0  # seconds a SQLite writer waits for the lock before failing
 PROXY_WAIT_SECONDS = 30.0  # seconds a client waits for `lightstudy proxy` to answer before failing
 POOL_SIZE = 2  # connections a process keeps open to PostgreSQL (workers need 1-2)
@@ -49,7 +56,6 @@ POOL_OVERFLOW = 4  # extra connections a burst may open, closed when returned
 POOL_RECYCLE = 1800  # seconds before a pooled connection is replaced
 
 _log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def default_url(run_dir: str | Path) -> str:
@@ -90,6 +96,17 @@ def redact(url: str) -> str:
         return f"{scheme}://{user}:***@{tail}"
 
 
+def redact_text(text: str, url: str) -> str:
+    """``text`` with the URL's password, if any, replaced by ``***``."""
+    from sqlalchemy.engine import make_url
+
+    with contextlib.suppress(Exception):
+        password = make_url(url).password
+        if password:
+            text = text.replace(str(password), "***")
+    return text
+
+
 def sqlite_path(url: str) -> Path | None:
     """The database file of a ``sqlite:///`` URL; None for other backends and in-memory SQLite."""
     if not url.startswith("sqlite"):
@@ -112,7 +129,7 @@ def check_url(url: str) -> None:
     from sqlalchemy.exc import ArgumentError
 
     if url.startswith("grpc://"):
-        _grpc_address(url)
+        grpc_address(url)
         return
     url = normalize_url(url)
     try:
@@ -149,7 +166,7 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def _grpc_address(url: str) -> tuple[str, int]:
+def grpc_address(url: str) -> tuple[str, int]:
     host, _, port = url[len("grpc://") :].rstrip("/").rpartition(":")
     if not host or not port.isdigit():
         raise StorageError(
@@ -159,12 +176,20 @@ def _grpc_address(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def record_attr(trial: Any, key: str, value: Any) -> None:
+    """``trial.set_user_attr``, riding out a database restart (a trial process's own trial, or
+    the pipe to its worker, which records it)."""
+    retry_db(lambda: trial.set_user_attr(key, value), what="record the trial")
+
+
 def open_storage(url: str, *, create: bool = True) -> Any:
     """Connect to the study database (tables are created when ``create``), or to a
-    ``lightstudy proxy`` for ``grpc://host:port``.
+    ``lightstudy proxy`` for ``grpc://host:port``; returns the Optuna storage (:func:`wrap`
+    gives its boundary).
 
     Raises:
-        StorageError: the database cannot be reached or, with ``create=False``, does not exist.
+        StorageError: the database cannot be reached, has a schema lightstudy does not know, or,
+            with ``create=False``, does not exist.
     """
     import optuna
     import sqlalchemy.exc
@@ -172,7 +197,7 @@ def open_storage(url: str, *, create: bool = True) -> Any:
     url = normalize_url(url)
     check_url(url)
     if url.startswith("grpc://"):
-        host, port = _grpc_address(url)
+        host, port = grpc_address(url)
         proxy = optuna.storages.GrpcStorageProxy(host=host, port=port)
         try:
             proxy.wait_server_ready(timeout=PROXY_WAIT_SECONDS)
@@ -203,100 +228,52 @@ def open_storage(url: str, *, create: bool = True) -> Any:
             connect_args={"connect_timeout": 10},
         )
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+        rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+        version = rdb.get_current_version()
     except (
         sqlalchemy.exc.SQLAlchemyError,
         optuna.exceptions.StorageInternalError,
         OSError,
         RuntimeError,
     ) as e:
+        if isinstance(e, RuntimeError) and (stored := _stored_version(url)) is not None:
+            check_schema(url, stored)  # Optuna refused a schema of another release: say which
         reason = db_error_text(e)
         raise StorageError(
             f"cannot open storage {redact(url)}: {redact_text(reason, url)}",
             fix="check that the database server is running and the URL is right",
         ) from e
+    check_schema(url, version)
+    return rdb
 
 
-def redact_text(text: str, url: str) -> str:
-    """``text`` with the URL's password, if any, replaced by ``***``."""
-    from sqlalchemy.engine import make_url
+def _stored_version(url: str) -> str | None:
+    """The Optuna schema revision (alembic's) of the database at ``url``; None if unreadable."""
+    import sqlalchemy
 
-    with contextlib.suppress(Exception):
-        password = make_url(url).password
-        if password:
-            text = text.replace(str(password), "***")
-    return text
-
-
-def beat(storage: Any, trial_id: int) -> None:
-    """Record a running trial's heartbeat: directly in the database, or through lightstudy proxy
-    (which turns the ``lightstudy:heartbeat`` system attr into a heartbeat)."""
-    backend = getattr(storage, "_backend", storage)
-    if hasattr(backend, "record_heartbeat"):
-        backend.record_heartbeat(trial_id)
-    else:
-        from lightstudy.proxy import HEARTBEAT_ATTR
-
-        storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+    try:
+        engine = sqlalchemy.create_engine(url)
+        try:
+            with engine.connect() as conn:
+                return str(conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar_one())
+        finally:
+            engine.dispose()
+    except Exception:
+        return None
 
 
-def configure_heartbeat(storage: RDBStorage, settings: StudySettings) -> None:
-    """Turn on heartbeats and the retry of trials whose worker died, as the spec says.
+def check_schema(url: str, version: str) -> None:
+    """Refuse a database whose Optuna schema is not one lightstudy's queries were written for.
 
-    The spec lives in the database, so the storage is open before the settings are known; these
-    are the public attributes that RDBStorage's own constructor sets from the same arguments.
+    Raises:
+        StorageError: naming the version found, the ones known, and the fix.
     """
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    if not isinstance(storage, RDBStorage):
-        return  # behind lightstudy proxy: the proxy keeps heartbeats and reaps stale trials
-    storage.heartbeat_interval = settings.heartbeat_interval
-    storage.grace_period = settings.grace_period
-    storage.heartbeat_stale_trial_callback = RetryHeartbeatStaleTrialCallback(
-        max_retry=settings.max_retry, inherit_intermediate_values=True
-    )
-    storage.failed_trial_callback = storage.heartbeat_stale_trial_callback
-
-
-@contextlib.contextmanager
-def claim_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
-    """Serialize "count the budget, then ask for a trial" across every worker of a study.
-
-    PostgreSQL: a session advisory lock keyed by the study name, so workers on other machines
-    wait too. SQLite: an exclusive ``flock`` on a file beside the database (all its workers share
-    the machine). Other backends: no lock (the budget may then overshoot by up to one trial per
-    concurrent worker).
-    """
-    if not hasattr(storage, "engine"):  # behind lightstudy proxy, which takes the lock itself
-        yield
-        return
-    url = str(storage.url)
-    path = sqlite_path(url)
-    if path is not None:
-        import fcntl
-
-        with open(f"{path}.lock", "a+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-        return
-    if url.startswith("postgresql"):
-        import sqlalchemy
-
-        key = zlib.crc32(f"lightstudy:{study_name}".encode()) - 2**31
-        with storage.engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            conn.commit()
-            try:
-                yield
-            finally:
-                with contextlib.suppress(Exception):
-                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                    conn.commit()
-        return
-    yield
+    if version not in SCHEMA_VERSIONS:
+        known = ", ".join(sorted(SCHEMA_VERSIONS))
+        raise StorageError(
+            f"storage {redact(url)}: Optuna schema version {version!r} is not one lightstudy knows ({known})",
+            fix="use an Optuna release with that schema (optuna storage upgrade moves a database forward)",
+        )
 
 
 def _enable_wal(path: Path) -> None:
@@ -313,56 +290,3 @@ def _enable_wal(path: Path) -> None:
         ) from e
     finally:
         conn.close()
-
-
-DB_RETRY_SECONDS = 180.0  # how long storage calls keep retrying while the database is away
-
-
-def retry_db(fn: Callable[[], T], *, what: str, seconds: float = DB_RETRY_SECONDS) -> T:
-    """Call ``fn``, retrying with backoff while the database is unreachable or locked.
-
-    A PostgreSQL restart or a busy SQLite file must not cost a trial: connection errors
-    (SQLAlchemy's ``OperationalError``/``InterfaceError``, also when Optuna wraps them in
-    ``StorageInternalError``) are retried for up to ``seconds``; other errors propagate at once.
-    """
-    deadline = time.monotonic() + seconds
-    delay = 0.2
-    while True:
-        try:
-            return fn()
-        except Exception as e:
-            cause = connection_error(e)
-            if cause is None or time.monotonic() + delay > deadline:
-                raise
-            _log.warning("%s: database unavailable (%s); retrying in %.1fs", what, db_error_text(cause), delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
-def db_error_text(error: BaseException) -> str:
-    """The first line of what the database driver said (not SQLAlchemy's or Optuna's wrapping)."""
-    cause = connection_error(error) or error
-    text = str(getattr(cause, "orig", None) or cause).strip()
-    return (text.splitlines() or [type(cause).__name__])[0][:200]
-
-
-def record_attr(trial: Any, key: str, value: Any) -> None:
-    """``trial.set_user_attr``, riding out a database restart."""
-    retry_db(lambda: trial.set_user_attr(key, value), what="record the trial")
-
-
-def connection_error(error: BaseException) -> BaseException | None:
-    """The connection-level error in ``error``'s chain, if there is one."""
-    import sqlalchemy.exc
-
-    seen = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-            return current
-        code = getattr(current, "code", None)
-        if callable(code) and getattr(code(), "name", None) in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
-            return current  # the gRPC proxy (or the database behind it) is away
-        current = current.__cause__ or current.__context__
-    return None
