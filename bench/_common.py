@@ -12,7 +12,9 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -115,6 +117,84 @@ def pg_database(prefix: str = "bench") -> Iterator[str]:
     finally:
         with psycopg.connect(f"{PG_ADMIN}/postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the benchmark's own: ``initdb`` into a temporary folder, on a free
+    port, so a script may stop and restart it without touching the shared server (as the
+    database-restart test in tests/test_worker.py does). ``close`` stops it and deletes it all.
+
+    ``url`` is the SQLAlchemy URL of its ``postgres`` database; ``database(name)`` makes another.
+    """
+
+    def __init__(self) -> None:
+        import glob
+        import tempfile
+
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb") or ""]
+        if not found[-1]:
+            raise RuntimeError("initdb not found: install the PostgreSQL server (Debian: postgresql)")
+        self.bin = Path(found[-1]).parent
+        self.root = Path(tempfile.mkdtemp(prefix="lightstudy-bench-pg-"))  # postgres must reach it
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self.running = False
+        if os.geteuid() == 0:  # the server refuses to run as root: it runs as the postgres user
+            shutil.chown(self.root, "postgres")
+        try:
+            self._ctl("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _ctl(self, program: str, *args: str) -> None:
+        cmd = [str(self.bin / program), *args]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        done = subprocess.run(cmd, timeout=120, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{program} {' '.join(args[:2])} failed: {done.stderr.strip() or done.stdout.strip()}")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        self._ctl("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "server.log"), "-w", "start")
+        self.running = True
+
+    def stop(self) -> None:
+        """Fast shutdown: sessions are cut, as when a database server restarts."""
+        self._ctl("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self.running = False
+
+    def database(self, name: str) -> str:
+        """Create database ``name``; its SQLAlchemy URL."""
+        import psycopg
+
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+    def close(self) -> None:
+        if self.running:
+            with contextlib.suppress(RuntimeError, subprocess.SubprocessError):
+                self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> PrivatePostgres:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def digits_spec(

@@ -64,3 +64,32 @@ class ScoreNet(ConvNet):
         from torchmetrics.classification import MulticlassAccuracy
 
         self.val_score = MulticlassAccuracy(10, average="micro")
+
+
+class GateNet(ConvNet):
+    """In the first validation batch of epoch ``gate_epoch`` it writes the file ``gate`` and waits
+    until the trial process has received SIGTERM: a test signals a trial mid-validation, exactly."""
+
+    def __init__(self, gate: str = "", gate_epoch: int = 1, gate_batch: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gate = gate
+        self.gate_epoch = gate_epoch
+        self.gate_batch = gate_batch
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        trainer = self.trainer
+        if not trainer.sanity_checking and self.current_epoch == self.gate_epoch and batch_idx == self.gate_batch:
+            from pathlib import Path
+
+            Path(self.gate).write_text(str(self.current_epoch))
+            deadline = time.monotonic() + 120
+            while not trainer.received_sigterm and time.monotonic() < deadline:
+                time.sleep(0.01)  # a poll on the process's own state, not a guess at timing
+        return super().validation_step(batch, batch_idx)
+
+
+class WorseningNet(ConvNet):
+    """Logs ``val_acc = 0.9 - 0.1 * epoch``: only epoch 0 improves the study metric."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_acc", 0.9 - 0.1 * self.current_epoch)

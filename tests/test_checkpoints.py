@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime
 import io
 import json
 from pathlib import Path
@@ -68,14 +69,21 @@ def test_would_keep_decides_before_uploading() -> None:
     assert not would_keep(trials, spec_from_dict(tiny_spec(checkpoints={"keep": 0})), 5, [1.0])
 
 
+def _failed(minutes_ago: float) -> optuna.trial.FrozenTrial:
+    trial = optuna.trial.create_trial(state=TrialState.FAIL)
+    trial.datetime_complete = datetime.datetime.now() - datetime.timedelta(minutes=minutes_ago)
+    trial.datetime_start = trial.datetime_complete - datetime.timedelta(seconds=5)
+    return trial
+
+
 def test_local_checkpoints_of_live_lineages_stay(tmp_path: Path) -> None:
     study = optuna.create_study(direction="maximize")
     for number in (0, 1):
         folder = tmp_path / f"trials/trial-{number:04d}/checkpoints"
         folder.mkdir(parents=True)
         (folder / "last.ckpt").write_bytes(b"x")
-    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
-    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+    study.add_trial(_failed(minutes_ago=30))
+    study.add_trial(_failed(minutes_ago=30))
     study.add_trial(
         optuna.trial.create_trial(state=TrialState.WAITING, system_attrs={"failed_trial": 1, "retry_history": [1]})
     )
@@ -83,6 +91,31 @@ def test_local_checkpoints_of_live_lineages_stay(tmp_path: Path) -> None:
     sweep_local(study, tmp_path)
     assert not (tmp_path / "trials/trial-0000/checkpoints/last.ckpt").exists()
     assert (tmp_path / "trials/trial-0001/checkpoints/last.ckpt").exists()
+
+
+def test_a_failure_about_to_be_retried_keeps_its_checkpoint(tmp_path: Path) -> None:
+    """Regression: the worker tells FAIL, then queues the retry (two writes). Another worker's
+    sweep in between deleted the checkpoint, so the retry started over from epoch 0."""
+    study = optuna.create_study(direction="maximize")
+    for number in (0, 1, 2):
+        folder = tmp_path / f"trials/trial-{number:04d}/checkpoints"
+        folder.mkdir(parents=True)
+        (folder / "last.ckpt").write_bytes(b"x")
+    study.add_trial(_failed(minutes_ago=0))  # told just now: its retry is not queued yet
+    study.add_trial(_failed(minutes_ago=11))  # never retried, its worker gone: swept after the settle time
+    study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.5))
+    sweep_local(study, tmp_path)
+    assert (tmp_path / "trials/trial-0000/checkpoints/last.ckpt").exists()
+    assert not (tmp_path / "trials/trial-0001/checkpoints/last.ckpt").exists()
+    assert not (tmp_path / "trials/trial-0002/checkpoints/last.ckpt").exists()
+    # The retry is queued and resumes from the file; once it completes, the lineage goes.
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.COMPLETE, value=0.9, system_attrs={"failed_trial": 0, "retry_history": [0]}
+        )
+    )
+    sweep_local(study, tmp_path, settle=0)
+    assert not (tmp_path / "trials/trial-0000/checkpoints/last.ckpt").exists()
 
 
 def test_pareto_front() -> None:

@@ -22,13 +22,9 @@ from conftest import REPO
 
 SRC = REPO / "src"
 
-# Edges that still close a cycle in modules other helpers are rewriting (storage, proxy, study):
-# each is allowed to exist until the cycle is gone, then must be removed from here. Empty this
-# set once they are; a cycle through any other edge fails now.
-ALLOWED_CYCLE_EDGES = {
-    ("lightstudy.storage", "lightstudy.proxy"),  # storage opens the gRPC client the proxy module builds
-    ("lightstudy.study", "lightstudy.proxy"),  # study asks the proxy module whether it is behind one
-}
+# Edges allowed to close an import cycle: none (the storage -> proxy -> study cycle is gone
+# since the storage package took in the proxy's server side and protocol).
+ALLOWED_CYCLE_EDGES: set[tuple[str, str]] = set()
 
 # The commands and what they read: none of them may be in a cycle, allowed edge or not.
 RESULTS = {
@@ -191,3 +187,45 @@ def test_floors(record_property: pytest.RecordProperty) -> None:
         assert floor["lightstudy.cli.shared"] < floor[name]
         assert not graph[name] & (commands - {name})
     assert floor["lightstudy.ranking"] <= 2, "ranking is read by everything: keep it near the bottom"
+
+
+# Optuna's storage internals: only lightstudy.storage may touch them.
+PRIVATE_ATTRS = {"_storage", "_study_id", "_trial_id", "_backend", "_cached"}
+
+
+def _private_storage_uses(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute) and node.attr in PRIVATE_ATTRS:
+            if not (isinstance(node.value, ast.Name) and node.value.id == "self"):  # a class's own field
+                found.append(f"{path.name}:{node.lineno} .{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [a.name for a in node.names]
+            if node.module.startswith(("optuna.storages._", "optuna.pruners._")) or (
+                node.module in ("optuna.storages", "optuna.pruners") and any(n.startswith("_") for n in names)
+            ):
+                found.append(f"{path.name}:{node.lineno} from {node.module} import {', '.join(names)}")
+        elif isinstance(node, ast.Import):
+            found += [
+                f"{path.name}:{node.lineno} import {a.name}"
+                for a in node.names
+                if a.name.startswith(("optuna.storages._", "optuna.pruners._"))
+            ]
+    return found
+
+
+def test_only_the_storage_package_touches_optuna_storage_internals() -> None:
+    outside = [
+        use
+        for name, path in _modules().items()
+        if name != "lightstudy.storage" and not name.startswith("lightstudy.storage.")
+        for use in _private_storage_uses(path)
+    ]
+    assert outside == [], "use lightstudy.storage (storage_of, study_id, trial_id, StudyStorage) instead"
+    inside = [
+        use
+        for name, path in _modules().items()
+        if name.startswith("lightstudy.storage")
+        for use in _private_storage_uses(path)
+    ]
+    assert inside, "the check finds nothing at all: it reads the wrong thing"

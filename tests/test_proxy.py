@@ -18,17 +18,20 @@ from optuna.trial import TrialState
 
 from conftest import free_port, tiny_spec
 from lightstudy.errors import LightstudyError, StorageError
-from lightstudy.proxy import HEARTBEAT_ATTR, BudgetSpentError, ProxyStorage, serve
+from lightstudy.proxy import HEARTBEAT_ATTR, admit, serve
 from lightstudy.spec import spec_from_dict
 from lightstudy.storage import open_storage
+from lightstudy.storage.server import BudgetSpentError, ProxyStorage
 from lightstudy.study import create_study, load_study
 
 TESTS = str(Path(__file__).parent)
+# The tests folder (its test models) first, then what this process imports lightstudy from.
+PYTHONPATH = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p)
 
 
 def test_the_proxy_keeps_the_study_wide_budget(sqlite_url: str) -> None:
     create_study(spec_from_dict(tiny_spec(n_trials=2)), sqlite_url)
-    proxy = ProxyStorage(open_storage(sqlite_url))
+    proxy = ProxyStorage(open_storage(sqlite_url), admit)
     study_id = proxy.get_study_id_from_name("tiny")
     first = proxy.create_new_trial(study_id)
     proxy.create_new_trial(study_id)
@@ -43,7 +46,7 @@ def test_the_proxy_keeps_the_study_wide_budget(sqlite_url: str) -> None:
 def test_heartbeats_tunnel_through_a_system_attr(sqlite_url: str) -> None:
     create_study(spec_from_dict(tiny_spec()), sqlite_url)
     rdb = open_storage(sqlite_url)
-    proxy = ProxyStorage(rdb)
+    proxy = ProxyStorage(rdb, admit)
     trial_id = proxy.create_new_trial(proxy.get_study_id_from_name("tiny"))
     proxy.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
     assert HEARTBEAT_ATTR not in rdb.get_trial(trial_id).system_attrs
@@ -87,7 +90,7 @@ def _connections(pg_url: str) -> int:
 
 
 def _workers(grpc_url: str, run_dir: Path, n: int) -> list[subprocess.Popen[str]]:
-    env = {**os.environ, "PYTHONPATH": TESTS, "LIGHTSTUDY_STORAGE": grpc_url, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "LIGHTSTUDY_STORAGE": grpc_url, "PYTHONUNBUFFERED": "1"}
     return [
         subprocess.Popen(
             [
@@ -132,7 +135,8 @@ def test_workers_behind_the_proxy_finish_the_study_holding_no_connections(
     assert [p.returncode for p in procs] == [0] * 4, outs
     study, _ = load_study(pg_url, "tiny")
     trials = study.get_trials()
-    assert sorted(t.number for t in trials) == list(range(16))
+    states = [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
+    assert sorted(t.number for t in trials) == list(range(16)), states
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert len({t.user_attrs["worker"] for t in trials}) > 1
     # Only the proxy holds connections (its pool and its reaper), whatever the number of workers.

@@ -131,7 +131,7 @@ def test_a_worker_sees_trials_finished_by_others_and_retries() -> None:
 
 
 def test_a_check_reads_only_what_finished_since_the_last(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightstudy import pruners
+    from lightstudy.storage.boundary import DatabaseStorage
 
     url = _memory_db()
     rng = random.Random(0)
@@ -148,9 +148,9 @@ def test_a_check_reads_only_what_finished_since_the_last(monkeypatch: pytest.Mon
                 original = getattr(cls, name)
                 monkeypatch.setattr(cls, name, lambda *a, _o=original, _n=name, **k: listed.append(_n) or _o(*a, **k))
     read: list[list[int]] = []
-    original_read = pruners._Cache._read_values
+    original_read = DatabaseStorage.intermediate_values
     monkeypatch.setattr(
-        pruners._Cache, "_read_values", lambda self, conn, ids: read.append(ids) or original_read(self, conn, ids)
+        DatabaseStorage, "intermediate_values", lambda self, ids: read.append(ids) or original_read(self, ids)
     )
     rows: list[int] = []
     engine = study._storage._backend.engine

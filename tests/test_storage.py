@@ -11,13 +11,13 @@ from lightstudy.errors import StorageError
 from lightstudy.storage import (
     ENV_VAR,
     check_url,
-    claim_lock,
     open_storage,
     redact,
     resolve_url,
     retry_db,
     sqlite_path,
 )
+from lightstudy.storage.boundary import claim_lock
 
 
 def test_resolution_order_flag_env_spec_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,3 +114,49 @@ def test_retry_db_retries_connection_errors_only() -> None:
     assert len(calls) == 3
     with pytest.raises(ValueError):
         retry_db(lambda: (_ for _ in ()).throw(ValueError("no")), what="test")
+
+
+def test_a_plain_postgresql_url_uses_psycopg(pg_url: str) -> None:
+    """`postgresql://` (no driver, as most users write it) failed with "an exception is raised
+    during the commit" (SQLAlchemy's default driver, psycopg2, is not installed)."""
+    plain = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    storage = open_storage(plain)
+    assert str(storage.url).startswith("postgresql+psycopg://")
+    assert storage.get_all_studies() == []
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("mysql://u@127.0.0.1/x", "driver 'mysqldb' is not installed"),
+        ("mysql+pymysql://u@127.0.0.1/x", "driver 'pymysql' is not installed"),
+        ("postgresql+psycopg2://u@127.0.0.1/x", "driver 'psycopg2' is not installed"),
+    ],
+)
+def test_a_url_whose_driver_is_missing_is_one_line(url: str, said: str) -> None:
+    """`mysql://...` gave an ImportError traceback from Optuna."""
+    from conftest import run_cli
+
+    done = run_cli("status", "--storage", url)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0] and "fix:" in lines[0], done.stderr
+
+
+@pytest.mark.parametrize("version", ["v9.9.9", "v3.0.0.d"], ids=["newer", "older"])
+def test_an_unknown_optuna_schema_is_refused_in_one_line(tmp_path: Path, version: str) -> None:
+    """The raw queries of lightstudy.storage are written against one Optuna schema: a database of
+    another is refused, naming the version, not misread."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    open_storage(url)
+    with sqlite3.connect(tmp_path / "study.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = ?", (version,))
+    with pytest.raises(StorageError, match=f"Optuna schema version '{version}' is not one lightstudy knows") as info:
+        open_storage(url, create=False)
+    assert "fix:" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_known_schema_is_the_one_optuna_creates(sqlite_url: str) -> None:
+    from lightstudy.storage import SCHEMA_VERSIONS
+
+    assert open_storage(sqlite_url).get_current_version() in SCHEMA_VERSIONS

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+from typing import Any
 
 import optuna
 import pytest
@@ -134,8 +135,6 @@ def test_claims_sample_different_parameters_per_claim(sqlite_url: str) -> None:
 
 
 def test_a_claim_that_never_beat_is_reaped_and_retried(sqlite_url: str) -> None:
-    import time
-
     from lightstudy.study import reap_unbeaten
 
     spec = spec_from_dict(tiny_spec(n_trials=3))  # grace_period 3 s
@@ -143,8 +142,39 @@ def test_a_claim_that_never_beat_is_reaped_and_retried(sqlite_url: str) -> None:
     study, spec = load_study(sqlite_url, "tiny")
     orphan = study.ask()  # a claim that broke before its first heartbeat
     assert reap_unbeaten(study, spec) == 0  # not yet past the grace period
-    time.sleep(spec.study.grace_period + 0.5)
-    assert reap_unbeaten(study, spec) == 1
+    later = datetime.datetime.now() + datetime.timedelta(seconds=spec.study.grace_period + 0.5)
+    assert reap_unbeaten(study, spec, now=later) == 1  # an injected clock, not a wait
     states = [t.state for t in study.get_trials()]
     assert states == [TrialState.FAIL, TrialState.WAITING]
     assert study.get_trials()[1].system_attrs["failed_trial"] == orphan.number
+
+
+def _grid_doc(n_trials: int | None = 20) -> dict[str, Any]:
+    # (a long grace period: the claimed trials below never beat again, and must not go stale)
+    doc = tiny_spec("grid", n_trials=n_trials, sampler="GridSampler", grace_period=600)
+    doc["search_space"] = {  # 4 x 3 = 12 points
+        "data.init_args.batch_size": {"type": "categorical", "choices": [16, 32, 64, 128]},
+        "model.init_args.lr": {"type": "categorical", "choices": [0.001, 0.01, 0.03]},
+    }
+    return doc
+
+
+def test_a_grid_study_claims_every_point_once_and_then_is_done(sqlite_url: str) -> None:
+    """GridSampler's after_trial called study.stop() outside optimize (RuntimeError in tell), and
+    past its grid it re-ran points: the grid, not n_trials (20 here), ends a grid study."""
+    from lightstudy.study import count_budget, tell
+
+    create_study(spec_from_dict(_grid_doc()), sqlite_url)
+    study, spec = load_study(sqlite_url, "grid")
+    running = []
+    for _ in range(12):  # every point claimed while none has finished (12 workers at once)
+        trial, _ = claim_trial(study, spec)
+        assert trial is not None
+        running.append(trial)
+    trial, state = claim_trial(study, spec)
+    assert trial is None and not state.may_claim and not state.done  # running ones may still fail
+    for t in running:
+        tell(study, t, [0.5], TrialState.COMPLETE)  # the last one used to raise in study.stop()
+    assert count_budget(study, spec)[0].done
+    points = {tuple(sorted(t.params.items())) for t in study.get_trials()}
+    assert len(points) == 12 and len(study.get_trials()) == 12

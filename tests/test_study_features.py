@@ -228,3 +228,20 @@ def test_direction_against_higher_is_better_is_reported(tmp_path: Path, sqlite_u
     study, _ = load_study(sqlite_url, "tiny")
     [warning] = study.trials[0].user_attrs["warnings"]
     assert "higher_is_better=True" in warning and "maximize" in warning
+
+
+@pytest.mark.slow
+def test_a_grid_study_runs_every_point_once_with_several_workers(tmp_path: Path) -> None:
+    """`lightstudy run --workers 1` on a 12-point grid exited 2 (study.stop() raised in tell)."""
+    doc = _fast(tiny_spec("grid", n_trials=30, sampler="GridSampler"))
+    doc["trainer"].update(max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    doc["search_space"] = {  # 4 x 3 = 12 points
+        "data.init_args.batch_size": {"type": "categorical", "choices": [16, 32, 64, 128]},
+        "model.init_args.lr": {"type": "categorical", "choices": [0.001, 0.01, 0.03]},
+    }
+    path = write_spec(tmp_path / "grid.yaml", doc)
+    done = cli("run", str(path), "--workers", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    study, _ = load_study(f"sqlite:///{tmp_path / 'runs' / 'grid' / 'study.db'}", "grid")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 12
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 12

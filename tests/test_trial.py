@@ -85,3 +85,34 @@ def test_failures_carry_a_readable_reason(tmp_path: Path, model: str, reason: st
     outcome, _ = _run(tmp_path, doc)
     assert outcome.state == "failed"
     assert reason in (outcome.reason or ""), outcome.reason
+
+
+def _epoch(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+
+
+def test_last_ckpt_is_every_finished_epoch_and_a_resume_overwrites_it(tmp_path: Path) -> None:
+    """last.ckpt was written only on epochs that improved the metric (a retry resumed from an
+    older epoch), and a resumed trial wrote last-v1.ckpt beside it."""
+    import sys
+
+    from lightstudy.trial import fit_config
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    doc = tiny_spec(max_epochs=3)
+    doc["model"]["class_path"] = "lightstudy_testing_models.WorseningNet"
+    doc["trainer"].update(limit_train_batches=2, limit_val_batches=1)
+    spec = spec_from_dict(doc)
+    ckpt_dir = tmp_path / "checkpoints"
+    config = spec.lightning_config()
+    config["trainer"].update(default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False)
+    fit_config(config, spec.study, ckpt_dir=ckpt_dir, seed=0)
+    last = ckpt_dir / "last.ckpt"
+    assert _epoch(last) == 2  # the last finished epoch, though only epoch 0 improved
+    config = spec.lightning_config()
+    config["trainer"].update(default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False, max_epochs=5)
+    fit_config(config, spec.study, ckpt_dir=ckpt_dir, seed=0, resume=str(last))
+    assert sorted(p.name for p in ckpt_dir.glob("last*")) == ["last.ckpt"]
+    assert _epoch(last) == 4

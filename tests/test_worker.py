@@ -16,6 +16,8 @@ from lightstudy.study import create_study, load_study, retried_numbers
 from lightstudy.worker import Worker
 
 TESTS = str(Path(__file__).parent)
+# The tests folder (its test models) first, then what this process imports lightstudy from.
+PYTHONPATH = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p)
 
 
 def _slow(doc: dict[str, Any], step_sleep: float = 0.02, epochs: int = 6) -> dict[str, Any]:
@@ -57,8 +59,7 @@ def test_killed_trial_process_fails_is_retried_and_resumes(tmp_path: Path, sqlit
     killed: list[int] = []
 
     def kill_once_checkpointed() -> None:
-        _when(lambda: last.exists() and bool(worker._children))
-        time.sleep(0.3)
+        _when(lambda: last.exists() and bool(worker._children))  # last.ckpt appears whole (an atomic rename)
         [child] = worker._children
         killed.append(child.pid)
         os.kill(child.pid, signal.SIGKILL)
@@ -98,7 +99,7 @@ def test_trial_timeout_fails_the_trial_and_the_worker_goes_on(tmp_path: Path, sq
 def test_sigterm_hands_the_trial_back_and_exits_zero(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
     create_study(spec_from_dict(_slow(tiny_spec(n_trials=1), step_sleep=0.05, epochs=8)), url)
-    env = {**os.environ, "PYTHONPATH": TESTS, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1"}
     import subprocess
     import sys
 
@@ -138,7 +139,7 @@ def test_sigterm_hands_the_trial_back_and_exits_zero(tmp_path: Path) -> None:
         str(tmp_path / "run"),
         "--threads",
         "1",
-        env={"PYTHONPATH": TESTS, "LIGHTSTUDY_STORAGE": url},
+        env={"PYTHONPATH": PYTHONPATH, "LIGHTSTUDY_STORAGE": url},
     )
     assert result.returncode == 0, result.stderr
     study, _ = load_study(url, "tiny")
@@ -147,11 +148,11 @@ def test_sigterm_hands_the_trial_back_and_exits_zero(tmp_path: Path) -> None:
     assert study.get_trials()[1].user_attrs["resumed_from"]["trial"] == 0
 
 
-def _run_worker_subprocess(url: str, run_dir: Path) -> Any:
+def _run_worker_subprocess(url: str, run_dir: Path, env: dict[str, str] | None = None) -> Any:
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONPATH": TESTS, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(
         [
             sys.executable,
@@ -243,7 +244,7 @@ def test_postgres_restart_during_a_study_costs_no_trial(private_postgres: Privat
     study, _ = load_study(pg_url, "tiny")
     _when(lambda: len([t for t in study.get_trials() if t.state == TrialState.COMPLETE]) >= 2, timeout=300)
     private_postgres.stop()  # the server goes away (fast shutdown: sessions cut), then comes back
-    time.sleep(3)
+    time.sleep(3)  # the outage itself (its length, not a wait for anything)
     private_postgres.start()
     outs = [p.communicate(timeout=600)[0] for p in procs]
     (tmp_path / "workers.log").write_text("\n=====\n".join(outs))
@@ -308,3 +309,97 @@ def test_a_trial_failed_as_stale_meanwhile_is_not_retried_twice(tmp_path: Path, 
     study.tell(trial, state=TrialState.FAIL)  # what the reaper does to a trial whose heartbeat stopped
     with pytest.raises(UpdateFinishedTrialError):
         worker._tell(trial, TrialState.COMPLETE, [0.5])
+
+
+def test_a_nop_pruner_by_class_path_asks_no_pruning_question(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """trial.py compared the pruner's name with "NopPruner", so `optuna.pruners.NopPruner` (a
+    form the spec accepts) made every epoch wait on a pruning answer from the worker."""
+    import lightstudy.worker as worker_module
+
+    asked: list[str] = []
+    answer = worker_module._answer
+
+    def counting(db: Any, trial: Any) -> Any:
+        handle = answer(db, trial)
+
+        def recorded(message: Any) -> Any:
+            asked.append(type(message).__name__ if not isinstance(message, tuple) else message[0])
+            return handle(message)
+
+        return recorded
+
+    monkeypatch.setattr(worker_module, "_answer", counting)
+    create_study(spec_from_dict(tiny_spec(n_trials=1, pruner="optuna.pruners.NopPruner")), sqlite_url)
+    assert Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", threads=1).run().complete == 1
+    assert asked and not [kind for kind in asked if "prune" in kind.lower()], asked
+
+
+SLURM_TASK = {  # what a Slurm batch step has: Lightning, in the trial, detects Slurm from these
+    "SLURM_JOB_ID": "45",
+    "SLURM_JOB_NAME": "lightstudy",
+    "SLURM_NTASKS": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_NODELIST": "node001",
+}
+
+
+@pytest.mark.parametrize(
+    ("batch", "pruner", "slurm"),
+    [(0, None, False), (2, "MedianPruner", False), (0, None, True), (2, None, True)],
+    ids=["first-batch", "last-batch-pruned", "slurm-first-batch", "slurm-last-batch"],
+)
+def test_sigterm_during_validation_hands_the_trial_back(
+    tmp_path: Path, batch: int, pruner: str | None, slurm: bool
+) -> None:
+    """A SIGTERM mid-validation met Lightning's own SIGTERM check, which failed the trial instead
+    of handing it back (test_deploy slept to stay out of that window)."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    gate = tmp_path / "in-validation"
+    doc = tiny_spec(n_trials=1, max_epochs=4, pruner=pruner)
+    doc["model"]["class_path"] = "lightstudy_testing_models.GateNet"
+    doc["model"]["init_args"].update(gate=str(gate), gate_epoch=1, gate_batch=batch)
+    doc["trainer"].update(limit_train_batches=2, limit_val_batches=3)
+    create_study(spec_from_dict(doc), url)
+    proc = _run_worker_subprocess(url, tmp_path / "run", SLURM_TASK if slurm else None)
+    try:
+        _when(gate.exists)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    study, _ = load_study(url, "tiny")
+    first, retry = study.get_trials()
+    assert first.state == TrialState.FAIL and first.user_attrs.get("interrupted") is True, (out, first.user_attrs)
+    assert retry.state == TrialState.WAITING
+    trial_log = (tmp_path / "run" / "trials" / "trial-0000" / "trial.log").read_text()
+    assert "stopped by signal" in trial_log
+
+
+def test_a_signal_before_the_trial_process_starts_hands_the_trial_back(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM between the claim and the trial process's start found no process to pass it to,
+    and the trial then trained to its end."""
+    create_study(spec_from_dict(tiny_spec(n_trials=2)), sqlite_url)
+    worker = Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", threads=1)
+    set_attrs = worker._set_attrs
+
+    def signalled(trial: Any, attrs: dict[str, Any]) -> None:
+        set_attrs(trial, attrs)
+        if not worker._signals:
+            os.kill(os.getpid(), signal.SIGTERM)  # the worker's own handler (run installs it)
+
+    monkeypatch.setattr(worker, "_set_attrs", signalled)
+    report = worker.run()
+    assert (report.complete, report.interrupted) == (0, 1)
+    study, _ = load_study(sqlite_url, "tiny")
+    first, retry = study.get_trials()
+    assert first.state == TrialState.FAIL and first.user_attrs["interrupted"] is True
+    assert retry.state == TrialState.WAITING
+    assert not (tmp_path / "run" / "trials" / "trial-0000" / "trial.log").exists()  # never started

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from lightstudy.errors import CheckpointError
+from lightstudy.storage.boundary import storage_of
+from lightstudy.storage.boundary import trial_id as id_of
 
 if TYPE_CHECKING:
     import optuna
@@ -141,13 +143,13 @@ def upload_checkpoint(store: Any, study: optuna.Study, trial_id: int, path: Path
         "mimetype": mimetype or "application/octet-stream",
         "encoding": encoding,
     }
-    study._storage.set_study_system_attr(study._study_id, _key(trial_id, artifact_id), json.dumps(meta))
+    storage_of(study).set_study_system_attr(study, _key(trial_id, artifact_id), json.dumps(meta))
     return CheckpointRef(artifact_id, filename)
 
 
 def is_listed(study: optuna.Study, trial: FrozenTrial, ref: CheckpointRef, attrs: dict[str, Any]) -> bool:
     """Whether the checkpoint is still listed (not withdrawn by retention)."""
-    value = attrs.get(_key(trial._trial_id, ref.artifact_id))
+    value = attrs.get(_key(id_of(trial), ref.artifact_id))
     return value is not None and json.loads(value) is not None
 
 
@@ -157,7 +159,7 @@ def remove_checkpoint(store: Any, study: optuna.Study, trial: FrozenTrial, ref: 
 
     with contextlib.suppress(ArtifactNotFound, FileNotFoundError):
         store.remove(ref.artifact_id)
-    study._storage.set_study_system_attr(study._study_id, _key(trial._trial_id, ref.artifact_id), json.dumps(None))
+    storage_of(study).set_study_system_attr(study, _key(id_of(trial), ref.artifact_id), json.dumps(None))
 
 
 @contextmanager

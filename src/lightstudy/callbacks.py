@@ -21,7 +21,16 @@ from lightstudy.storage import retry_db
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["TrialInterrupted", "guard_callback", "pruning_callback", "request_stop", "stop_requested"]
+__all__ = [
+    "TrialInterrupted",
+    "checkpoint_callback",
+    "guard_callback",
+    "last_checkpoint_callback",
+    "pruning_callback",
+    "request_stop",
+    "stop_requested",
+    "time_checkpoint_io",
+]
 
 _STOP = {"requested": False}
 
@@ -229,8 +238,79 @@ def guard_callback(namespace: str, metrics: list[str], save_to: Path, directions
     return _guard_class(namespace)(metrics, save_to, directions)
 
 
+@functools.cache
+def _last_class(namespace: str) -> type:
+    # A Checkpoint callback: Lightning runs those after every other callback, in list order, so
+    # this one (listed after ModelCheckpoint) saves the epoch's best-checkpoint state with it.
+    base = pl_module(namespace).callbacks.Checkpoint
+
+    class LastCheckpoint(base):  # type: ignore[misc, valid-type]
+        """Saves where training stands to ``path`` at the end of every training epoch (after
+        its validation), whatever the metric did: a retry resumes at the next epoch. (Saved at
+        validation end instead, the checkpoint reads as mid-epoch and the epoch is run again.)"""
+
+        def __init__(self, path: Path) -> None:
+            self.path = path
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            trainer.save_checkpoint(self.path)
+
+    return LastCheckpoint
+
+
+def last_checkpoint_callback(namespace: str, path: Path) -> Any:
+    """Save ``path`` (a trial's ``last.ckpt``) at every epoch's end, always to that one file."""
+    return _last_class(namespace)(path)
+
+
+@functools.cache
+def _timed_io_class(namespace: str) -> type:
+    base = pl_module(namespace).plugins.CheckpointIO
+
+    class TimedCheckpointIO(base):  # type: ignore[misc, valid-type]
+        """The strategy's CheckpointIO, timed (``seconds``), writing each file atomically: a
+        process killed mid-save leaves the previous checkpoint whole."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+            self.seconds = 0.0
+
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            import os
+            import time
+
+            start = time.time()
+            partial = f"{path}.partial"
+            try:
+                self.inner.save_checkpoint(checkpoint, partial, storage_options=storage_options)
+                os.replace(partial, path)
+            finally:
+                self.seconds += time.time() - start
+
+        def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
+            return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+        def remove_checkpoint(self, path: Any) -> None:
+            self.inner.remove_checkpoint(path)
+
+        def teardown(self) -> None:
+            self.inner.teardown()
+
+    return TimedCheckpointIO
+
+
+def time_checkpoint_io(namespace: str, trainer: Any) -> Any:
+    """Wrap ``trainer``'s CheckpointIO so that saves are timed and atomic; returns the wrapper
+    (its ``seconds``: time spent writing checkpoints)."""
+    timed = _timed_io_class(namespace)(trainer.strategy.checkpoint_io)
+    trainer.strategy.checkpoint_io = timed
+    return timed
+
+
 def checkpoint_callback(namespace: str, dirpath: Path, monitor: str | None, mode: str) -> Any:
-    """Lightning's ModelCheckpoint: the best epoch on the study metric, and ``last.ckpt`` for resume."""
+    """Lightning's ModelCheckpoint: the best epoch on the study metric (``last.ckpt`` is
+    :func:`last_checkpoint_callback`'s: ModelCheckpoint's own is written only on epochs that
+    enter its top k, and as ``last-v1.ckpt`` after a resume)."""
     model_checkpoint = pl_module(namespace).callbacks.ModelCheckpoint
     label = (monitor or "").replace("/", "_")  # a '/' in a metric name would make a folder
     filename = f"epoch={{epoch}}-{label}={{{monitor}:.4f}}" if monitor else "epoch={epoch}"
@@ -240,6 +320,6 @@ def checkpoint_callback(namespace: str, dirpath: Path, monitor: str | None, mode
         monitor=monitor,
         mode=mode,
         save_top_k=1,
-        save_last=True,
+        save_last=False,
         auto_insert_metric_name=False,
     )

@@ -21,6 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from lightstudy.artifacts import CheckpointRef, is_listed, remove_checkpoint
 from lightstudy.errors import CheckpointError
+from lightstudy.storage.boundary import storage_of
 
 if TYPE_CHECKING:
     import optuna
@@ -97,7 +98,7 @@ def enforce_retention(study: optuna.Study, spec: StudySpec, store: Any) -> list[
     """Remove every stored checkpoint outside the kept set; returns the trial numbers removed."""
     trials = study.get_trials(deepcopy=False)
     kept = {t.number for t in kept_trials(trials, spec)}
-    attrs = study._storage.get_study_system_attrs(study._study_id)
+    attrs = storage_of(study).study_system_attrs(study)
     removed = []
     for trial in _with_checkpoint(trials):
         ref = CheckpointRef.of(trial)
@@ -120,11 +121,32 @@ def remove_local(run_dir: Path, trial_dir: str) -> None:
         path.unlink(missing_ok=True)
 
 
-def sweep_local(study: optuna.Study, run_dir: Path) -> None:
-    """Delete local checkpoint files of lineages that no running or waiting trial continues."""
+# How long a lineage with a trial that FAILed keeps its local files for the retry to come.
+# The retry is queued by whoever told the FAIL (the trial's worker, or the claim that failed it
+# as stale) right after the tell, but as a second write: a sweep in between must not take the
+# checkpoint it is about to resume from. Minutes, so a database restart in between is covered.
+RETRY_SETTLE = 600.0
+
+
+def sweep_local(study: optuna.Study, run_dir: Path, *, settle: float = RETRY_SETTLE) -> None:
+    """Delete local checkpoint files of lineages that nothing continues, nor is about to.
+
+    A lineage stays while a trial of it runs or waits, and while a trial of it failed less than
+    ``settle`` seconds ago (its retry may not be queued yet; once a retry finished, its worker
+    has already deleted the files). A failure that is never retried is cleaned up by its own
+    worker at once (``remove_local``) or, when that worker died, by a sweep after ``settle``.
+    """
+    import datetime as dt
+
     from optuna.trial import TrialState
 
-    live = {lineage_root(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))}
+    states = (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)
+    cutoff = dt.datetime.now() - dt.timedelta(seconds=settle)
+    live = {
+        lineage_root(t)
+        for t in study.get_trials(deepcopy=False, states=states)
+        if t.state != TrialState.FAIL or t.datetime_complete is None or t.datetime_complete > cutoff
+    }
     for folder in (run_dir / "trials").glob("trial-*"):
         try:
             root = int(folder.name.split("-", 1)[1])

@@ -15,11 +15,12 @@ if TYPE_CHECKING:
 
     from lightstudy.spec import Component, StudySpec
 
-__all__ = ["build_pruner", "build_sampler", "check_components"]
+__all__ = ["build_pruner", "build_sampler", "check_components", "grid_size"]
 
 # Samplers whose `seed` only seeds a random stream: lightstudy reseeds them for every claim so
 # that workers sharing one study never draw the same numbers. QMC's seed scrambles one shared
-# sequence, so it keeps the spec's seed.
+# sequence, so it keeps the spec's seed; GridSampler's seed shuffles the grid, whose order every
+# claim must share (a point is a position in it), so it keeps it too.
 _RESEEDABLE = {
     "TPESampler",
     "RandomSampler",
@@ -28,7 +29,6 @@ _RESEEDABLE = {
     "NSGAIISampler",
     "NSGAIIISampler",
     "BruteForceSampler",
-    "GridSampler",
 }
 
 
@@ -145,6 +145,21 @@ def check_components(spec: StudySpec) -> None:
     """Build sampler and pruner once, so a wrong name or argument fails at validate time."""
     build_sampler(spec)
     build_pruner(spec)
+
+
+def grid_size(spec: StudySpec) -> int | None:
+    """Points of a GridSampler study's grid (its ``search_space`` kwarg, else the spec's); None
+    for other samplers. A grid study ends when every point has been started once."""
+    import math
+
+    import optuna
+
+    component = spec.study.sampler
+    cls = _resolve(component, "sampler", spec.source)
+    if not issubclass(cls, optuna.samplers.GridSampler):
+        return None
+    grid = component.kwargs.get("search_space") or _grid(spec)
+    return math.prod(len(values) for values in grid.values())
 
 
 def _grid(spec: StudySpec) -> dict[str, list[Any]]:

@@ -22,103 +22,53 @@ Optuna's proxy lacks three things lightstudy relies on; this module makes up for
 
 from __future__ import annotations
 
-import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from lightstudy.errors import LightstudyError
-from lightstudy.storage import claim_lock, configure_heartbeat, db_error_text, open_storage, redact
+from lightstudy.storage.boundary import BUDGET_SPENT, HEARTBEAT_ATTR
 
 if TYPE_CHECKING:
-    from optuna.storages import RDBStorage
-    from optuna.trial import FrozenTrial
+    from lightstudy.storage.boundary import DatabaseStorage, StudyStorage
 
-    from lightstudy.spec import StudySpec
+__all__ = ["BUDGET_SPENT", "HEARTBEAT_ATTR", "admit", "reap_once", "serve"]
 
-__all__ = ["BUDGET_SPENT", "HEARTBEAT_ATTR", "ProxyStorage", "serve"]
-
-HEARTBEAT_ATTR = "lightstudy:heartbeat"
-BUDGET_SPENT = "lightstudy: study budget spent"
 REAP_INTERVAL = 5.0  # seconds between the proxy's checks for stale trials
 PROXY_THREADS = 32  # requests the proxy serves at once; the database pool queues the rest
 
-_log = logging.getLogger(__name__)
+
+def admit(storage: StudyStorage, study_id: int) -> bool:
+    """May a fresh trial of the study start? Its spec's budget, counted as every worker counts
+    it; a study that lightstudy did not create has none."""
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.study import SPEC_ATTR, budget
+
+    doc = storage.optuna.get_study_user_attrs(study_id).get(SPEC_ATTR)
+    if doc is None:
+        return True
+    spec = spec_from_dict(doc, source=f"study id {study_id}")
+    state = budget(storage.optuna.get_all_trials(study_id, deepcopy=False), spec)
+    return not (state.full or state.exhausted or state.timed_out)
 
 
-class BudgetSpentError(RuntimeError):
-    """A fresh trial was asked for past the study-wide budget."""
-
-
-class ProxyStorage:
-    """The storage the gRPC server serves: Optuna's cached RDB storage, plus the budget check and
-    the heartbeat tunnel described in the module docstring."""
-
-    def __init__(self, rdb: RDBStorage) -> None:
-        from optuna.storages import _CachedStorage
-
-        self._rdb = rdb
-        self._cached = _CachedStorage(rdb)
-        self._lock = threading.Lock()
-        self._specs: dict[int, StudySpec | None] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cached, name)
-
-    def _spec(self, study_id: int) -> StudySpec | None:
-        from lightstudy.spec import spec_from_dict
-        from lightstudy.study import SPEC_ATTR
-
-        doc = self._cached.get_study_user_attrs(study_id).get(SPEC_ATTR)
-        if doc is None:
-            return None  # not a lightstudy study: no budget to keep
-        return spec_from_dict(doc, source=f"study id {study_id}")
-
-    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        if template_trial is not None:  # queued or retried trials: already inside the budget
-            return self._cached.create_new_trial(study_id, template_trial)
-        spec = self._spec(study_id)
-        if spec is None:
-            return self._cached.create_new_trial(study_id)
-        from lightstudy.study import budget
-
-        with self._lock, claim_lock(self._rdb, spec.study.name):
-            state = budget(self._cached.get_all_trials(study_id, deepcopy=False), spec)
-            if state.full or state.timed_out:
-                raise BudgetSpentError(BUDGET_SPENT)
-            return self._cached.create_new_trial(study_id)
-
-    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        if key == HEARTBEAT_ATTR:
-            self._rdb.record_heartbeat(trial_id)
-            return
-        self._cached.set_trial_system_attr(trial_id, key, value)
-
-
-def reap_once(rdb: RDBStorage) -> int:
-    """Fail and retry the stale trials of every lightstudy study; returns how many."""
-    import warnings
-
+def reap_once(db: DatabaseStorage) -> int:
+    """Fail and retry the stale trials of every lightstudy study, each with its own heartbeat
+    settings; returns how many."""
     import optuna
-    from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
     from lightstudy.spec import spec_from_dict
-    from lightstudy.study import SPEC_ATTR, reap_unbeaten
+    from lightstudy.study import SPEC_ATTR
 
     reaped = 0
-    for summary in rdb.get_all_studies():
+    for summary in db.optuna.get_all_studies():
         doc = summary.user_attrs.get(SPEC_ATTR)
         if doc is None:
             continue
-        spec = spec_from_dict(doc, source=f"study {summary.study_name!r}")
-        configure_heartbeat(rdb, spec.study)
-        study = optuna.load_study(study_name=summary.study_name, storage=rdb)
+        settings = spec_from_dict(doc, source=f"study {summary.study_name!r}").study
+        db.configure(settings.heartbeat_interval, settings.grace_period, settings.max_retry)
+        study = optuna.load_study(study_name=summary.study_name, storage=db.optuna)
         before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fail_stale_trials(study)
-            reap_unbeaten(study, spec)
+        db.reap(study, settings.grace_period)
         reaped += len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
     return reaped
 
@@ -137,45 +87,16 @@ def serve(
     Raises:
         LightstudyError: the storage is not a database, or the port is taken.
     """
-    from optuna.storages import RDBStorage
-    from optuna.storages._grpc.server import make_server
+    from lightstudy.storage.server import serve as serve_storage
 
-    if url.startswith("grpc://"):
-        raise LightstudyError(
-            "the proxy serves a database, not another proxy",
-            fix="pass --storage postgresql+psycopg://... (the database URL)",
-        )
-    rdb = open_storage(url)
-    if not isinstance(rdb, RDBStorage):  # pragma: no cover - open_storage gives RDB for these URLs
-        raise LightstudyError(f"cannot serve {redact(url)}", fix="pass a database URL")
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        _log.warning(
-            "the gRPC proxy has no authentication or TLS and listens on %s: keep it on a private "
-            "network, or reach it through an SSH tunnel",
-            host,
-        )
-    server = make_server(ProxyStorage(rdb), host, port, thread_pool=ThreadPoolExecutor(max_workers=threads))  # type: ignore[arg-type]
-    try:
-        server.start()
-    except RuntimeError as e:
-        raise LightstudyError(f"cannot listen on {host}:{port} ({e})", fix="choose another --port") from e
-    _log.info(
-        "gRPC storage proxy for %s on %s:%d; workers use --storage grpc://%s:%d", redact(url), host, port, host, port
+    serve_storage(
+        url,
+        admit=admit,
+        reap=reap_once,
+        host=host,
+        port=port,
+        threads=threads,
+        reap_interval=REAP_INTERVAL,
+        ready=ready,
+        stop=stop,
     )
-    reaper_rdb = open_storage(url)  # heartbeat settings are per study: the reaper owns this one
-    stop = stop or threading.Event()
-    if ready is not None:
-        ready.set()
-    try:
-        while not stop.wait(REAP_INTERVAL):
-            try:
-                count = reap_once(reaper_rdb)
-            except Exception as e:  # the database may be restarting; the next round tries again
-                _log.warning("reaping stale trials failed: %s", db_error_text(e))
-                continue
-            if count:
-                _log.info("failed and retried %d stale trial(s)", count)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop(grace=5)

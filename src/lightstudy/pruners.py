@@ -26,17 +26,21 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.pruners._percentile import _get_best_intermediate_result_over_steps, _is_first_in_interval_step
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
+from lightstudy.storage.boundary import storage_of, study_id
+
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from optuna.trial import FrozenTrial
+
+    from lightstudy.storage.boundary import StudyStorage
 
 __all__ = ["CachedMedianPruner", "CachedPercentilePruner", "cached_equivalent", "nan_percentile"]
 
 RESYNC_SECONDS = 60.0  # how often the cache re-lists the ids of all complete trials (see _Cache.refresh)
-_CHUNK = 500  # trial ids per IN (...) query (SQLite's variable limit is far above)
 
 _log = logging.getLogger(__name__)
 
@@ -63,11 +67,28 @@ def nan_percentile(ordered: list[float], percentile: float) -> float:
     return below + diff * gamma
 
 
+def best_intermediate(trial: FrozenTrial, direction: StudyDirection) -> float:
+    """The trial's best intermediate value (NaN-ignoring; NaN when all are), as Optuna's
+    percentile pruner takes it."""
+    values = [float(v) for v in trial.intermediate_values.values()]
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return math.nan
+    return max(finite) if direction == StudyDirection.MAXIMIZE else min(finite)
+
+
+def first_in_interval(step: int, steps: Iterable[int], n_warmup_steps: int, interval_steps: int) -> bool:
+    """Whether ``step`` is the first reported step of its pruning interval (Optuna's rule)."""
+    nearest_lower = (step - n_warmup_steps) // interval_steps * interval_steps + n_warmup_steps
+    second_last = max((s for s in steps if s != step), default=-1)
+    return second_last < nearest_lower
+
+
 class _Cache:
     """Per-step intermediate values of one study's complete trials, read incrementally."""
 
-    def __init__(self, storage: Any, study_id: int) -> None:
-        self.storage = storage  # held so that the id of this cache's key is never reused
+    def __init__(self, storage: StudyStorage, study_id: int) -> None:
+        self.storage = storage
         self.study_id = study_id
         self.complete: set[int] = set()  # trial ids counted
         self.unfinished: set[int] = set()  # ids at or below the watermark still running or waiting
@@ -76,8 +97,6 @@ class _Cache:
         self.values: dict[int, list[float]] = {}  # step -> their non-NaN values, ascending
         self.resynced = -math.inf
         self.lock = threading.Lock()
-        backend = getattr(storage, "_backend", storage)
-        self.engine = getattr(backend, "engine", None)  # None: not an RDBStorage
 
     def add(self, intermediate: Mapping[int, float]) -> None:
         for step, value in intermediate.items():
@@ -87,72 +106,41 @@ class _Cache:
 
     def refresh(self, study: optuna.Study) -> None:
         """Take in the trials completed since the last call."""
-        if self.engine is None:
+        if not self.storage.reads_incrementally:
             self._refresh_generic(study)
             return
-        import sqlalchemy
-        from optuna.storages._rdb.models import TrialModel
-
-        trials = TrialModel.__table__
-        with self.engine.connect() as conn:
-            query = sqlalchemy.select(trials.c.trial_id, trials.c.state).where(
-                trials.c.study_id == self.study_id,
-                sqlalchemy.or_(
-                    trials.c.trial_id > self.watermark,
-                    trials.c.trial_id.in_(sorted(self.unfinished)),
-                ),
-            )
-            new = []
-            for trial_id, state in conn.execute(query):
-                if state == TrialState.COMPLETE and trial_id not in self.complete:
-                    new.append(trial_id)
-                if state.is_finished():
-                    self.unfinished.discard(trial_id)
-                    self.watermark = max(self.watermark, trial_id)
-                else:
-                    self.unfinished.add(trial_id)
-            # Ids are not always committed in order (PostgreSQL sequences): a trial created while
-            # a higher id was already read would be missed, as by Optuna's cached storage. A
-            # periodic re-listing of the complete ids heals that.
-            now = time.monotonic()
-            if now - self.resynced >= RESYNC_SECONDS:
-                listed = conn.execute(
-                    sqlalchemy.select(trials.c.trial_id).where(
-                        trials.c.study_id == self.study_id, trials.c.state == TrialState.COMPLETE
-                    )
-                )
-                missed = {row[0] for row in listed} - self.complete - set(new)
-                if missed and self.resynced > -math.inf:
-                    _log.debug("study %d: %d complete trial(s) found by re-listing", self.study_id, len(missed))
-                new += sorted(missed)
-                self.resynced = now
-            if new:
-                self._read_values(conn, new)
-
-    def _read_values(self, conn: Any, trial_ids: list[int]) -> None:
-        import sqlalchemy
-        from optuna.storages._rdb.models import TrialIntermediateValueModel as Model
-
-        table = Model.__table__
-        per_trial: dict[int, dict[int, float]] = {trial_id: {} for trial_id in trial_ids}
-        for start in range(0, len(trial_ids), _CHUNK):
-            chunk = trial_ids[start : start + _CHUNK]
-            query = sqlalchemy.select(
-                table.c.trial_id, table.c.step, table.c.intermediate_value, table.c.intermediate_value_type
-            ).where(table.c.trial_id.in_(chunk))
-            for trial_id, step, value, kind in conn.execute(query):
-                per_trial[trial_id][step] = Model.stored_repr_to_intermediate_value(value, kind)
-        for trial_id, intermediate in per_trial.items():
-            self.add(intermediate)
-            self.complete.add(trial_id)
+        db: Any = self.storage  # a DatabaseStorage
+        new = []
+        for trial_id, state in db.trial_states(self.study_id, above=self.watermark, among=self.unfinished):
+            if state == TrialState.COMPLETE and trial_id not in self.complete:
+                new.append(trial_id)
+            if state.is_finished():
+                self.unfinished.discard(trial_id)
+                self.watermark = max(self.watermark, trial_id)
+            else:
+                self.unfinished.add(trial_id)
+        # Ids are not always committed in order (PostgreSQL sequences): a trial created while a
+        # higher id was already read would be missed, as by Optuna's cached storage. A periodic
+        # re-listing of the complete ids heals that.
+        now = time.monotonic()
+        if now - self.resynced >= RESYNC_SECONDS:
+            missed = db.complete_ids(self.study_id) - self.complete - set(new)
+            if missed and self.resynced > -math.inf:
+                _log.debug("study %d: %d complete trial(s) found by re-listing", self.study_id, len(missed))
+            new += sorted(missed)
+            self.resynced = now
+        if new:
+            for trial_id, intermediate in db.intermediate_values(new).items():
+                self.add(intermediate)
+                self.complete.add(trial_id)
 
     def _refresh_generic(self, study: optuna.Study) -> None:
         """Other storages (in-memory, journal, the gRPC proxy): list the complete trials, which
         those keep in memory, and take in only the ones not seen yet."""
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if trial._trial_id not in self.complete:
-                self.add(trial.intermediate_values)
-                self.complete.add(trial._trial_id)
+        for trial_id, intermediate in self.storage.complete_intermediate_values(study).items():
+            if trial_id not in self.complete:
+                self.add(intermediate)
+                self.complete.add(trial_id)
 
 
 class CachedPercentilePruner(optuna.pruners.PercentilePruner):
@@ -186,11 +174,12 @@ class CachedPercentilePruner(optuna.pruners.PercentilePruner):
         self._lock = threading.Lock()
 
     def _cache(self, study: optuna.Study) -> _Cache:
-        key = (id(study._storage), study._study_id)
+        storage = storage_of(study)
+        key = (id(storage.optuna), study_id(study))
         with self._lock:
             cache = self._caches.get(key)
-            if cache is None:
-                cache = self._caches[key] = _Cache(study._storage, study._study_id)
+            if cache is None:  # (it holds the storage: the id in its key is never reused)
+                cache = self._caches[key] = _Cache(storage, study_id(study))
             return cache
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
@@ -205,12 +194,12 @@ class CachedPercentilePruner(optuna.pruners.PercentilePruner):
             step = trial.last_step
             if step is None or step < self._n_warmup_steps:
                 return False
-            if not _is_first_in_interval_step(
+            if not first_in_interval(
                 step, trial.intermediate_values.keys(), self._n_warmup_steps, self._interval_steps
             ):
                 return False
             direction = study.direction
-            best = _get_best_intermediate_result_over_steps(trial, direction)
+            best = best_intermediate(trial, direction)
             if math.isnan(best):
                 return True
             if cache.counts.get(step, 0) < self._n_min_trials:

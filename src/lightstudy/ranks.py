@@ -8,6 +8,7 @@ fails or dies the others are killed at once, so none hangs in a collective or ou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -18,7 +19,9 @@ from typing import Any
 
 from lightstudy.trial import TrialJob, TrialOutcome, trial_main
 
-__all__ = ["check_ddp_storage", "check_devices", "exit_reason", "run_processes"]
+__all__ = ["STOPPED_BEFORE_START", "check_ddp_storage", "check_devices", "exit_reason", "run_processes"]
+
+STOPPED_BEFORE_START = "stopped by signal before the trial process started"
 
 
 def check_ddp_storage(world_size: int, url: str) -> None:
@@ -122,25 +125,34 @@ def run_processes(
     limit: float | None,
     running: list[Any],
     handle: Callable[[tuple[Any, ...]], Any],
+    stopping: Callable[[], bool] = lambda: False,
 ) -> tuple[TrialOutcome | None, str | None]:
     """Run a trial's ``world`` processes (from the forkserver ``ctx``) to the end.
 
     ``handle`` answers what a process asks the worker (see :class:`lightstudy.trial.WorkerTrial`).
     Returns (rank 0's outcome, None), or (None, why the trial died). ``running`` holds the
-    processes while they run, for the worker's signal handler.
+    processes while they run, for the worker's signal handler; ``stopping`` says that a stop
+    was asked (a signal that came before a process was there to pass it to).
     """
     from multiprocessing.connection import wait
 
+    if stopping():
+        return None, STOPPED_BEFORE_START
     port = free_port() if world > 1 else None
     ranks = []
+    running.clear()
     for rank in range(world):
         ours, theirs = ctx.Pipe(duplex=True)
         rank_job = dataclasses.replace(job, rank=rank, world_size=world, master_port=port, threads=threads)
         child = ctx.Process(target=trial_main, args=(rank_job, theirs), name=f"trial-{job.number}-{rank}")
         child.start()
+        running.append(child)  # at once: from here a signal reaches it
         theirs.close()
         ranks.append(Rank(rank, child, ours, handle))
-    running[:] = [r.process for r in ranks]
+    if stopping():  # asked while the processes started: pass it on (a second SIGTERM is harmless)
+        for r in ranks:
+            with contextlib.suppress(OSError):
+                os.kill(r.process.pid, signal.SIGTERM)
     deadline = time.monotonic() + limit if limit else None
     reason: str | None = None
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import datetime
 import logging
 import os
@@ -13,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 from lightstudy.errors import LightstudyError, StudyNotFoundError
 from lightstudy.spec import StudySpec, spec_from_dict
-from lightstudy.storage import beat, claim_lock, configure_heartbeat, open_storage, redact
+from lightstudy.storage import open_storage, redact, retry_db
+from lightstudy.storage.boundary import storage_of, trial_id, wrap
 
 if TYPE_CHECKING:
     import optuna
-    from optuna.storages import RDBStorage
+    from optuna.storages import BaseStorage
     from optuna.trial import FrozenTrial
 
 __all__ = [
@@ -30,16 +30,18 @@ __all__ = [
     "enqueue",
     "load_study",
     "retried_numbers",
+    "tell",
 ]
 
 SPEC_ATTR = "lightstudy.spec"
 FINGERPRINT_ATTR = "lightstudy.fingerprint"
 VERSION_ATTR = "lightstudy.version"
+GRID_ATTR = "grid_id"  # the system attr in which GridSampler records a trial's point
 
 _log = logging.getLogger(__name__)
 
 
-def _study_names(storage: RDBStorage) -> list[str]:
+def _study_names(storage: BaseStorage) -> list[str]:
     return [s.study_name for s in storage.get_all_studies()]
 
 
@@ -149,7 +151,7 @@ def best_params(url: str, name: str, top: int) -> list[dict[str, Any]]:
     return [dict(t.params) for t in ranked[:top]]
 
 
-def load_study(url: str, name: str, *, storage: RDBStorage | None = None) -> tuple[optuna.Study, StudySpec]:
+def load_study(url: str, name: str, *, storage: BaseStorage | None = None) -> tuple[optuna.Study, StudySpec]:
     """The study and its stored spec, with heartbeats set up from the spec.
 
     Raises:
@@ -175,7 +177,8 @@ def load_study(url: str, name: str, *, storage: RDBStorage | None = None) -> tup
             fix="create studies with lightstudy create FILE",
         )
     spec = spec_from_dict(doc, source=f"study {name!r}")
-    configure_heartbeat(storage, spec.study)
+    settings = spec.study
+    wrap(storage).configure(settings.heartbeat_interval, settings.grace_period, settings.max_retry)
     study.pruner = build_pruner(spec)
     return study, spec
 
@@ -198,11 +201,12 @@ class Budget:
     waiting: int
     timed_out: bool
     full: bool  # n_trials reached
+    exhausted: bool = False  # a GridSampler study: every point of the grid has been started
 
     @property
     def may_claim(self) -> bool:
         """A worker may start a trial: a fresh one, or a waiting retry/enqueued one."""
-        return not self.timed_out and (not self.full or self.waiting > 0)
+        return not self.timed_out and (not (self.full or self.exhausted) or self.waiting > 0)
 
     @property
     def done(self) -> bool:
@@ -228,7 +232,8 @@ def budget(trials: Sequence[FrozenTrial], spec: StudySpec, now: datetime.datetim
         for t in trials
     )
     starts = [t.datetime_start for t in trials if t.datetime_start is not None]
-    return _budget(spec, used, running, waiting, min(starts, default=None), now)
+    grid = {t.system_attrs[GRID_ATTR] for t in trials if GRID_ATTR in t.system_attrs}
+    return _budget(spec, used, running, waiting, min(starts, default=None), now, grid_started=len(grid))
 
 
 def _budget(
@@ -238,60 +243,30 @@ def _budget(
     waiting: int,
     first_start: datetime.datetime | None,
     now: datetime.datetime | None = None,
+    *,
+    grid_started: int = 0,
 ) -> Budget:
-    """The study's rules (``n_trials``, ``timeout`` from the first trial's start) over the counts."""
+    """The study's rules (``n_trials``, ``timeout`` from the first trial's start, a GridSampler's
+    grid: ``grid_started`` of its points have a trial) over the counts."""
+    from lightstudy.components import grid_size
+
     timed_out = False
     if spec.study.timeout is not None and first_start is not None:
         timed_out = ((now or datetime.datetime.now()) - first_start).total_seconds() >= spec.study.timeout
     full = spec.study.n_trials is not None and used >= spec.study.n_trials
-    return Budget(used, running, waiting, timed_out, full)
+    points = grid_size(spec)
+    exhausted = points is not None and grid_started >= points
+    return Budget(used, running, waiting, timed_out, full, exhausted)
 
 
 def count_budget(study: optuna.Study, spec: StudySpec) -> tuple[Budget, int]:
-    """The budget as :func:`budget` counts it, and the number of trials, without reading them.
-
-    In a database this is a few aggregate queries (milliseconds at 10,000 trials) instead of
-    loading every trial with its params and attrs; behind the proxy or in memory it is
-    :func:`budget` over the trials.
-    """
-    import json
-
-    import sqlalchemy
-    from optuna.storages import RDBStorage
-    from optuna.storages._rdb.models import TrialModel, TrialSystemAttributeModel
-    from optuna.trial import TrialState
-
-    backend = getattr(study._storage, "_backend", study._storage)
-    if not isinstance(backend, RDBStorage):
-        trials = study.get_trials(deepcopy=False)
-        return budget(trials, spec), len(trials)
-    t = TrialModel.__table__
-    a = TrialSystemAttributeModel.__table__
-    mine = t.c.study_id == study._study_id
-    with backend.engine.connect() as conn:
-        rows = conn.execute(
-            sqlalchemy.select(t.c.state, sqlalchemy.func.count(), sqlalchemy.func.min(t.c.datetime_start))
-            .where(mine)
-            .group_by(t.c.state)
-        ).all()
-        histories = conn.execute(
-            sqlalchemy.select(a.c.value_json)
-            .join(t, a.c.trial_id == t.c.trial_id)
-            .where(mine, a.c.key == "retry_history")
-        ).scalars()
-        retried = sorted({history[-1] for history in map(json.loads, histories) if history})
-        failed_retried = 0
-        for i in range(0, len(retried), 500):
-            failed_retried += conn.execute(
-                sqlalchemy.select(sqlalchemy.func.count()).where(
-                    mine, t.c.state == TrialState.FAIL, t.c.number.in_(retried[i : i + 500])
-                )
-            ).scalar_one()
-    counts = {state: n for state, n, _ in rows}
-    first_start = min((start for _, _, start in rows if start is not None), default=None)
-    used = sum(counts.values()) - failed_retried
-    running, waiting = counts.get(TrialState.RUNNING, 0), counts.get(TrialState.WAITING, 0)
-    return _budget(spec, used, running, waiting, first_start), sum(counts.values())
+    """The budget as :func:`budget` counts it, and the number of trials, without reading them
+    where the storage can count (a few aggregate queries in a database)."""
+    counts = storage_of(study).counts(study, GRID_ATTR)
+    used = counts.total - counts.failed_retried
+    running, waiting = counts.states.get("RUNNING", 0), counts.states.get("WAITING", 0)
+    state = _budget(spec, used, running, waiting, counts.first_start, grid_started=counts.grid_started)
+    return state, counts.total
 
 
 def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | None, Budget]:
@@ -300,54 +275,52 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
     Returns the trial (its parameters sampled, its first heartbeat recorded) or None, and the
     budget as it stood.
     """
-    from optuna.storages import fail_stale_trials
-
     from lightstudy.components import build_sampler
-    from lightstudy.proxy import BUDGET_SPENT
     from lightstudy.search_space import suggest_params
 
-    backend: RDBStorage = getattr(study._storage, "_backend", study._storage)  # type: ignore[arg-type]
-    with claim_lock(backend, spec.study.name):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fail_stale_trials(study)
-            reap_unbeaten(study, spec)
+    store = storage_of(study)
+    with store.claim_lock(spec.study.name):
+        store.reap(study, spec.study.grace_period)
         state, offset = count_budget(study, spec)
         if not state.may_claim:
             return None, state
-        if not hasattr(backend, "engine"):  # behind the proxy claims are not serialized here
+        if not store.serializes_claims:  # claims elsewhere may sample at once: their own streams
             offset += 7919 * (os.getpid() % 100003)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             study.sampler = build_sampler(spec, seed_offset=offset)
             try:
-                trial = study.ask()
+                trial = store.ask(study)
             except Exception as e:
-                if BUDGET_SPENT in str(getattr(e, "details", lambda: "")()):
+                if store.budget_spent(e):  # the proxy counted the budget spent meanwhile
                     return None, count_budget(study, spec)[0]
                 raise
             try:
-                beat(study._storage, trial._trial_id)
+                store.beat(trial_id(trial))
                 suggest_params(trial, spec.search_space)
             except Exception:
                 # The database went away mid-claim: hand the half-made trial back once it returns,
                 # so it neither runs nor blocks the study.
-                _abandon(study, trial)
+                _abandon(study, trial, spec.study.max_retry)
                 raise
         return trial, state
 
 
-def _abandon(study: optuna.Study, trial: optuna.Trial) -> None:
+def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None, state: Any) -> None:
+    """:meth:`lightstudy.storage.boundary.StudyStorage.tell` (a sampler's ``study.stop()`` is a
+    no-op; a database restart is ridden out)."""
+    storage_of(study).tell(study, trial, values, state)
+
+
+def _abandon(study: optuna.Study, trial: optuna.Trial, max_retry: int | None) -> None:
     from optuna.trial import TrialState
 
-    from lightstudy.storage import retry_db
+    store = storage_of(study)
 
     def fail_and_retry() -> None:
         trial.set_user_attr("fail_reason", "the claim was interrupted by a database error; retried")
-        study.tell(trial, state=TrialState.FAIL)
-        callback = study._storage.get_heartbeat_stale_trial_callback()  # type: ignore[attr-defined]
-        if callback is not None:
-            callback(study, copy.deepcopy(study._storage.get_trial(trial._trial_id)))
+        tell(study, trial, None, TrialState.FAIL)
+        store.requeue(study, store.trial(trial_id(trial)), max_retry)
 
     try:
         retry_db(fail_and_retry, what="hand back an interrupted claim")
@@ -355,36 +328,7 @@ def _abandon(study: optuna.Study, trial: optuna.Trial) -> None:
         _log.warning("could not hand back trial %d: %s", trial.number, e)
 
 
-def reap_unbeaten(study: optuna.Study, spec: StudySpec) -> int:
+def reap_unbeaten(study: optuna.Study, spec: StudySpec, now: datetime.datetime | None = None) -> int:
     """Fail and retry RUNNING trials that never recorded a heartbeat and started more than the
-    grace period ago: their claim broke (database or worker gone) before the first beat, and
-    Optuna's stale check, which needs a heartbeat, would never free them.
-    """
-    import datetime as dt
-
-    import sqlalchemy
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.storages import RDBStorage
-    from optuna.trial import TrialState
-
-    backend = getattr(study._storage, "_backend", study._storage)
-    if not isinstance(backend, RDBStorage):
-        return 0
-    cutoff = dt.datetime.now() - dt.timedelta(seconds=spec.study.grace_period)
-    query = sqlalchemy.text(
-        "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
-        "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL AND t.datetime_start < :cutoff"
-    )
-    with backend.engine.connect() as conn:
-        ids = [row[0] for row in conn.execute(query, {"study": study._study_id, "cutoff": cutoff})]
-    callback = backend.get_heartbeat_stale_trial_callback()
-    for trial_id in ids:
-        try:
-            failed = backend.set_trial_state_values(trial_id, state=TrialState.FAIL)
-        except UpdateFinishedTrialError:  # another worker got there first
-            continue
-        if failed:
-            _log.warning("trial id %d never recorded a heartbeat; failed and retried", trial_id)
-            if callback is not None:
-                callback(study, copy.deepcopy(backend.get_trial(trial_id)))
-    return len(ids)
+    grace period before ``now`` (see :meth:`lightstudy.storage.boundary.DatabaseStorage.reap`)."""
+    return storage_of(study).reap_unbeaten(study, spec.study.grace_period, now)

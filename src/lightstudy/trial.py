@@ -53,6 +53,7 @@ class TrialJob:
     rank: int = 0  # this process's rank in a multi-device (DDP) trial
     world_size: int = 1  # processes of the trial; > 1: one per device, launched by the worker
     master_port: int | None = None  # rendezvous port of a DDP trial (on 127.0.0.1)
+    prunes: bool = True  # False: the study's pruner is a NopPruner (never ask the worker)
 
 
 @dataclass
@@ -150,8 +151,7 @@ def run_trial(job: TrialJob, conn: Any = None) -> TrialOutcome:
     print(f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()}{rank}, params {job.params}", flush=True)
     t = time.time()
     if conn is not None and job.world_size == 1:
-        pruner = (job.spec.get("study") or {}).get("pruner") or {}
-        trial: Any = WorkerTrial(conn, job.number, job.params, prunes=pruner.get("name") != "NopPruner")
+        trial: Any = WorkerTrial(conn, job.number, job.params, prunes=job.prunes)
     else:
         trial = retry_db(lambda: _open_trial(job), what="open the study")
     timings["storage"] = time.time() - t
@@ -232,7 +232,13 @@ def fit_config(
         TrialError: no validation score for the metric was recorded.
         optuna.TrialPruned: the pruner stopped the trial.
     """
-    from lightstudy.callbacks import checkpoint_callback, guard_callback, pruning_callback
+    from lightstudy.callbacks import (
+        checkpoint_callback,
+        guard_callback,
+        last_checkpoint_callback,
+        pruning_callback,
+        time_checkpoint_io,
+    )
     from lightstudy.errors import TrialError
     from lightstudy.lightning_config import build, lightning_namespace
 
@@ -240,15 +246,16 @@ def fit_config(
     metrics = list(settings.metrics)
     monitor = None if settings.is_multi_objective else settings.metric
     mode = "max" if settings.direction == "maximize" else "min"
+    last = ckpt_dir / "last.ckpt"
     checkpoint = checkpoint_callback(namespace, ckpt_dir, monitor, mode)
-    guard = guard_callback(namespace, metrics, ckpt_dir / "last.ckpt", list(settings.directions))
-    callbacks = [guard, checkpoint]
+    guard = guard_callback(namespace, metrics, last, list(settings.directions))
+    callbacks = [guard, checkpoint, last_checkpoint_callback(namespace, last)]
     pruning = None
     if trial is not None and not settings.is_multi_objective:
         pruning = pruning_callback(namespace, trial, settings.metric)
         callbacks.insert(0, pruning)
-    saving = _time_saves(checkpoint)
     built = build(config, callbacks=callbacks, seed=seed, cli=cli)
+    saving = time_checkpoint_io(namespace, built.trainer)
     if on_built is not None:
         on_built(built)
     built.trainer.fit(built.model, datamodule=built.datamodule, ckpt_path=resume, weights_only=True)
@@ -258,7 +265,7 @@ def fit_config(
     print(f"training ended at epoch {built.trainer.current_epoch}", flush=True)
     if settings.is_multi_objective:
         values = [float(built.trainer.callback_metrics[m]) for m in metrics]
-        return Fitted(values, checkpoint.last_model_path or None, built, guard.warnings, saving[0])
+        return Fitted(values, str(last) if last.exists() else None, built, guard.warnings, saving.seconds)
     if checkpoint.best_model_score is None:
         logged = ", ".join(sorted(built.trainer.callback_metrics)) or "none"
         raise TrialError(
@@ -266,23 +273,7 @@ def fit_config(
             fix="make sure validation runs (val_dataloader, limit_val_batches > 0)",
         )
     best = checkpoint.best_model_path or None
-    return Fitted([float(checkpoint.best_model_score)], best, built, guard.warnings, saving[0])
-
-
-def _time_saves(checkpoint: Any) -> list[float]:
-    """Count the seconds ``checkpoint`` spends writing files (into the returned one-item list)."""
-    spent = [0.0]
-    save = checkpoint._save_checkpoint
-
-    def timed(trainer: Any, filepath: str) -> None:
-        t = time.time()
-        try:
-            save(trainer, filepath)
-        finally:
-            spent[0] += time.time() - t
-
-    checkpoint._save_checkpoint = timed
-    return spent
+    return Fitted([float(checkpoint.best_model_score)], best, built, guard.warnings, saving.seconds)
 
 
 def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome:

@@ -21,7 +21,6 @@ import signal
 import socket
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +37,8 @@ from lightstudy.checkpoints import (
 )
 from lightstudy.ranks import check_devices, run_processes
 from lightstudy.spec import trial_world_size
-from lightstudy.storage import beat, db_error_text, open_storage, record_attr, retry_db
+from lightstudy.storage import db_error_text, open_storage, retry_db
+from lightstudy.storage.boundary import StudyStorage, trial_id, wrap
 from lightstudy.study import load_study
 from lightstudy.trial import TrialJob, TrialOutcome, trial_dir_name
 
@@ -112,8 +112,9 @@ class Worker:
         self.max_trials = max_trials
         self.poll_interval = poll_interval
         self.report = WorkerReport()
-        self._storage = open_storage(url, create=False)
-        self.study, self.spec = load_study(url, study_name, storage=self._storage)
+        storage = open_storage(url, create=False)
+        self.db = wrap(storage)  # the storage boundary: every trial-state read and write goes here
+        self.study, self.spec = load_study(url, study_name, storage=storage)
         self.run_dir = Path(run_dir or self.spec.run_dir).resolve()
         self._signals = 0
         self._children: list[Any] = []  # the running trial's processes (one per rank)
@@ -151,8 +152,10 @@ class Worker:
         return claim_trial(self.study, self.spec)
 
     def _run_one(self, trial: optuna.Trial, claim: float = 0.0) -> None:
+        from optuna.pruners import NopPruner
+
         prepared = time.time()
-        frozen = retry_db(lambda: self._storage.get_trial(trial._trial_id), what="read the trial")
+        frozen = self.db.trial(trial_id(trial))
         root = lineage_root(frozen)
         trial_dir = trial_dir_name(root)
         resume, resumed_trial = None, None
@@ -174,7 +177,7 @@ class Worker:
         job = TrialJob(
             storage_url=self.url,
             study_name=self.study_name,
-            trial_id=trial._trial_id,
+            trial_id=trial_id(trial),
             number=trial.number,
             spec=self.spec.to_dict(),
             params=dict(trial.params),
@@ -184,6 +187,7 @@ class Worker:
             resume=resume,
             resumed_trial=resumed_trial,
             threads=self.threads,
+            prunes=not isinstance(self.study.pruner, NopPruner),  # by name or by class path
         )
         _log.info(
             "trial %d started%s: %s",
@@ -193,7 +197,7 @@ class Worker:
         )
         start = time.time()
         self._trial = trial
-        with _Heartbeat(self._storage, trial._trial_id, self.spec.study.heartbeat_interval):
+        with _Heartbeat(self.db, trial_id(trial), self.spec.study.heartbeat_interval):
             outcome, reason = self._run_child(job)
         if outcome is not None:  # the worker's share of the trial's time, beside the process's own
             outcome.timings.update(claim=claim, prepare=job.started - prepared)
@@ -232,7 +236,8 @@ class Worker:
             threads,
             self.spec.study.trial_timeout,
             self._children,
-            _answer(self._trial),
+            _answer(self.db, self._trial),
+            stopping=lambda: self._signals > 0,
         )
 
     # --- telling Optuna ---------------------------------------------------------------------
@@ -315,11 +320,11 @@ class Worker:
         from optuna.exceptions import UpdateFinishedTrialError
 
         def stored() -> Any:
-            return retry_db(lambda: self._storage.get_trial(trial._trial_id), what="read the trial").state
+            return self.db.trial(trial_id(trial)).state
 
         if (before := stored()).is_finished():
             raise UpdateFinishedTrialError(f"trial {trial.number} is already {before.name}")
-        retry_db(lambda: self.study.tell(trial, values, state=state, skip_if_finished=True), what="tell")
+        self.db.tell(self.study, trial, values, state)
         if (after := stored()) != state:
             raise UpdateFinishedTrialError(f"trial {trial.number} is already {after.name}")
 
@@ -333,14 +338,14 @@ class Worker:
         """Upload the trial's best checkpoint if it enters the study's top k now."""
         if rel is None:
             return None
-        trials = retry_db(lambda: self.study.get_trials(deepcopy=False), what="rank the trial")
+        trials = self.db.trials(self.study)
         if not would_keep(trials, self.spec, trial.number, values):
             return None
         path = self.run_dir / rel
         name = f"trial-{trial.number:04d}-{path.name}"
         try:
             return retry_db(
-                lambda: upload_checkpoint(self.store, self.study, trial._trial_id, path, name),
+                lambda: upload_checkpoint(self.store, self.study, trial_id(trial), path, name),
                 what="store the checkpoint",
             )
         except Exception as e:  # the trial still counts; only its checkpoint is lost
@@ -353,39 +358,16 @@ class Worker:
             return None
 
     def _set_attrs(self, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
-        """Record user attrs in one transaction: each commit costs SQLite 5-15 ms, a trial has 8 attrs."""
-        from optuna.storages import RDBStorage
-
-        backend = getattr(self._storage, "_backend", self._storage)
-        if not isinstance(backend, RDBStorage):  # behind lightstudy proxy: one call each
-            for key, value in attrs.items():
-                record_attr(trial, key, value)
-            return
-        from optuna.storages._rdb.models import TrialUserAttributeModel
-        from optuna.storages._rdb.storage import _create_scoped_session
-
-        def write() -> None:  # an upsert per key: safe to repeat after a broken connection
-            with _create_scoped_session(backend.scoped_session, True) as session:
-                for key, value in attrs.items():
-                    backend._set_trial_attr_without_commit(
-                        session, TrialUserAttributeModel, trial._trial_id, key, value
-                    )
-
-        retry_db(write, what="record the trial")
+        self.db.set_trial_attrs(trial_id(trial), attrs)
 
     def _retry(self, trial: optuna.Trial, *, max_retry: int | None) -> bool:
         """Queue a WAITING copy of a failed trial (same params, inherited intermediate values)."""
-        from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-        frozen = copy.deepcopy(retry_db(lambda: self._storage.get_trial(trial._trial_id), what="read the trial"))
+        frozen = copy.deepcopy(self.db.trial(trial_id(trial)))
         frozen.user_attrs = {k: v for k, v in frozen.user_attrs.items() if k not in ATTEMPT_ATTRS}
         attempts = len(frozen.system_attrs.get("retry_history", [])) + 1
         if max_retry is not None and attempts > max_retry:  # the callback's own rule, read first
             return False
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            callback = RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)
-            retry_db(lambda: callback(self.study, frozen), what="retry")
+        self.db.requeue(self.study, frozen, max_retry)
         return True
 
     # --- signals ----------------------------------------------------------------------------
@@ -430,9 +412,9 @@ class Worker:
 class _Heartbeat:
     """Records the trial's heartbeat every ``interval`` seconds while the trial process runs."""
 
-    def __init__(self, storage: Any, trial_id: int, interval: float) -> None:
-        self._storage = storage
-        self._trial_id = trial_id
+    def __init__(self, db: StudyStorage, trial: int, interval: float) -> None:
+        self._db = db
+        self._trial = trial
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
@@ -448,22 +430,22 @@ class _Heartbeat:
     def _beat(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                beat(self._storage, self._trial_id)
+                self._db.beat(self._trial)
             except Exception as e:  # the database may be restarting: keep trying
-                _log.warning("heartbeat of trial %d failed (%s); will try again", self._trial_id, db_error_text(e))
+                _log.warning("heartbeat of trial id %d failed (%s); will try again", self._trial, db_error_text(e))
 
 
-def _answer(trial: optuna.Trial) -> Any:
+def _answer(db: StudyStorage, trial: optuna.Trial) -> Any:
     """What the worker does for the trial process: report, decide pruning, record attrs."""
 
     def handle(message: tuple[Any, ...]) -> Any:
         kind = message[0]
         if kind == "report":
-            retry_db(lambda: trial.report(message[1], message[2]), what="report")
+            db.report(trial, message[1], message[2])
         elif kind == "should_prune":
-            return retry_db(lambda: trial.should_prune(), what="ask the pruner")
+            return db.should_prune(trial)
         elif kind == "attr":
-            record_attr(trial, message[1], message[2])
+            db.record(trial, message[1], message[2])
         return None
 
     return handle

@@ -1,0 +1,502 @@
+"""The one place that knows how Optuna stores a study: behind :class:`StudyStorage`.
+
+Two implementations: :class:`DatabaseStorage` talks to the database (SQLite or PostgreSQL)
+through Optuna's ``RDBStorage``, with what Optuna's public API lacks written against its schema
+(one-transaction attrs, aggregate budget counts, the claim lock, unbeaten trials, incremental
+pruner reads); :class:`ProxyClientStorage` talks to ``lightstudy proxy`` (gRPC), whose server
+(:mod:`lightstudy.storage.server`) does those things on the database's side. Any other Optuna
+storage (in memory, journal) gets :class:`StudyStorage`'s plain versions over the public API.
+
+Every method rides out a database restart itself (:func:`retry_db`). This module imports no
+other lightstudy module (it is the floor the rest stands on) and no Optuna at import time.
+Nothing outside this package reads ``study._storage``, ``study._study_id``, ``trial._trial_id``
+or imports ``optuna.storages._*``: :func:`storage_of`, :func:`study_id` and :func:`trial_id`
+answer that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import json
+import logging
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.storages import BaseStorage, RDBStorage
+    from optuna.trial import FrozenTrial, TrialState
+
+__all__ = [
+    "BUDGET_SPENT",
+    "DB_RETRY_SECONDS",
+    "HEARTBEAT_ATTR",
+    "Counts",
+    "DatabaseStorage",
+    "ProxyClientStorage",
+    "StudyStorage",
+    "beat",
+    "claim_lock",
+    "connection_error",
+    "db_error_text",
+    "retry_db",
+    "storage_of",
+    "study_id",
+    "trial_id",
+    "wrap",
+]
+
+_CHUNK = 500  # ids per IN (...) query (SQLite's variable limit is far above)
+
+HEARTBEAT_ATTR = "lightstudy:heartbeat"  # trial system attr the proxy turns into a heartbeat
+BUDGET_SPENT = "lightstudy: study budget spent"  # the proxy's refusal of a fresh trial
+
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+# --- riding out database restarts ------------------------------------------------------------
+
+DB_RETRY_SECONDS = 180.0  # how long storage calls keep retrying while the database is away
+
+
+def retry_db(fn: Callable[[], T], *, what: str, seconds: float = DB_RETRY_SECONDS) -> T:
+    """Call ``fn``, retrying with backoff while the database is unreachable or locked.
+
+    A PostgreSQL restart or a busy SQLite file must not cost a trial: connection errors
+    (SQLAlchemy's ``OperationalError``/``InterfaceError``, also when Optuna wraps them in
+    ``StorageInternalError``) are retried for up to ``seconds``; other errors propagate at once.
+    """
+    deadline = time.monotonic() + seconds
+    delay = 0.2
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            cause = connection_error(e)
+            if cause is None or time.monotonic() + delay > deadline:
+                raise
+            _log.warning("%s: database unavailable (%s); retrying in %.1fs", what, db_error_text(cause), delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def db_error_text(error: BaseException) -> str:
+    """The first line of what the database driver said (not SQLAlchemy's or Optuna's wrapping)."""
+    cause = connection_error(error) or error
+    text = str(getattr(cause, "orig", None) or cause).strip()
+    return (text.splitlines() or [type(cause).__name__])[0][:200]
+
+
+def connection_error(error: BaseException) -> BaseException | None:
+    """The connection-level error in ``error``'s chain, if there is one."""
+    import sqlalchemy.exc
+
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return current
+        code = getattr(current, "code", None)
+        if callable(code) and getattr(code(), "name", None) in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+            return current  # the gRPC proxy (or the database behind it) is away
+        current = current.__cause__ or current.__context__
+    return None
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A study's trials counted for its budget, without reading them one by one."""
+
+    states: Mapping[str, int]  # TrialState name -> trials
+    first_start: datetime.datetime | None
+    failed_retried: int  # failed trials that a later trial retries (they do not eat the budget)
+    grid_started: int  # distinct GridSampler points that have a trial
+
+    @property
+    def total(self) -> int:
+        return sum(self.states.values())
+
+
+def study_id(study: optuna.Study) -> int:
+    return int(study._study_id)
+
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    return int(trial._trial_id)
+
+
+def storage_of(study: optuna.Study) -> StudyStorage:
+    """The boundary over the storage ``study`` was loaded with."""
+    return wrap(study._storage)
+
+
+def wrap(storage: BaseStorage) -> StudyStorage:
+    """The boundary over an Optuna storage (as :func:`open_storage` returns, or a study holds)."""
+    from optuna.storages import GrpcStorageProxy, RDBStorage
+
+    backend = getattr(storage, "_backend", storage)  # optuna.load_study caches an RDBStorage
+    if isinstance(backend, RDBStorage):
+        return DatabaseStorage(storage, backend)
+    if isinstance(backend, GrpcStorageProxy):
+        return ProxyClientStorage(storage)
+    return StudyStorage(storage)
+
+
+class StudyStorage:
+    """A study storage as lightstudy uses it; this base class serves any Optuna storage through
+    its public API (in memory, journal), the subclasses add what their backend can do better."""
+
+    serializes_claims = False  # True: claim_lock makes "count, then ask" atomic across workers
+    keeps_heartbeats = False  # True: heartbeats and stale-trial reaping work through this storage
+    reads_incrementally = False  # True: trial_states/intermediate_values answer the pruner cache
+
+    def __init__(self, storage: BaseStorage) -> None:
+        self.optuna = storage
+
+    # --- trials (Optuna's public calls, each riding out a database restart) -------------------
+
+    def trial(self, trial_id: int) -> FrozenTrial:
+        return retry_db(lambda: self.optuna.get_trial(trial_id), what="read the trial")
+
+    def trials(self, study: optuna.Study) -> list[FrozenTrial]:
+        return retry_db(lambda: study.get_trials(deepcopy=False), what="read the trials")
+
+    def ask(self, study: optuna.Study) -> optuna.Trial:
+        return retry_db(study.ask, what="claim a trial")
+
+    def tell(self, study: optuna.Study, trial: optuna.Trial, values: list[float] | None, state: TrialState) -> None:
+        """``study.tell`` outside ``Study.optimize``, as lightstudy's workers tell.
+
+        A sampler may call ``study.stop()`` from ``after_trial`` (GridSampler does when its grid
+        is used up), which raises outside ``optimize``; stopping means nothing here (the budget,
+        which counts the grid, ends the study), so that call is a no-op during the tell. A tell
+        whose commit reached the database before the connection broke is not told twice.
+        """
+
+        def told() -> None:
+            stop = study.stop
+            study.stop = lambda: None  # type: ignore[method-assign]
+            try:
+                study.tell(trial, values, state=state, skip_if_finished=True)
+            finally:
+                study.stop = stop  # type: ignore[method-assign]
+
+        retry_db(told, what="tell")
+
+    def report(self, trial: optuna.Trial, value: float, step: int) -> None:
+        retry_db(lambda: trial.report(value, step), what="report")
+
+    def should_prune(self, trial: optuna.Trial) -> bool:
+        return retry_db(trial.should_prune, what="ask the pruner")
+
+    def record(self, trial: optuna.Trial, key: str, value: Any) -> None:
+        retry_db(lambda: trial.set_user_attr(key, value), what="record the trial")
+
+    def set_trial_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
+        """Record user attrs (one call each here; one transaction in a database)."""
+
+        def write() -> None:  # each is an upsert: repeating after a broken connection is safe
+            for key, value in attrs.items():
+                self.optuna.set_trial_user_attr(trial_id, key, value)
+
+        retry_db(write, what="record the trial")
+
+    def beat(self, trial_id: int) -> None:
+        """Record a running trial's heartbeat (nothing where the storage keeps none)."""
+
+    def requeue(self, study: optuna.Study, frozen: FrozenTrial, max_retry: int | None) -> None:
+        """Queue a WAITING copy of the failed trial ``frozen`` (same params and user attrs, the
+        intermediate values inherited), as Optuna's RetryHeartbeatStaleTrialCallback does; its
+        retry history grows by one. Past ``max_retry`` attempts nothing is queued."""
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            callback = RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)
+            retry_db(lambda: callback(study, copy.deepcopy(frozen)), what="retry")
+
+    # --- the budget and claims --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def claim_lock(self, study_name: str) -> Iterator[None]:
+        """Serialize "count the budget, then ask for a trial" (no lock here)."""
+        yield
+
+    def counts(self, study: optuna.Study, grid_attr: str) -> Counts:
+        """The trials' states, first start, retried failures and grid points, from the trials."""
+        from optuna.trial import TrialState
+
+        trials = retry_db(lambda: study.get_trials(deepcopy=False), what="count the budget")
+        states: dict[str, int] = {}
+        for t in trials:
+            states[t.state.name] = states.get(t.state.name, 0) + 1
+        retried = {t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")}
+        failed_retried = sum(t.state == TrialState.FAIL and t.number in retried for t in trials)
+        starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+        grid = {json.dumps(t.system_attrs[grid_attr]) for t in trials if grid_attr in t.system_attrs}
+        return Counts(states, min(starts, default=None), failed_retried, len(grid))
+
+    def budget_spent(self, error: BaseException) -> bool:
+        """Whether ``error`` (from ``study.ask``) is the storage's refusal past the budget."""
+        return False
+
+    def configure(self, heartbeat_interval: int, grace_period: int, max_retry: int | None) -> None:
+        """Turn on heartbeats and the retry of stale trials (where the storage keeps them)."""
+
+    def reap(self, study: optuna.Study, grace_period: float) -> int:
+        """Fail and retry trials whose worker is gone (none here: no heartbeats)."""
+        return 0
+
+    def reap_unbeaten(self, study: optuna.Study, grace_period: float, now: datetime.datetime | None = None) -> int:
+        """Fail and retry RUNNING trials that never beat, as of ``now`` (none here: no heartbeats)."""
+        return 0
+
+    # --- study attrs (the checkpoint list) --------------------------------------------------
+
+    def study_system_attrs(self, study: optuna.Study) -> dict[str, Any]:
+        return retry_db(lambda: self.optuna.get_study_system_attrs(study_id(study)), what="read the study")
+
+    def set_study_system_attr(self, study: optuna.Study, key: str, value: Any) -> None:
+        retry_db(lambda: self.optuna.set_study_system_attr(study_id(study), key, value), what="record the study")
+
+    # --- the pruner's incremental reads -----------------------------------------------------
+
+    def complete_intermediate_values(self, study: optuna.Study) -> dict[int, dict[int, float]]:
+        """trial id -> intermediate values of every complete trial (storages that keep trials in memory)."""
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return {trial_id(t): dict(t.intermediate_values) for t in trials}
+
+
+class DatabaseStorage(StudyStorage):
+    """Optuna's RDBStorage, with what lightstudy adds written against its schema."""
+
+    serializes_claims = True
+    keeps_heartbeats = True
+    reads_incrementally = True
+
+    def __init__(self, storage: BaseStorage, rdb: RDBStorage) -> None:
+        super().__init__(storage)
+        self.rdb = rdb
+
+    def set_trial_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
+        """One transaction: each commit costs SQLite 5-15 ms, and a trial has 8 attrs."""
+        from optuna.storages._rdb.models import TrialUserAttributeModel
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        def write() -> None:  # an upsert per key: safe to repeat after a broken connection
+            with _create_scoped_session(self.rdb.scoped_session, True) as session:
+                for key, value in attrs.items():
+                    self.rdb._set_trial_attr_without_commit(session, TrialUserAttributeModel, trial_id, key, value)
+
+        retry_db(write, what="record the trial")
+
+    def beat(self, trial_id: int) -> None:
+        self.rdb.record_heartbeat(trial_id)
+
+    @contextlib.contextmanager
+    def claim_lock(self, study_name: str) -> Iterator[None]:
+        """PostgreSQL: a session advisory lock keyed by the study name, so workers on other
+        machines wait too. SQLite: an exclusive ``flock`` on a file beside the database (all its
+        workers share the machine). Others: none (the budget may then overshoot by up to one
+        trial per concurrent worker)."""
+        url = self.rdb.engine.url
+        path = (
+            Path(url.database)
+            if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+            else None
+        )
+        if path is not None:
+            import fcntl
+
+            with open(f"{path}.lock", "a+b") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+            return
+        if url.get_backend_name() == "postgresql":
+            import sqlalchemy
+
+            key = zlib.crc32(f"lightstudy:{study_name}".encode()) - 2**31
+            with self.rdb.engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                conn.commit()
+                try:
+                    yield
+                finally:
+                    with contextlib.suppress(Exception):
+                        conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                        conn.commit()
+            return
+        yield
+
+    def counts(self, study: optuna.Study, grid_attr: str) -> Counts:
+        """A few aggregate queries (milliseconds at 10,000 trials) instead of loading every trial."""
+        return retry_db(lambda: self._counts(study_id(study), grid_attr), what="count the budget")
+
+    def _counts(self, study_id: int, grid_attr: str) -> Counts:
+        import sqlalchemy
+        from optuna.storages._rdb.models import TrialModel, TrialSystemAttributeModel
+        from optuna.trial import TrialState
+
+        t = TrialModel.__table__
+        a = TrialSystemAttributeModel.__table__
+        mine = t.c.study_id == study_id
+        with self.rdb.engine.connect() as conn:
+            rows = conn.execute(
+                sqlalchemy.select(t.c.state, sqlalchemy.func.count(), sqlalchemy.func.min(t.c.datetime_start))
+                .where(mine)
+                .group_by(t.c.state)
+            ).all()
+            histories = conn.execute(
+                sqlalchemy.select(a.c.value_json)
+                .join(t, a.c.trial_id == t.c.trial_id)
+                .where(mine, a.c.key == "retry_history")
+            ).scalars()
+            retried = sorted({history[-1] for history in map(json.loads, histories) if history})
+            grid_started = conn.execute(
+                sqlalchemy.select(sqlalchemy.func.count(sqlalchemy.distinct(a.c.value_json)))
+                .join(t, a.c.trial_id == t.c.trial_id)
+                .where(mine, a.c.key == grid_attr)
+            ).scalar_one()
+            failed_retried = 0
+            for i in range(0, len(retried), _CHUNK):
+                failed_retried += conn.execute(
+                    sqlalchemy.select(sqlalchemy.func.count()).where(
+                        mine, t.c.state == TrialState.FAIL, t.c.number.in_(retried[i : i + _CHUNK])
+                    )
+                ).scalar_one()
+        states = {state.name: n for state, n, _ in rows}
+        first_start = min((start for _, _, start in rows if start is not None), default=None)
+        return Counts(states, first_start, failed_retried, grid_started)
+
+    def configure(self, heartbeat_interval: int, grace_period: int, max_retry: int | None) -> None:
+        """The spec lives in the database, so the storage is open before the settings are known;
+        these are the public attributes RDBStorage's own constructor sets from the same arguments."""
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        self.rdb.heartbeat_interval = heartbeat_interval
+        self.rdb.grace_period = grace_period
+        self.rdb.heartbeat_stale_trial_callback = RetryHeartbeatStaleTrialCallback(
+            max_retry=max_retry, inherit_intermediate_values=True
+        )
+        self.rdb.failed_trial_callback = self.rdb.heartbeat_stale_trial_callback
+
+    def reap(self, study: optuna.Study, grace_period: float) -> int:
+        """Optuna's stale check (trials whose heartbeat stopped), then the RUNNING trials that
+        never recorded a heartbeat and started more than ``grace_period`` ago: their claim broke
+        (database or worker gone) before the first beat, and Optuna's check, which needs a
+        heartbeat, would never free them. Each is failed, then retried."""
+        from optuna.storages import fail_stale_trials
+
+        def reaped() -> int:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fail_stale_trials(study)
+            return self.reap_unbeaten(study, grace_period)
+
+        return retry_db(reaped, what="reap stale trials")
+
+    def reap_unbeaten(self, study: optuna.Study, grace_period: float, now: datetime.datetime | None = None) -> int:
+        import sqlalchemy
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        cutoff = (now or datetime.datetime.now()) - datetime.timedelta(seconds=grace_period)
+        query = sqlalchemy.text(
+            "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+            "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL "
+            "AND t.datetime_start < :cutoff"
+        )
+        with self.rdb.engine.connect() as conn:
+            ids = [row[0] for row in conn.execute(query, {"study": study_id(study), "cutoff": cutoff})]
+        callback = self.rdb.get_heartbeat_stale_trial_callback()
+        for trial_id in ids:
+            try:
+                failed = self.rdb.set_trial_state_values(trial_id, state=TrialState.FAIL)
+            except UpdateFinishedTrialError:  # another worker got there first
+                continue
+            if failed:
+                _log.warning("trial id %d never recorded a heartbeat; failed and retried", trial_id)
+                if callback is not None:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        callback(study, copy.deepcopy(self.rdb.get_trial(trial_id)))
+        return len(ids)
+
+    def trial_states(self, study_id: int, *, above: int, among: Iterable[int]) -> list[tuple[int, TrialState]]:
+        """(id, state) of the study's trials with an id above ``above`` or in ``among``."""
+        import sqlalchemy
+        from optuna.storages._rdb.models import TrialModel
+
+        trials = TrialModel.__table__
+        query = sqlalchemy.select(trials.c.trial_id, trials.c.state).where(
+            trials.c.study_id == study_id,
+            sqlalchemy.or_(trials.c.trial_id > above, trials.c.trial_id.in_(sorted(among))),
+        )
+        with self.rdb.engine.connect() as conn:
+            return [(int(i), state) for i, state in conn.execute(query)]
+
+    def complete_ids(self, study_id: int) -> set[int]:
+        import sqlalchemy
+        from optuna.storages._rdb.models import TrialModel
+        from optuna.trial import TrialState
+
+        trials = TrialModel.__table__
+        query = sqlalchemy.select(trials.c.trial_id).where(
+            trials.c.study_id == study_id, trials.c.state == TrialState.COMPLETE
+        )
+        with self.rdb.engine.connect() as conn:
+            return {int(row[0]) for row in conn.execute(query)}
+
+    def intermediate_values(self, trial_ids: list[int]) -> dict[int, dict[int, float]]:
+        """trial id -> its intermediate values (step -> value), read in chunks."""
+        import sqlalchemy
+        from optuna.storages._rdb.models import TrialIntermediateValueModel as Model
+
+        table = Model.__table__
+        out: dict[int, dict[int, float]] = {i: {} for i in trial_ids}
+        with self.rdb.engine.connect() as conn:
+            for start in range(0, len(trial_ids), _CHUNK):
+                chunk = trial_ids[start : start + _CHUNK]
+                query = sqlalchemy.select(
+                    table.c.trial_id, table.c.step, table.c.intermediate_value, table.c.intermediate_value_type
+                ).where(table.c.trial_id.in_(chunk))
+                for i, step, value, kind in conn.execute(query):
+                    out[i][step] = Model.stored_repr_to_intermediate_value(value, kind)
+        return out
+
+
+class ProxyClientStorage(StudyStorage):
+    """A worker behind ``lightstudy proxy``: heartbeats go as the system attr the proxy turns
+    into one, the proxy keeps the budget (it refuses a fresh trial past it with
+    :data:`BUDGET_SPENT`) and reaps stale trials."""
+
+    def beat(self, trial_id: int) -> None:
+        self.optuna.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+    def budget_spent(self, error: BaseException) -> bool:
+        details = getattr(error, "details", None)
+        return callable(details) and BUDGET_SPENT in str(details())
+
+
+def beat(storage: BaseStorage, trial_id: int) -> None:
+    """Record a running trial's heartbeat (:meth:`StudyStorage.beat` of ``storage``)."""
+    wrap(storage).beat(trial_id)
+
+
+def claim_lock(storage: BaseStorage, study_name: str) -> contextlib.AbstractContextManager[None]:
+    """:meth:`StudyStorage.claim_lock` of ``storage``."""
+    return wrap(storage).claim_lock(study_name)
