@@ -157,11 +157,12 @@ def write_trial_note(study: Any, spec: Any, number: int) -> str:
     from optuna_dashboard import save_note
 
     from lightstudy.ranking import kept
+    from lightstudy.storage.boundary import trial_id
     from lightstudy.summary import stored_test_metrics
 
     trials = study.get_trials(deepcopy=False)
     trial = next(t for t in trials if t.number == number)
     is_kept = number in {t.number for t in kept(trials, spec)}
     body = trial_note(trial, spec, kept=is_kept, test_metrics=stored_test_metrics(study).get(number))
-    save_note(optuna.trial.Trial(study, trial._trial_id), body)
+    save_note(optuna.trial.Trial(study, trial_id(trial)), body)
     return body
