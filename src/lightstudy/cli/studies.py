@@ -32,6 +32,20 @@ def _load(file: Path) -> StudySpec:
     return spec
 
 
+def _runnable(spec: StudySpec) -> StudySpec:
+    """Refuse a spec whose ``scheduler:`` the workers do not run yet, rather than ignore it."""
+    from lightstudy.errors import SpecError
+
+    if spec.study.scheduler is not None:
+        raise SpecError(
+            spec.source,
+            "study.scheduler",
+            f"{spec.study.scheduler.name} is not run by workers yet (issue 13); `validate` checks it",
+            fix="use a pruner: for now (e.g. pruner: HyperbandPruner), and remove scheduler:",
+        )
+    return spec
+
+
 @app.command()
 def validate(file: Annotated[Path, typer.Argument(help="Study spec (YAML).")]) -> None:
     """Check a study spec completely, without training and without touching any database.
@@ -78,7 +92,7 @@ def create(
     from lightstudy.storage import redact
     from lightstudy.study import create_study
 
-    spec = _load(file)
+    spec = _runnable(_load(file))
     url = storage_url(storage, spec=spec)
     create_study(spec, url, update_spec=update_spec)
     console().print(
@@ -131,7 +145,9 @@ def run(
     from lightstudy.storage import redact
     from lightstudy.study import create_study
 
-    spec = with_overrides(_load(file), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None)
+    spec = with_overrides(
+        _runnable(_load(file)), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None
+    )
     url = storage_url(storage, spec=spec)
     per_trial = gpus_per_trial or trial_world_size(spec.config)
     if per_trial > 1 and not url.startswith(("sqlite", "postgresql", "mysql")):
