@@ -6,7 +6,6 @@ import pytest
 import yaml
 
 from conftest import REPO, run_cli
-
 from lightstudy.errors import SpecError
 from lightstudy.study_block import AshaSettings, Component, PbtSettings, parse_component, parse_study
 
