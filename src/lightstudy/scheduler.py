@@ -45,9 +45,10 @@ Decisions (the shape of issue 13):
   copies one ahead of it skips those epochs, so no member trains more than ``max_resource``
   epochs and the study at most ``population * max_resource``.
 - **Checkpoints** (:meth:`Asha.needed_checkpoints`, :meth:`Pbt.needed_checkpoints`): the parent
-  of every unfinished trial; for ASHA, a completed rung trial that is not promoted but could
-  still rank in its rung's top ``1/eta`` once every configuration still able to reach the rung
-  has (at most ``n_trials / (eta - 1)`` of them); for PBT, each unfinished member's latest
+  of every unfinished trial; for ASHA, a completed rung trial that is not promoted but would
+  rank in its rung's top ``1/eta`` if every configuration that may still reach the rung (not
+  sampled yet, running it, or promotable into it) did worse (about ``n_trials / (eta - 1)`` at
+  most; with no ``n_trials``, every unpromoted one); for PBT, each unfinished member's latest
   completed trial (at most ``population``). Top-k retention is kept on top of this.
 """
 
@@ -266,25 +267,34 @@ class Asha:
         self.rungs.append(max_resource)
 
     def _ladder(self, trials: Sequence[TrialView]) -> tuple[list[list[TrialView]], set[tuple[int, int]], int]:
-        """Per rung, its completed trials best first; the (lineage, rung) pairs that exist; configurations."""
+        """Per rung, its completed trials best first; the (lineage, rung) pairs that exist; configurations.
+
+        A trial without a finite score at its rung's epoch counts as the rung's worst.
+        """
         groups = _group(trials, "rung")
+        worst = -math.inf if self.direction == "maximize" else math.inf
         ranked: list[list[TrialView]] = []
         for k, epochs in enumerate(self.rungs):
             scored = []
             for (_, rung), group in groups.items():
                 _, trial = _status(group)
-                if rung == k and trial is not None and (s := trial.score(epochs)) is not None and math.isfinite(s):
-                    scored.append((s, trial))
+                if rung == k and trial is not None:
+                    s = trial.score(epochs)
+                    scored.append((s if s is not None and math.isfinite(s) else worst, trial))
             ranked.append(_ordered(self.direction, scored))
         configurations = len({lineage for lineage, rung in groups if rung == 0})
         return ranked, set(groups), configurations
+
+    def _promotable(self, t: TrialView, k: int, exists: set[tuple[int, int]]) -> bool:
+        s = t.score(self.rungs[k])
+        return (t.lineage, k + 1) not in exists and s is not None and math.isfinite(s)
 
     def next_job(self, trials: Sequence[TrialView]) -> Job:
         """Promote the best promotable configuration of the highest rung, else sample, else wait or end."""
         ranked, exists, configurations = self._ladder(trials)
         for k in reversed(range(len(self.rungs) - 1)):
             for t in ranked[k][: len(ranked[k]) // self.eta]:
-                if (t.lineage, k + 1) not in exists:
+                if self._promotable(t, k, exists):
                     return Promote(t.number, t.lineage, k + 1, self.rungs[k + 1], dict(t.params))
         if self.n_trials is None or configurations < self.n_trials:
             return Sample(self.rungs[0], rung=0)
@@ -294,21 +304,18 @@ class Asha:
         """Trials whose checkpoint a running trial starts from, or that a rung may still promote."""
         needed = {t.parent for t in trials if t.state in UNFINISHED and t.parent is not None}
         ranked, exists, configurations = self._ladder(trials)
-        groups = _group(trials, "rung")
-        alive: dict[int, int] = {}  # lineage -> its highest rung, for configurations not dead there
-        for (lineage, rung), group in groups.items():
-            if _status(group)[0] != "dead" and rung >= alive.get(lineage, -1):
-                alive[lineage] = rung
-        unsampled = math.inf if self.n_trials is None else max(0, self.n_trials - configurations)
+        busy = [0] * len(self.rungs)
+        for (_, rung), group in _group(trials, "rung").items():
+            busy[rung] += _status(group)[0] == "busy" and rung < len(self.rungs)
+        # An upper bound on the configurations that may still complete rung k: the ones not
+        # sampled yet, the ones running it, and every one that may still be promoted into it.
+        arriving: float = math.inf if self.n_trials is None else max(0, self.n_trials - configurations)
         for k in range(len(self.rungs) - 1):
-            # Configurations that may still complete rung k: below it and alive, running it, or not sampled yet.
-            arriving = unsampled + sum(
-                1
-                for lineage, top in alive.items()
-                if top < k or (top == k and _status(groups[lineage, k])[0] == "busy")
-            )
-            slots = (len(ranked[k]) + arriving) // self.eta
-            needed |= {t.number for i, t in enumerate(ranked[k]) if i < slots and (t.lineage, k + 1) not in exists}
+            arriving += busy[k]
+            slots = len(ranked[k]) if math.isinf(arriving) else (len(ranked[k]) + int(arriving)) // self.eta
+            candidates = [t for i, t in enumerate(ranked[k]) if i < slots and self._promotable(t, k, exists)]
+            needed |= {t.number for t in candidates}
+            arriving += len(candidates)
         return needed
 
     @classmethod
