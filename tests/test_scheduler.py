@@ -39,7 +39,7 @@ class Study:
         self.end: dict[int, int] = {}  # trial number -> the epochs its job trains up to
 
     def claim(self, job: Any, params: dict[str, Any] | None = None) -> TrialView:
-        trial = claimed(job, len(self.trials), params if isinstance(job, Sample) else job.params)
+        trial = claimed(job, len(self.trials), (params or {}) if isinstance(job, Sample) else job.params)
         self.trials.append(trial)
         return trial
 
