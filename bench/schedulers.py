@@ -15,7 +15,9 @@ Optuna study driven by ask/tell:
 - ``asha``, ``pbt``: ``lightstudy.scheduler.Asha`` and ``Pbt`` (the code the workers will use)
   decide each free worker's next job from ``TrialView.of`` the study's trials; a promotion or an
   exploit is a new trial (``enqueue_trial`` with the job's params and user attrs) that goes on
-  from its parent's epoch, as from its checkpoint (loading one costs no simulated time).
+  from its parent's epoch, as from its checkpoint. Such a trial pays a start-up as a fresh
+  one does: the surrogate's first epoch takes longer than its second (set-up, first
+  evaluation), and that difference is added before a resumed trial's first epoch.
   PBT caveat: the surrogate knows only configurations trained with fixed parameters, so after
   an exploit a member's epoch ``e`` scores as its new parameters would at epoch ``e``: a coarse
   model of a parameter schedule, so PBT's figures are indicative only.
@@ -242,7 +244,10 @@ def simulate(policy: Policy, surrogate: Surrogate, budget_s: float) -> Outcome:
                 return
             idle, seq = idle - 1, seq + 1
             out.trials += 1
-            heapq.heappush(events, (now + surrogate.curve(run.params)[1][run.start], seq, run))
+            cost = surrogate.curve(run.params)[1]
+            # A trial that resumes a checkpoint starts up too: epoch 1's extra time over epoch 2.
+            startup = max(0.0, cost[0] - cost[1]) if run.start else 0.0
+            heapq.heappush(events, (now + startup + cost[run.start], seq, run))
 
     fill(0.0)
     now = 0.0
