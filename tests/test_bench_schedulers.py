@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+
 from conftest import run_bench
 
 METHODS = ["median", "none", "sha", "hyperband", "asha", "pbt"]
 
 
+@pytest.mark.slow
 def test_quick_run_compares_every_method_against_median_on_each_task(tmp_path: Path) -> None:
     out = tmp_path / "schedulers.jsonl"
     done, rows = run_bench("schedulers.py", out, timeout=300)
