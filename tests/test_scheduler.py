@@ -316,3 +316,11 @@ def test_make_scheduler_from_the_study_block() -> None:
         PbtSettings(name="PBT", max_resource=6, population=3), n_trials=None, direction="maximize", distributions=SPACE
     )
     assert isinstance(pbt, Pbt) and pbt.population == 3 and pbt.distributions == SPACE
+
+
+def test_a_rung_beyond_the_ladder_is_ignored_not_a_crash() -> None:
+    """A trial recorded under other settings (a rung this ladder does not have) is not scheduled."""
+    asha = Asha(max_resource=3, n_trials=1)
+    trials = [done(0, 1, 0.5, rung=0), TrialView(1, TrialState.RUNNING, {"x": 0}, rung=7, parent=0, lineage_attr=0)]
+    assert asha.needed_checkpoints(trials) == {0}  # the running trial's parent, nothing else
+    assert asha.next_job(trials) == Wait()

@@ -306,7 +306,8 @@ class Asha:
         ranked, exists, configurations = self._ladder(trials)
         busy = [0] * len(self.rungs)
         for (_, rung), group in _group(trials, "rung").items():
-            busy[rung] += _status(group)[0] == "busy" and rung < len(self.rungs)
+            if rung < len(self.rungs):  # a rung of other settings is not scheduled
+                busy[rung] += _status(group)[0] == "busy"
         # An upper bound on the configurations that may still complete rung k: the ones not
         # sampled yet, the ones running it, and every one that may still be promoted into it.
         arriving: float = math.inf if self.n_trials is None else max(0, self.n_trials - configurations)

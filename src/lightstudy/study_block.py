@@ -166,7 +166,11 @@ class AshaSettings:
 
 @dataclass(frozen=True, config=CONFIG)
 class PbtSettings:
-    """Population-based training (``lightstudy.scheduler.Pbt``); resource = epochs."""
+    """Population-based training (``lightstudy.scheduler.Pbt``); resource = epochs.
+
+    Its budget is the population: ``population`` configurations, each trained ``max_resource``
+    epochs at most; ``study.n_trials`` may be left out, and if given must not cut it short.
+    """
 
     name: Literal["PBT"]
     max_resource: Epochs  # epochs each member of the population trains in all
