@@ -32,6 +32,7 @@ value (as a ratio to MedianPruner's; ``inf`` when never), its final best minus M
 
     python bench/schedulers.py                 # every task, 3 seeds (~N min on 2 shared cores)
     python bench/schedulers.py --tasks 3945 7593 --reps 1
+    python bench/schedulers.py --free-resume --methods asha pbt   # resuming a checkpoint costs no start-up
     python bench/schedulers.py --quick         # 3 tasks, 1 seed, half the budget (8 configurations)
 """
 
@@ -230,8 +231,11 @@ class SchedulerPolicy(Policy):
         self.finished[run.trial.number] = TrialView.of(self.study.trials[run.trial.number])
 
 
-def simulate(policy: Policy, surrogate: Surrogate, budget_s: float) -> Outcome:
-    """Run ``policy`` on ``WORKERS`` workers until the budget or until it has nothing left to run."""
+def simulate(policy: Policy, surrogate: Surrogate, budget_s: float, *, resume_startup: bool = True) -> Outcome:
+    """Run ``policy`` on ``WORKERS`` workers until the budget or until it has nothing left to run.
+
+    ``resume_startup``: a trial resuming a checkpoint pays the start-up a fresh one does.
+    """
     out = Outcome()
     events: list[tuple[float, int, Run]] = []  # (time the run's next epoch ends, tie-break, run)
     idle, seq, best = WORKERS, 0, -math.inf
@@ -246,7 +250,7 @@ def simulate(policy: Policy, surrogate: Surrogate, budget_s: float) -> Outcome:
             out.trials += 1
             cost = surrogate.curve(run.params)[1]
             # A trial that resumes a checkpoint starts up too: epoch 1's extra time over epoch 2.
-            startup = max(0.0, cost[0] - cost[1]) if run.start else 0.0
+            startup = max(0.0, cost[0] - cost[1]) if run.start and resume_startup else 0.0
             heapq.heappush(events, (now + startup + cost[run.start], seq, run))
 
     fill(0.0)
@@ -307,14 +311,16 @@ def budget(surrogate: Surrogate, space: dict[str, Any], seed: int, configs: int)
     return total / WORKERS
 
 
-def run_task(task: str, seeds: list[int], methods: tuple[str, ...], configs: int) -> dict[str, Any]:
+def run_task(
+    task: str, seeds: list[int], methods: tuple[str, ...], configs: int, *, resume_startup: bool = True
+) -> dict[str, Any]:
     """Every method on one task for each seed; the figures against MedianPruner."""
     surrogate, space = Surrogate(task), search_space()
     per_seed: list[dict[str, Any]] = []
     for seed in seeds:
         limit = budget(surrogate, space, seed, configs)
         made = policies(seed, space, configs)
-        outcomes = {m: simulate(made[m](), surrogate, limit) for m in methods}
+        outcomes = {m: simulate(made[m](), surrogate, limit, resume_startup=resume_startup) for m in methods}
         median = outcomes["median"]
         target = median.best_at(limit)
         base_t = median.time_to(target)
@@ -360,15 +366,20 @@ def main() -> None:
     p = parser("schedulers", __doc__)
     p.add_argument("--tasks", nargs="+", default=None, help="OpenML task ids (default: all 34; --quick: 3)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument(
+        "--free-resume",
+        action="store_true",
+        help="a trial resuming a checkpoint (promotion, exploit) pays no start-up time (default: it does)",
+    )
     args = p.parse_args()
-    methods = tuple(dict.fromkeys(["median", *args.methods]))  # the baseline runs always
+    methods = tuple(dict.fromkeys(["median", *args.methods]))  # the baseline runs always, first
     chosen = args.tasks or (list(QUICK_TASKS) if args.quick else tasks())
     seeds = list(range(args.reps or (1 if args.quick else SEEDS)))
     configs = BUDGET_CONFIGS // 2 if args.quick else BUDGET_CONFIGS
     started = time.perf_counter()
     results = []
     for task in chosen:
-        results.append(run_task(task, seeds, methods, configs))
+        results.append(run_task(task, seeds, methods, configs, resume_startup=not args.free_resume))
         s = results[-1]["summary"]
         shown = "  ".join(f"{m} {_x(s[m]['time_ratio'])} {s[m]['delta_points']:+.2f}" for m in methods if m != "median")
         print(f"task {task}: median best {results[-1]['per_seed'][0]['target']:.2f}  {shown}", flush=True)
@@ -430,6 +441,7 @@ def main() -> None:
         seeds=seeds,
         workers=WORKERS,
         budget_configs=configs,
+        resume_startup=not args.free_resume,
         epochs=EPOCHS,
         asha=ASHA,
         pbt={**PBT, "population": configs},
