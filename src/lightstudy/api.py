@@ -211,6 +211,20 @@ def validate(file: str | Path) -> StudySpec:
     return spec
 
 
+def _runnable(spec: StudySpec) -> StudySpec:
+    """Refuse a spec whose ``scheduler:`` the workers do not run yet, rather than ignore it."""
+    from lightstudy.errors import SpecError
+
+    if spec.study.scheduler is not None:
+        raise SpecError(
+            spec.source,
+            "study.scheduler",
+            f"{spec.study.scheduler.name} is not run by workers yet (issue 13); `validate` checks it",
+            fix="use a pruner: for now (e.g. pruner: HyperbandPruner), and remove scheduler:",
+        )
+    return spec
+
+
 def create(
     file: str | Path,
     *,
@@ -225,7 +239,9 @@ def create(
     from lightstudy.spec import with_overrides
     from lightstudy.study import create_study
 
-    spec = with_overrides(validate(file), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None)
+    spec = with_overrides(
+        _runnable(validate(file)), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None
+    )
     url = storage_url(storage, spec=spec)
     study = create_study(spec, url, update_spec=update_spec or n_trials is not None or timeout is not None)
     return Study(study, spec, url)

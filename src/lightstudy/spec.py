@@ -68,6 +68,7 @@ class StudySpec:
             storage=s.storage if with_storage else None,
             sampler=s.sampler.to_dict(),
             pruner=s.pruner.to_dict(),
+            scheduler=None if s.scheduler is None else s.scheduler.to_dict(),
             checkpoints=s.checkpoints.to_dict(),
             enqueue=[dict(e) for e in s.enqueue],
         )

@@ -1,15 +1,16 @@
-"""The ``study:`` block of a spec: how to search (name, objectives, budget, sampler, pruner,
-checkpoints, heartbeats, queued configurations), declared as frozen pydantic dataclasses whose
+"""The ``study:`` block of a spec: how to search (name, objectives, budget, sampler, pruner or
+scheduler, checkpoints, heartbeats, queued configurations), declared as frozen pydantic dataclasses whose
 errors name the key, the rule, the value and the fix.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Gt, Le, MinLen
 from pydantic import AfterValidator, BeforeValidator, Strict, StringConstraints, TypeAdapter, ValidationError
@@ -18,7 +19,16 @@ from pydantic.dataclasses import dataclass
 
 from lightstudy.schema import CONFIG, known_keys, refuse, rule, spec_error
 
-__all__ = ["CheckpointSettings", "Component", "StudySettings", "parse_component", "parse_study"]
+__all__ = [
+    "AshaSettings",
+    "CheckpointSettings",
+    "Component",
+    "PbtSettings",
+    "SchedulerSettings",
+    "StudySettings",
+    "parse_component",
+    "parse_study",
+]
 
 # Metric-name words that say which way is better; a direction that contradicts them is an error.
 _HIGHER_IS_BETTER = {"acc", "accuracy", "f1", "fbeta", "auroc", "auc", "precision", "recall", "iou", "jaccard"}
@@ -119,6 +129,117 @@ class CheckpointSettings:
         return out
 
 
+Epochs = Annotated[int, Strict(), Ge(1), rule("must be a whole number of epochs >= 1", "e.g. {field}: 12")]
+Fraction = Annotated[float, Strict(), Ge(0), Le(1), rule("must be a number from 0 to 1", "e.g. {field}: 0.25")]
+
+
+@dataclass(frozen=True, config=CONFIG)
+class AshaSettings:
+    """Asynchronous successive halving with promotions (``lightstudy.scheduler.Asha``); resource = epochs."""
+
+    name: Literal["ASHA"]
+    max_resource: Epochs  # epochs of the top rung: a configuration never trains longer
+    min_resource: Epochs = 1  # epochs of rung 0: every new configuration trains this long first
+    reduction_factor: Annotated[
+        int, Strict(), Ge(2), rule("must be an integer >= 2", "e.g. reduction_factor: 3 (keep the top third)")
+    ] = 3  # rung k trains min_resource * reduction_factor**k epochs; the top 1/reduction_factor go on
+
+    @validator(mode="before")
+    @classmethod
+    def _keys(cls, data: Any) -> Any:
+        return known_keys(data, cls, what="must be a mapping", fix=_SCHEDULER_FIX, noun="an ASHA scheduler")
+
+    @validator(mode="after")
+    def _rungs(self) -> AshaSettings:
+        if self.min_resource > self.max_resource:
+            raise refuse(
+                "min_resource",
+                f"must be at most max_resource ({self.max_resource})",
+                self.min_resource,
+                "lower min_resource or raise max_resource",
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, config=CONFIG)
+class PbtSettings:
+    """Population-based training (``lightstudy.scheduler.Pbt``); resource = epochs.
+
+    Its budget is the population: ``population`` configurations, each trained ``max_resource``
+    epochs at most; ``study.n_trials`` may be left out, and if given must not cut it short.
+    """
+
+    name: Literal["PBT"]
+    max_resource: Epochs  # epochs each member of the population trains in all
+    population: Annotated[
+        int, Strict(), Ge(2), rule("must be an integer >= 2 (members that copy each other)", "e.g. population: 8")
+    ] = 8  # configurations trained side by side; PBT samples exactly this many
+    interval: Epochs = 2  # epochs between two exploit/explore decisions of a member
+    quantile: Annotated[
+        float, Strict(), Gt(0), Le(0.5), rule("must be a number > 0 and <= 0.5", "e.g. quantile: 0.25")
+    ] = 0.25  # the bottom quantile copies a member of the top quantile
+    resample_probability: Fraction = 0.25  # chance that explore draws a parameter afresh instead of perturbing it
+
+    @validator(mode="before")
+    @classmethod
+    def _keys(cls, data: Any) -> Any:
+        return known_keys(data, cls, what="must be a mapping", fix=_SCHEDULER_FIX, noun="a PBT scheduler")
+
+    @validator(mode="after")
+    def _interval(self) -> PbtSettings:
+        if self.interval > self.max_resource:
+            raise refuse(
+                "interval",
+                f"must be at most max_resource ({self.max_resource})",
+                self.interval,
+                "lower interval or raise max_resource",
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SchedulerSettings = AshaSettings | PbtSettings
+_SCHEDULER_FIX = "e.g. scheduler: {name: ASHA, min_resource: 1, max_resource: 12, reduction_factor: 3}"
+_SCHEDULERS: dict[str, type] = {"ASHA": AshaSettings, "PBT": PbtSettings}
+
+
+def _scheduler_form(raw: Any) -> Any:
+    """The ``name:`` picks the settings class, so that an error names that scheduler's keys."""
+    if raw is None or isinstance(raw, (AshaSettings, PbtSettings)):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise refuse(None, "must be a mapping with `name: ASHA` or `name: PBT`", raw, _SCHEDULER_FIX)
+    name = raw.get("name")
+    if name not in _SCHEDULERS:
+        raise refuse("name", "must be ASHA or PBT", name, _SCHEDULER_FIX)
+    try:
+        return TypeAdapter(_SCHEDULERS[name]).validate_python(dict(raw))
+    except ValidationError as e:
+        nested = e.errors(include_url=False)[0]
+        ctx = nested.get("ctx") or {}
+        at = ".".join([str(p) for p in nested["loc"]] + ([ctx["at"]] if ctx.get("at") else [])) or None
+        if nested["type"] == "spec":
+            raise refuse(at, str(ctx["rule"]), ctx.get("got"), str(ctx["fix"]).replace("{field}", at or "")) from None
+        if nested["type"] == "missing":
+            raise refuse(at, "is required", None, f"add `{at}:` (epochs)") from None
+        raise refuse(at, nested["msg"], nested.get("input"), _SCHEDULER_FIX) from None
+
+
+def _no_pruner(raw: Any) -> bool:
+    """``pruner:`` absent or written as no pruner (null, none, NopPruner), as beside a scheduler."""
+    nop = ("none", "nop", "noppruner", "optuna.pruners.noppruner")
+    if isinstance(raw, Component):
+        return raw.name.lower() in nop and not raw.kwargs
+    if isinstance(raw, Mapping):
+        return set(raw) == {"name"} and isinstance(raw["name"], str) and raw["name"].lower() in nop
+    return raw is None or (isinstance(raw, str) and raw.lower() in nop)
+
+
 def _storage_url(url: str) -> str:
     from lightstudy.errors import StorageError
     from lightstudy.storage import check_url, redact
@@ -174,6 +295,8 @@ class StudySettings:
     ) = 0  # base of every trial's seed and of the sampler's
     sampler: Sampler = Component("TPESampler")
     pruner: Pruner = Component("MedianPruner")
+    # promotes (ASHA) or forks (PBT) trials from checkpoints; excludes pruner (validate only, for now)
+    scheduler: Annotated[SchedulerSettings | None, BeforeValidator(_scheduler_form)] = None
     checkpoints: Annotated[CheckpointSettings, BeforeValidator(lambda v: {} if v is None else v)] = CheckpointSettings()
     run_dir: Annotated[str, Strict(), rule("must be a folder path", "e.g. run_dir: runs/digits")] | None = None
     trial_timeout: Seconds | None = None  # seconds one trial may run before it is failed
@@ -220,6 +343,15 @@ class StudySettings:
             if one in data and many in data:
                 raise refuse(many, f"cannot be given with study.{one}", data[many], f"keep one: {one} or {many}")
         out = {k: v for k, v in data.items() if k not in ("direction", "metric")}
+        if data.get("scheduler") is not None:
+            if not _no_pruner(data.get("pruner")):
+                raise refuse(
+                    "scheduler",
+                    "cannot be given with study.pruner (the scheduler decides which trials stop)",
+                    data["scheduler"],
+                    "keep one: remove pruner:, or remove scheduler:",
+                )
+            out["pruner"] = None  # NopPruner: promotions replace pruning
         if "directions" not in data:
             out["directions"] = [data.get("direction", "maximize")]
         if "metrics" not in data:
@@ -254,7 +386,22 @@ class StudySettings:
                     d,
                     f"set maximize for {m}, or name a lower-is-better metric",
                 )
-        if self.n_trials is None and self.timeout is None:
+        if self.scheduler is not None and self.is_multi_objective:
+            raise refuse(
+                "scheduler",
+                "ranks trials on one objective, but the study has several",
+                self.scheduler.name,
+                "keep one metric, or remove scheduler:",
+            )
+        pbt = self.scheduler if isinstance(self.scheduler, PbtSettings) else None
+        if pbt is not None and self.n_trials is not None and self.n_trials < pbt.population:
+            raise refuse(
+                "n_trials",
+                f"must be at least scheduler.population ({pbt.population}): PBT samples that many",
+                self.n_trials,
+                f"set n_trials: {pbt.population} or more, or a smaller population",
+            )
+        if self.n_trials is None and self.timeout is None and not isinstance(self.scheduler, PbtSettings):
             raise refuse(
                 "n_trials", "a study needs a budget: n_trials or timeout (or both)", None, "set e.g. n_trials: 40"
             )
