@@ -1,0 +1,50 @@
+"""Write a pip constraints file that pins each main dependency to its declared floor.
+
+CI installs the package with it in a second venv and runs the fast tests there, so the floors in
+pyproject.toml's [project.dependencies] are versions that were tested, not guesses:
+
+    python .ci/min_constraints.py > /tmp/min.txt
+    pip install -c /tmp/min.txt torch==2.14.1 torchvision==0.29.1 -e ".[test]"
+
+torch and torchvision are left out: this project's machines have only 2.14.1 / 0.29.1 on disk,
+and CI installs those on the command line. Every other dependency must declare a floor (`>=`).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+# Installed at fixed versions by CI itself (see the module docstring).
+UNPINNED = {"torch", "torchvision"}
+# Not our dependencies, pinned so that pip does not backtrack or pick a release the floors predate:
+# - numpy: scikit-learn's and tensorboard's oldest floors were built before numpy 2 existed and do
+#   not declare an upper bound; numpy 1.26 is the last 1.x and has Python 3.11/3.12 wheels.
+TRANSITIVE: dict[str, str] = {}
+
+
+def floors(pyproject: Path = PYPROJECT) -> dict[str, str]:
+    """``{requirement name with extras: floor}`` for each main dependency (torch aside)."""
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    out: dict[str, str] = {}
+    for dep in deps:
+        match = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)(\[[^\]]*\])?\s*>=\s*([0-9][^,;\s]*)\s*", dep)
+        if not match:
+            raise SystemExit(f"{pyproject}: dependency {dep!r} has no plain `>=` floor; declare one (e.g. 'name>=1.2')")
+        name = match[1]
+        if name.lower() not in UNPINNED:
+            out[name] = match[3]
+    return out
+
+
+def main() -> None:
+    lines = [f"{name}=={version}" for name, version in floors().items()]
+    lines += [f"{name}=={version}" for name, version in TRANSITIVE.items()]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
