@@ -17,6 +17,7 @@ Needs root, ``apt-get install slurm-wlm munge`` (``.ci/run`` installs them) and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -118,7 +119,11 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
     def _start(self, name: str, *args: str) -> None:
         out = open(self.root / "log" / f"{name}.stdout", "wb")  # noqa: SIM115 (kept open while it runs)
         proc = subprocess.Popen(
-            [_daemon(name), *args], env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            [_daemon(name), *args],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         out.close()
@@ -129,8 +134,13 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         m = self.root / "munge"
         subprocess.run([_daemon("mungekey"), "--create", f"--keyfile={m}/munge.key"], check=True, timeout=30)
         self._start(
-            "munged", "-F", f"--socket={m}/munge.sock", f"--key-file={m}/munge.key", f"--pid-file={m}/munged.pid",
-            f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed",
+            "munged",
+            "-F",
+            f"--socket={m}/munge.sock",
+            f"--key-file={m}/munge.key",
+            f"--pid-file={m}/munged.pid",
+            f"--log-file={m}/munged.log",
+            f"--seed-file={m}/munged.seed",
         )
         _until(lambda: (m / "munge.sock").exists() or self._died(), 30, "munged's socket")
         self._start("slurmctld", "-D")
@@ -157,8 +167,12 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 
     def cmd(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
         result = subprocess.run(
-            [_daemon(args[0]), *args[1:]], env={**(env or self.env), "SLURM_CONF": str(self.conf)}, cwd=cwd,
-            capture_output=True, text=True, timeout=60,
+            [_daemon(args[0]), *args[1:]],
+            env={**(env or self.env), "SLURM_CONF": str(self.conf)},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert result.returncode == 0, f"{' '.join(args)}: {result.stdout}{result.stderr}"
         return result.stdout
@@ -210,10 +224,8 @@ def _environ(pid: int) -> bytes:
 
 
 def _kill(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, 9)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -255,8 +267,12 @@ def _user_env(cluster: Cluster, url: str, study: str) -> dict[str, str]:
 def _create(doc: dict[str, Any], folder: Path, env: dict[str, str]) -> None:
     spec = write_spec(folder / f"{doc['study']['name']}.yaml", doc)
     result = subprocess.run(
-        [sys.executable, "-m", "lightstudy", "create", str(spec)], env=env, cwd=folder,
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "lightstudy", "create", str(spec)],
+        env=env,
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
