@@ -21,10 +21,11 @@ import tomllib
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 # Installed at fixed versions by CI itself (see the module docstring).
 UNPINNED = {"torch", "torchvision"}
-# Not our dependencies, pinned so that pip does not backtrack or pick a release the floors predate:
-# - numpy: scikit-learn's and tensorboard's oldest floors were built before numpy 2 existed and do
-#   not declare an upper bound; numpy 1.26 is the last 1.x and has Python 3.11/3.12 wheels.
-TRANSITIVE: dict[str, str] = {}
+# Not our dependencies, pinned because pip backtracks over them at our floors: moto[server] (test
+# extra) needs cfn-lint, whose latest releases need an aws-sam-translator that needs a newer
+# pydantic than our floor; pip then walks back through dozens of releases of both (minutes).
+# These are the releases pip settles on; raise them together with the pydantic floor.
+TRANSITIVE = {"cfn-lint": "1.47.1", "aws-sam-translator": "1.106.0"}
 
 
 def floors(pyproject: Path = PYPROJECT) -> dict[str, str]:
