@@ -8,6 +8,7 @@ pyproject.toml's [project.dependencies] are versions that were tested, not guess
 
 torch and torchvision are left out: this project's machines have only 2.14.1 / 0.29.1 on disk,
 and CI installs those on the command line. Every other dependency must declare a floor (`>=`).
+Needs Python 3.11 or later (tomllib).
 """
 
 from __future__ import annotations
