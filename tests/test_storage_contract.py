@@ -34,7 +34,8 @@ from optuna.trial import TrialState
 from conftest import free_port, tiny_spec
 from lightstudy.proxy import serve
 from lightstudy.spec import spec_from_dict
-from lightstudy.storage import configure_heartbeat, open_storage
+from lightstudy.storage import open_storage
+from lightstudy.storage.boundary import wrap
 
 PROXIES = ("lightstudy_proxy", "optuna_proxy")
 SETTINGS = spec_from_dict(tiny_spec()).study  # heartbeat and retry settings, as a study's spec gives them
@@ -85,7 +86,7 @@ def open_contract_storage(url: str) -> Any:
     it, with heartbeats set up as ``load_study`` sets them from a study's spec (a no-op for
     ``grpc://``, where the proxy keeps heartbeats)."""
     storage = open_storage(url)
-    configure_heartbeat(storage, SETTINGS)
+    wrap(storage).configure(SETTINGS.heartbeat_interval, SETTINGS.grace_period, SETTINGS.max_retry)
     return storage
 
 
