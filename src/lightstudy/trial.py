@@ -17,13 +17,14 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lightstudy.spec import StudySettings
 
-__all__ = ["TrialJob", "TrialOutcome", "run_trial", "trial_dir_name", "trial_main"]
+__all__ = ["Outcome", "TrialJob", "TrialOutcome", "run_trial", "trial_dir_name", "trial_main"]
 
 _log = logging.getLogger(__name__)
 
@@ -56,11 +57,22 @@ class TrialJob:
     prunes: bool = True  # False: the study's pruner is a NopPruner (never ask the worker)
 
 
+class Outcome(str, Enum):
+    """How a trial ended: the process reports the first four; the worker sees the last two."""
+
+    COMPLETE = "complete"
+    PRUNED = "pruned"
+    FAILED = "failed"  # an exception: the parameters' fault, not retried
+    INTERRUPTED = "interrupted"  # a stop request: checkpoint saved, handed back
+    DIED = "died"  # the process was killed (signal, out of memory): retried
+    TIMED_OUT = "timed_out"  # ran past study.trial_timeout and was killed: not retried
+
+
 @dataclass
 class TrialOutcome:
     """What the trial process reports back to the worker."""
 
-    state: str  # complete, pruned, failed or interrupted
+    state: Outcome
     values: list[float] | None = None
     checkpoint: str | None = None  # best checkpoint, relative to the run folder
     reason: str | None = None  # why it failed or was interrupted
@@ -99,7 +111,7 @@ def trial_main(job: TrialJob, conn: Any) -> None:
         outcome = run_trial(job, conn)
     except BaseException as e:  # never let the worker guess what happened
         traceback.print_exc()
-        outcome = TrialOutcome("failed", reason=_describe(e))
+        outcome = TrialOutcome(Outcome.FAILED, reason=_describe(e))
     sys.stdout.flush()
     sys.stderr.flush()
     conn.send(("outcome", outcome))
@@ -159,21 +171,21 @@ def run_trial(job: TrialJob, conn: Any = None) -> TrialOutcome:
         return _train(job, trial, timings)
     except optuna.TrialPruned as e:
         print(f"pruned: {e}", flush=True)
-        return TrialOutcome("pruned", reason=str(e), timings=timings)
+        return TrialOutcome(Outcome.PRUNED, reason=str(e), timings=timings)
     except LightstudyError as e:
         print(f"failed: {e}", flush=True)
-        return TrialOutcome("failed", reason=str(e), timings=timings)
+        return TrialOutcome(Outcome.FAILED, reason=str(e), timings=timings)
     except BaseException as e:  # SystemExit too: Lightning's SIGTERMException is one
         from lightstudy.callbacks import TrialInterrupted, stop_requested
 
         if isinstance(e, TrialInterrupted) or stop_requested():
             why = str(e) if isinstance(e, TrialInterrupted) else f"stopped by signal ({type(e).__name__})"
             print(f"interrupted: {why}", flush=True)
-            return TrialOutcome("interrupted", reason=why, timings=timings)
+            return TrialOutcome(Outcome.INTERRUPTED, reason=why, timings=timings)
         if not isinstance(e, Exception):
             raise
         traceback.print_exc()
-        return TrialOutcome("failed", reason=_describe(e), timings=timings)
+        return TrialOutcome(Outcome.FAILED, reason=_describe(e), timings=timings)
 
 
 def _open_trial(job: TrialJob) -> Any:
@@ -320,7 +332,9 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
     timings["save"] = fitted.save_seconds
     rel = os.path.relpath(fitted.best_path, run_dir) if fitted.best_path else None
     print(f"finished: {dict(zip(spec.study.metrics, fitted.values))}, checkpoint {rel}", flush=True)
-    return TrialOutcome("complete", values=fitted.values, checkpoint=rel, timings=timings, warnings=fitted.warnings)
+    return TrialOutcome(
+        Outcome.COMPLETE, values=fitted.values, checkpoint=rel, timings=timings, warnings=fitted.warnings
+    )
 
 
 def _add_trial_defaults(config: dict[str, Any], namespace: str, run_dir: Path, trial_dir: str) -> None:

@@ -40,7 +40,7 @@ from lightstudy.spec import trial_world_size
 from lightstudy.storage import db_error_text, open_storage, retry_db
 from lightstudy.storage.boundary import StudyStorage, trial_id, wrap
 from lightstudy.study import load_study
-from lightstudy.trial import TrialJob, TrialOutcome, trial_dir_name
+from lightstudy.trial import Outcome, TrialJob, TrialOutcome, trial_dir_name
 
 if TYPE_CHECKING:
     import optuna
@@ -253,8 +253,7 @@ class Worker:
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
-        died = "timeout" if reason and "trial_timeout" in reason else "died"
-        state = outcome.state if outcome is not None else died
+        state = outcome.state if outcome is not None else Outcome.DIED
         attrs: dict[str, Any] = {}
         if outcome is not None:
             attrs["timings"] = {k: round(v, 4) for k, v in outcome.timings.items()}
@@ -265,7 +264,7 @@ class Worker:
         why = (outcome.reason if outcome else reason) or "unknown"
         retried = False
         try:
-            if state == "complete":
+            if state == Outcome.COMPLETE:
                 assert outcome is not None and outcome.values is not None
                 values = outcome.values
                 uploading = time.time()
@@ -280,12 +279,12 @@ class Worker:
                     retry_db(lambda: enforce_retention(self.study, self.spec, self.store), what="retention")
                 metrics = ",".join(self.spec.study.metrics)
                 _log.info("trial %d complete: %s=%s in %.1fs", trial.number, metrics, _fmt(values), seconds)
-            elif state == "pruned":
+            elif state == Outcome.PRUNED:
                 self._set_attrs(trial, attrs)
                 self._tell(trial, TrialState.PRUNED)
                 self.report.pruned += 1
                 _log.info("trial %d pruned in %.1fs (%s)", trial.number, seconds, why)
-            elif state == "interrupted" or (state == "died" and self._signals):
+            elif state == Outcome.INTERRUPTED or (state == Outcome.DIED and self._signals):
                 attrs["interrupted"] = True
                 attrs["fail_reason"] = why if outcome else "stopped by signal"
                 self._set_attrs(trial, attrs)
@@ -297,7 +296,7 @@ class Worker:
                 attrs["fail_reason"] = why
                 self._set_attrs(trial, attrs)
                 self._tell(trial, TrialState.FAIL)
-                retried = state == "died" and self._retry(trial, max_retry=self.spec.study.max_retry)
+                retried = state == Outcome.DIED and self._retry(trial, max_retry=self.spec.study.max_retry)
                 self.report.failed += 1
                 _log.warning("trial %d failed%s: %s", trial.number, " (will be retried)" if retried else "", why)
         except UpdateFinishedTrialError:
