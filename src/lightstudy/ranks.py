@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lightstudy.trial import Outcome, TrialJob, TrialOutcome, trial_main
+from lightstudy.trial import Finished, Message, Outcome, ShouldPrune, TrialJob, TrialOutcome, trial_main
 
 __all__ = ["STOPPED_BEFORE_START", "check_ddp_storage", "check_devices", "exit_reason", "run_processes"]
 
@@ -68,7 +68,7 @@ def check_devices(spec: Any, world_size: int, url: str) -> None:
 class Rank:
     """One process of a trial, and what it reported."""
 
-    def __init__(self, rank: int, process: Any, conn: Any, handle: Callable[[tuple[Any, ...]], Any]) -> None:
+    def __init__(self, rank: int, process: Any, conn: Any, handle: Callable[[Message], Any]) -> None:
         self.rank = rank
         self.process = process
         self.receiver = conn
@@ -83,12 +83,12 @@ class Rank:
         try:
             while self.receiver.poll(0):
                 message = self.receiver.recv()
-                if message[0] == "outcome":
-                    self.outcome = message[1]
+                if isinstance(message, Finished):
+                    self.outcome = message.outcome
                     self.done = True
                     return
                 reply = self.handle(message)
-                if message[0] == "should_prune":
+                if isinstance(message, ShouldPrune):
                     self.receiver.send(reply)
         except (EOFError, OSError):
             self.done = True
@@ -124,7 +124,7 @@ def run_processes(
     threads: int | None,
     limit: float | None,
     running: list[Any],
-    handle: Callable[[tuple[Any, ...]], Any],
+    handle: Callable[[Message], Any],
     stopping: Callable[[], bool] = lambda: False,
 ) -> tuple[TrialOutcome | None, str | None]:
     """Run a trial's ``world`` processes (from the forkserver ``ctx``) to the end.

@@ -24,7 +24,19 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lightstudy.spec import StudySettings
 
-__all__ = ["Outcome", "TrialJob", "TrialOutcome", "run_trial", "trial_dir_name", "trial_main"]
+__all__ = [
+    "Finished",
+    "Message",
+    "Outcome",
+    "RecordAttr",
+    "Report",
+    "ShouldPrune",
+    "TrialJob",
+    "TrialOutcome",
+    "run_trial",
+    "trial_dir_name",
+    "trial_main",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -80,6 +92,40 @@ class TrialOutcome:
     warnings: list[str] = field(default_factory=list)  # things the user should know (wrong direction, ...)
 
 
+# --- what the trial process sends the worker over its pipe (the worker answers ShouldPrune) ---
+
+
+@dataclass(frozen=True)
+class Report:
+    """An intermediate value, for ``trial.report``."""
+
+    value: float
+    step: int
+
+
+@dataclass(frozen=True)
+class ShouldPrune:
+    """Asks ``trial.should_prune()``; the worker sends back a bool."""
+
+
+@dataclass(frozen=True)
+class RecordAttr:
+    """A user attr of the trial, for ``trial.set_user_attr``."""
+
+    key: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last message: how the trial ended."""
+
+    outcome: TrialOutcome
+
+
+Message = Report | ShouldPrune | RecordAttr | Finished
+
+
 def trial_main(job: TrialJob, conn: Any) -> None:
     """Entry point of the trial process: run the trial, send the outcome, exit."""
     from lightstudy.callbacks import install_stop_handlers
@@ -114,7 +160,7 @@ def trial_main(job: TrialJob, conn: Any) -> None:
         outcome = TrialOutcome(Outcome.FAILED, reason=_describe(e))
     sys.stdout.flush()
     sys.stderr.flush()
-    conn.send(("outcome", outcome))
+    conn.send(Finished(outcome))
     conn.close()
 
 
@@ -135,16 +181,16 @@ class WorkerTrial:
         self._prunes = prunes  # False: the study's pruner is NopPruner, so never wait on the answer
 
     def report(self, value: float, step: int) -> None:
-        self._conn.send(("report", float(value), int(step)))
+        self._conn.send(Report(float(value), int(step)))
 
     def should_prune(self) -> bool:
         if not self._prunes:
             return False
-        self._conn.send(("should_prune",))
+        self._conn.send(ShouldPrune())
         return bool(self._conn.recv())
 
     def set_user_attr(self, key: str, value: Any) -> None:
-        self._conn.send(("attr", key, value))
+        self._conn.send(RecordAttr(key, value))
 
 
 def run_trial(job: TrialJob, conn: Any = None) -> TrialOutcome:

@@ -40,7 +40,7 @@ from lightstudy.spec import trial_world_size
 from lightstudy.storage import db_error_text, open_storage, retry_db
 from lightstudy.storage.boundary import StudyStorage, trial_id, wrap
 from lightstudy.study import load_study
-from lightstudy.trial import Outcome, TrialJob, TrialOutcome, trial_dir_name
+from lightstudy.trial import Message, Outcome, RecordAttr, Report, ShouldPrune, TrialJob, TrialOutcome, trial_dir_name
 
 if TYPE_CHECKING:
     import optuna
@@ -437,14 +437,13 @@ class _Heartbeat:
 def _answer(db: StudyStorage, trial: optuna.Trial) -> Any:
     """What the worker does for the trial process: report, decide pruning, record attrs."""
 
-    def handle(message: tuple[Any, ...]) -> Any:
-        kind = message[0]
-        if kind == "report":
-            db.report(trial, message[1], message[2])
-        elif kind == "should_prune":
+    def handle(message: Message) -> Any:
+        if isinstance(message, Report):
+            db.report(trial, message.value, message.step)
+        elif isinstance(message, ShouldPrune):
             return db.should_prune(trial)
-        elif kind == "attr":
-            db.record(trial, message[1], message[2])
+        elif isinstance(message, RecordAttr):
+            db.record(trial, message.key, message.value)
         return None
 
     return handle
