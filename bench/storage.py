@@ -159,8 +159,9 @@ def _lightstudy_client(url: str, name: str, sampler: str, seed: int, run_dir: st
     import lightstudy.worker
     from lightstudy.checkpoints import TRIAL_DIR_ATTR, lineage_root
     from lightstudy.storage import record_attr
+    from lightstudy.storage.boundary import trial_id
     from lightstudy.study import claim_trial
-    from lightstudy.trial import TrialOutcome, trial_dir_name
+    from lightstudy.trial import Outcome, Report, ShouldPrune, TrialOutcome, trial_dir_name
 
     worker = lightstudy.worker.Worker(url, name, run_dir=run_dir)
     rng = random.Random(seed)
@@ -185,18 +186,18 @@ def _lightstudy_client(url: str, name: str, sampler: str, seed: int, run_dir: st
         assert trial is not None, "the budget is spent"
         clock.spent["claim"] += time.perf_counter() - start - clock.spent["params"]
         with clock.phase("attrs"):  # what Worker._run_one records before the trial process starts
-            frozen = worker._storage.get_trial(trial._trial_id)
+            frozen = worker.db.trial(trial_id(trial))
             root = lineage_root(frozen)
             for key, value in {"seed": root, "worker": "bench", "gpu": None, "threads": 1}.items():
                 record_attr(trial, key, value)
             record_attr(trial, TRIAL_DIR_ATTR, trial_dir_name(root))
-        answer = lightstudy.worker._answer(trial)
+        answer = lightstudy.worker._answer(worker.db, trial)
         curve = _curve(rng)
         with clock.phase("reports"):
             for epoch, value in enumerate(curve):
-                answer(("report", value, epoch))
-                answer(("should_prune",))
-        outcome = TrialOutcome("complete", values=[curve[-1]], timings={"fit": 0.0})
+                answer(Report(value, epoch))
+                answer(ShouldPrune())
+        outcome = TrialOutcome(Outcome.COMPLETE, values=[curve[-1]], timings={"fit": 0.0})
         start = time.perf_counter()
         retention = clock.spent["retention"]
         worker._finish(trial, outcome, None, trial_dir_name(root), 0.0)

@@ -325,7 +325,7 @@ def test_a_nop_pruner_by_class_path_asks_no_pruning_question(
         handle = answer(db, trial)
 
         def recorded(message: Any) -> Any:
-            asked.append(type(message).__name__ if not isinstance(message, tuple) else message[0])
+            asked.append(type(message).__name__)
             return handle(message)
 
         return recorded

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lightstudy.trial import TrialJob, TrialOutcome, trial_main
+from lightstudy.trial import Finished, Message, Outcome, ShouldPrune, TrialJob, TrialOutcome, trial_main
 
 __all__ = ["STOPPED_BEFORE_START", "check_ddp_storage", "check_devices", "exit_reason", "run_processes"]
 
@@ -68,7 +68,7 @@ def check_devices(spec: Any, world_size: int, url: str) -> None:
 class Rank:
     """One process of a trial, and what it reported."""
 
-    def __init__(self, rank: int, process: Any, conn: Any, handle: Callable[[tuple[Any, ...]], Any]) -> None:
+    def __init__(self, rank: int, process: Any, conn: Any, handle: Callable[[Message], Any]) -> None:
         self.rank = rank
         self.process = process
         self.receiver = conn
@@ -83,12 +83,12 @@ class Rank:
         try:
             while self.receiver.poll(0):
                 message = self.receiver.recv()
-                if message[0] == "outcome":
-                    self.outcome = message[1]
+                if isinstance(message, Finished):
+                    self.outcome = message.outcome
                     self.done = True
                     return
                 reply = self.handle(message)
-                if message[0] == "should_prune":
+                if isinstance(message, ShouldPrune):
                     self.receiver.send(reply)
         except (EOFError, OSError):
             self.done = True
@@ -103,10 +103,10 @@ class Rank:
     def broken(self) -> bool:
         """Failed, or gone without a word."""
         if self.outcome is not None:
-            return self.outcome.state == "failed"
+            return self.outcome.state == Outcome.FAILED
         if not self.process.is_alive():
             self.poll()
-            return self.outcome is None or self.outcome.state == "failed"
+            return self.outcome is None or self.outcome.state == Outcome.FAILED
         return False
 
     def why(self, world: int) -> str:
@@ -124,15 +124,16 @@ def run_processes(
     threads: int | None,
     limit: float | None,
     running: list[Any],
-    handle: Callable[[tuple[Any, ...]], Any],
+    handle: Callable[[Message], Any],
     stopping: Callable[[], bool] = lambda: False,
 ) -> tuple[TrialOutcome | None, str | None]:
     """Run a trial's ``world`` processes (from the forkserver ``ctx``) to the end.
 
     ``handle`` answers what a process asks the worker (see :class:`lightstudy.trial.WorkerTrial`).
-    Returns (rank 0's outcome, None), or (None, why the trial died). ``running`` holds the
-    processes while they run, for the worker's signal handler; ``stopping`` says that a stop
-    was asked (a signal that came before a process was there to pass it to).
+    Returns (rank 0's outcome, None), a TIMED_OUT one past ``limit``, or (None, why the trial
+    died). ``running`` holds the processes while they run, for the worker's signal handler;
+    ``stopping`` says that a stop was asked (a signal that came before a process was there to
+    pass it to).
     """
     from multiprocessing.connection import wait
 
@@ -169,12 +170,13 @@ def run_processes(
                 break
             if deadline is not None and time.monotonic() > deadline:
                 reason = f"exceeded study.trial_timeout ({limit:g} s); the trial process was killed"
+                ranks[0].outcome = TrialOutcome(Outcome.TIMED_OUT, reason=reason)
                 break
             # Wake at once for a message (a pruning question waits on the answer) or an exit.
             waiting = [r.receiver for r in ranks if not r.done] + [r.process.sentinel for r in ranks]
             wait(waiting, timeout=0.5)
         outcome = ranks[0].outcome
-        if outcome is not None and outcome.state != "failed":
+        if outcome is not None and outcome.state not in (Outcome.FAILED, Outcome.TIMED_OUT):
             # Every rank ends the same way; wait for the others to finish cleanly.
             join_all(ranks, timeout=60)
         elif world > 1:

@@ -17,13 +17,26 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lightstudy.spec import StudySettings
 
-__all__ = ["TrialJob", "TrialOutcome", "run_trial", "trial_dir_name", "trial_main"]
+__all__ = [
+    "Finished",
+    "Message",
+    "Outcome",
+    "RecordAttr",
+    "Report",
+    "ShouldPrune",
+    "TrialJob",
+    "TrialOutcome",
+    "run_trial",
+    "trial_dir_name",
+    "trial_main",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -56,16 +69,61 @@ class TrialJob:
     prunes: bool = True  # False: the study's pruner is a NopPruner (never ask the worker)
 
 
+class Outcome(str, Enum):
+    """How a trial ended: the process reports the first four; the worker sees the last two."""
+
+    COMPLETE = "complete"
+    PRUNED = "pruned"
+    FAILED = "failed"  # an exception: the parameters' fault, not retried
+    INTERRUPTED = "interrupted"  # a stop request: checkpoint saved, handed back
+    DIED = "died"  # the process was killed (signal, out of memory): retried
+    TIMED_OUT = "timed_out"  # ran past study.trial_timeout and was killed: not retried
+
+
 @dataclass
 class TrialOutcome:
     """What the trial process reports back to the worker."""
 
-    state: str  # complete, pruned, failed or interrupted
+    state: Outcome
     values: list[float] | None = None
     checkpoint: str | None = None  # best checkpoint, relative to the run folder
     reason: str | None = None  # why it failed or was interrupted
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # things the user should know (wrong direction, ...)
+
+
+# --- what the trial process sends the worker over its pipe (the worker answers ShouldPrune) ---
+
+
+@dataclass(frozen=True)
+class Report:
+    """An intermediate value, for ``trial.report``."""
+
+    value: float
+    step: int
+
+
+@dataclass(frozen=True)
+class ShouldPrune:
+    """Asks ``trial.should_prune()``; the worker sends back a bool."""
+
+
+@dataclass(frozen=True)
+class RecordAttr:
+    """A user attr of the trial, for ``trial.set_user_attr``."""
+
+    key: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last message: how the trial ended."""
+
+    outcome: TrialOutcome
+
+
+Message = Report | ShouldPrune | RecordAttr | Finished
 
 
 def trial_main(job: TrialJob, conn: Any) -> None:
@@ -99,10 +157,10 @@ def trial_main(job: TrialJob, conn: Any) -> None:
         outcome = run_trial(job, conn)
     except BaseException as e:  # never let the worker guess what happened
         traceback.print_exc()
-        outcome = TrialOutcome("failed", reason=_describe(e))
+        outcome = TrialOutcome(Outcome.FAILED, reason=_describe(e))
     sys.stdout.flush()
     sys.stderr.flush()
-    conn.send(("outcome", outcome))
+    conn.send(Finished(outcome))
     conn.close()
 
 
@@ -123,16 +181,16 @@ class WorkerTrial:
         self._prunes = prunes  # False: the study's pruner is NopPruner, so never wait on the answer
 
     def report(self, value: float, step: int) -> None:
-        self._conn.send(("report", float(value), int(step)))
+        self._conn.send(Report(float(value), int(step)))
 
     def should_prune(self) -> bool:
         if not self._prunes:
             return False
-        self._conn.send(("should_prune",))
+        self._conn.send(ShouldPrune())
         return bool(self._conn.recv())
 
     def set_user_attr(self, key: str, value: Any) -> None:
-        self._conn.send(("attr", key, value))
+        self._conn.send(RecordAttr(key, value))
 
 
 def run_trial(job: TrialJob, conn: Any = None) -> TrialOutcome:
@@ -159,21 +217,21 @@ def run_trial(job: TrialJob, conn: Any = None) -> TrialOutcome:
         return _train(job, trial, timings)
     except optuna.TrialPruned as e:
         print(f"pruned: {e}", flush=True)
-        return TrialOutcome("pruned", reason=str(e), timings=timings)
+        return TrialOutcome(Outcome.PRUNED, reason=str(e), timings=timings)
     except LightstudyError as e:
         print(f"failed: {e}", flush=True)
-        return TrialOutcome("failed", reason=str(e), timings=timings)
+        return TrialOutcome(Outcome.FAILED, reason=str(e), timings=timings)
     except BaseException as e:  # SystemExit too: Lightning's SIGTERMException is one
         from lightstudy.callbacks import TrialInterrupted, stop_requested
 
         if isinstance(e, TrialInterrupted) or stop_requested():
             why = str(e) if isinstance(e, TrialInterrupted) else f"stopped by signal ({type(e).__name__})"
             print(f"interrupted: {why}", flush=True)
-            return TrialOutcome("interrupted", reason=why, timings=timings)
+            return TrialOutcome(Outcome.INTERRUPTED, reason=why, timings=timings)
         if not isinstance(e, Exception):
             raise
         traceback.print_exc()
-        return TrialOutcome("failed", reason=_describe(e), timings=timings)
+        return TrialOutcome(Outcome.FAILED, reason=_describe(e), timings=timings)
 
 
 def _open_trial(job: TrialJob) -> Any:
@@ -323,7 +381,9 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
     timings["save"] = fitted.save_seconds
     rel = os.path.relpath(fitted.best_path, run_dir) if fitted.best_path else None
     print(f"finished: {dict(zip(spec.study.metrics, fitted.values))}, checkpoint {rel}", flush=True)
-    return TrialOutcome("complete", values=fitted.values, checkpoint=rel, timings=timings, warnings=fitted.warnings)
+    return TrialOutcome(
+        Outcome.COMPLETE, values=fitted.values, checkpoint=rel, timings=timings, warnings=fitted.warnings
+    )
 
 
 def _add_trial_defaults(config: dict[str, Any], namespace: str, run_dir: Path, trial_dir: str) -> None:

@@ -40,7 +40,7 @@ from lightstudy.spec import trial_world_size
 from lightstudy.storage import db_error_text, open_storage, retry_db
 from lightstudy.storage.boundary import StudyStorage, trial_id, wrap
 from lightstudy.study import load_study
-from lightstudy.trial import TrialJob, TrialOutcome, trial_dir_name
+from lightstudy.trial import Message, Outcome, RecordAttr, Report, ShouldPrune, TrialJob, TrialOutcome, trial_dir_name
 
 if TYPE_CHECKING:
     import optuna
@@ -62,6 +62,18 @@ ATTEMPT_ATTRS = (
     "config",
     "versions",
 )
+
+# How each outcome is recorded: (the trial's state in Optuna, its retry: None for none,
+# "always" for a hand-back that max_retry does not limit, "max_retry" for up to that many
+# attempts). A trial that is retried keeps its local last.ckpt for the retry to resume from.
+RECORD: dict[Outcome, tuple[str, str | None]] = {
+    Outcome.COMPLETE: ("COMPLETE", None),
+    Outcome.PRUNED: ("PRUNED", None),
+    Outcome.FAILED: ("FAIL", None),  # an exception: the parameters' fault
+    Outcome.INTERRUPTED: ("FAIL", "always"),  # stopped by a signal: not the trial's fault
+    Outcome.DIED: ("FAIL", "max_retry"),  # killed (out of memory, a dead rank)
+    Outcome.TIMED_OUT: ("FAIL", None),  # past study.trial_timeout: a retry would time out too
+}
 
 _log = logging.getLogger(__name__)
 
@@ -250,11 +262,18 @@ class Worker:
         trial_dir: str,
         seconds: float,
     ) -> None:
+        """Record the outcome as :data:`RECORD` says: the trial's state in Optuna, a retry or not."""
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
-        died = "timeout" if reason and "trial_timeout" in reason else "died"
-        state = outcome.state if outcome is not None else died
+        state = outcome.state if outcome is not None else Outcome.DIED
+        if state == Outcome.DIED and self._signals:  # killed because we were stopping: hand back
+            state = Outcome.INTERRUPTED
+        told, retry = RECORD[state]
+        if outcome is not None:
+            why = outcome.reason or "unknown"
+        else:  # the process died: why, or that we were stopping
+            why = "stopped by signal" if state == Outcome.INTERRUPTED else (reason or "unknown")
         attrs: dict[str, Any] = {}
         if outcome is not None:
             attrs["timings"] = {k: round(v, 4) for k, v in outcome.timings.items()}
@@ -262,53 +281,53 @@ class Worker:
                 attrs["warnings"] = outcome.warnings
                 for text in outcome.warnings:
                     _log.warning("trial %d: %s", trial.number, text)
-        why = (outcome.reason if outcome else reason) or "unknown"
+        values, ref = None, None
+        if state == Outcome.COMPLETE:
+            assert outcome is not None and outcome.values is not None
+            values, uploading = outcome.values, time.time()
+            ref = self._store_checkpoint(trial, values, outcome.checkpoint)
+            if ref is not None:
+                attrs[CHECKPOINT_ATTR] = ref.to_dict()
+            attrs["timings"]["checkpoint"] = round(time.time() - uploading, 4)
+        elif told == "FAIL":
+            attrs["fail_reason"] = why
+            if state == Outcome.INTERRUPTED:
+                attrs["interrupted"] = True
         retried = False
         try:
-            if state == "complete":
-                assert outcome is not None and outcome.values is not None
-                values = outcome.values
-                uploading = time.time()
-                ref = self._store_checkpoint(trial, values, outcome.checkpoint)
-                if ref is not None:
-                    attrs[CHECKPOINT_ATTR] = ref.to_dict()
-                attrs["timings"]["checkpoint"] = round(time.time() - uploading, 4)
-                self._set_attrs(trial, attrs)
-                self._tell(trial, TrialState.COMPLETE, values)
-                self.report.complete += 1
-                if ref is not None:  # only a checkpoint that entered the top k can push one out
-                    retry_db(lambda: enforce_retention(self.study, self.spec, self.store), what="retention")
-                metrics = ",".join(self.spec.study.metrics)
-                _log.info("trial %d complete: %s=%s in %.1fs", trial.number, metrics, _fmt(values), seconds)
-            elif state == "pruned":
-                self._set_attrs(trial, attrs)
-                self._tell(trial, TrialState.PRUNED)
-                self.report.pruned += 1
-                _log.info("trial %d pruned in %.1fs (%s)", trial.number, seconds, why)
-            elif state == "interrupted" or (state == "died" and self._signals):
-                attrs["interrupted"] = True
-                attrs["fail_reason"] = why if outcome else "stopped by signal"
-                self._set_attrs(trial, attrs)
-                self._tell(trial, TrialState.FAIL)
-                retried = self._retry(trial, max_retry=None)
-                self.report.interrupted += 1
-                _log.info("trial %d handed back for a retry (%s)", trial.number, attrs["fail_reason"])
-            else:
-                attrs["fail_reason"] = why
-                self._set_attrs(trial, attrs)
-                self._tell(trial, TrialState.FAIL)
-                retried = state == "died" and self._retry(trial, max_retry=self.spec.study.max_retry)
-                self.report.failed += 1
-                _log.warning("trial %d failed%s: %s", trial.number, " (will be retried)" if retried else "", why)
+            self._set_attrs(trial, attrs)
+            self._tell(trial, TrialState[told], values)
+            if retry is not None:
+                retried = self._retry(trial, max_retry=self.spec.study.max_retry if retry == "max_retry" else None)
         except UpdateFinishedTrialError:
             # The database was away longer than the grace period and another worker failed the
             # trial as stale (and retried it); its outcome here is lost, the study is not.
             _log.warning("trial %d was failed as stale by another worker meanwhile", trial.number)
             retried = True
-        if not retried:
+        self._count(trial, state, values, why, seconds, retried)
+        if ref is not None:  # only a checkpoint that entered the top k can push one out
+            retry_db(lambda: enforce_retention(self.study, self.spec, self.store), what="retention")
+        if not retried:  # no retry resumes from its last.ckpt: the trial's local files go
             remove_local(self.run_dir, trial_dir)
         retry_db(lambda: sweep_local(self.study, self.run_dir), what="sweep checkpoints")
         self.report.trials.append(trial.number)
+
+    def _count(
+        self, trial: optuna.Trial, state: Outcome, values: list[float] | None, why: str, seconds: float, retried: bool
+    ) -> None:
+        if state == Outcome.COMPLETE:
+            self.report.complete += 1
+            metrics = ",".join(self.spec.study.metrics)
+            _log.info("trial %d complete: %s=%s in %.1fs", trial.number, metrics, _fmt(values), seconds)
+        elif state == Outcome.PRUNED:
+            self.report.pruned += 1
+            _log.info("trial %d pruned in %.1fs (%s)", trial.number, seconds, why)
+        elif state == Outcome.INTERRUPTED:
+            self.report.interrupted += 1
+            _log.info("trial %d handed back for a retry (%s)", trial.number, why)
+        else:
+            self.report.failed += 1
+            _log.warning("trial %d failed%s: %s", trial.number, " (will be retried)" if retried else "", why)
 
     def _tell(self, trial: optuna.Trial, state: Any, values: list[float] | None = None) -> None:
         """``study.tell``, riding out a database restart.
@@ -438,14 +457,13 @@ class _Heartbeat:
 def _answer(db: StudyStorage, trial: optuna.Trial) -> Any:
     """What the worker does for the trial process: report, decide pruning, record attrs."""
 
-    def handle(message: tuple[Any, ...]) -> Any:
-        kind = message[0]
-        if kind == "report":
-            db.report(trial, message[1], message[2])
-        elif kind == "should_prune":
+    def handle(message: Message) -> Any:
+        if isinstance(message, Report):
+            db.report(trial, message.value, message.step)
+        elif isinstance(message, ShouldPrune):
             return db.should_prune(trial)
-        elif kind == "attr":
-            db.record(trial, message[1], message[2])
+        elif isinstance(message, RecordAttr):
+            db.record(trial, message.key, message.value)
         return None
 
     return handle
