@@ -89,6 +89,28 @@ def _connections(pg_url: str) -> int:
         return int(conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,)).fetchone()[0])
 
 
+@pytest.mark.postgres
+def test_a_stopped_proxy_leaves_no_database_connection_open(pg_url: str) -> None:
+    port = free_port()
+    ready, stop = threading.Event(), threading.Event()
+    thread = threading.Thread(
+        target=serve, args=(pg_url,), kwargs={"port": port, "ready": ready, "stop": stop}, daemon=True
+    )
+    thread.start()
+    assert ready.wait(60)
+    client = open_storage(f"grpc://127.0.0.1:{port}")
+    client.create_new_study([optuna.study.StudyDirection.MINIMIZE], "s")
+    assert _connections(pg_url) > 0
+    client.close()
+    stop.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    deadline = time.monotonic() + 10  # a closed connection's server process ends soon after
+    while _connections(pg_url) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _connections(pg_url) == 0
+
+
 def _workers(grpc_url: str, run_dir: Path, n: int) -> list[subprocess.Popen[str]]:
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "LIGHTSTUDY_STORAGE": grpc_url, "PYTHONUNBUFFERED": "1"}
     return [
