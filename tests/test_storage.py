@@ -160,3 +160,42 @@ def test_the_known_schema_is_the_one_optuna_creates(sqlite_url: str) -> None:
     from lightstudy.storage import SCHEMA_VERSIONS
 
     assert open_storage(sqlite_url).get_current_version() in SCHEMA_VERSIONS
+
+
+def test_the_worker_and_the_reaper_drop_the_same_attempt_attrs() -> None:
+    from lightstudy.storage.boundary import ATTEMPT_ATTRS
+    from lightstudy.worker import ATTEMPT_ATTRS as WORKER_ATTEMPT_ATTRS
+
+    assert set(WORKER_ATTEMPT_ATTRS) == ATTEMPT_ATTRS
+
+
+def test_a_reaped_trials_retry_inherits_no_attempt_attrs(sqlite_url: str) -> None:
+    import datetime
+
+    import sqlalchemy
+    from optuna.trial import TrialState
+
+    from conftest import tiny_spec
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.storage.boundary import ATTEMPT_ATTRS, DatabaseStorage, storage_of, trial_id
+    from lightstudy.study import create_study, load_study
+
+    create_study(spec_from_dict(tiny_spec(grace_period=2)), sqlite_url)
+    study, _ = load_study(sqlite_url, "tiny")
+    db = storage_of(study)
+    assert isinstance(db, DatabaseStorage)
+    trial = study.ask()
+    db.set_trial_attrs(trial_id(trial), {**{key: "attempt 1" for key in ATTEMPT_ATTRS}, "note": "kept"})
+    db.beat(trial_id(trial))
+    # Its worker died long ago: the last heartbeat is an hour old.
+    with db.rdb.engine.begin() as conn:
+        conn.execute(
+            sqlalchemy.text("UPDATE trial_heartbeats SET heartbeat = :t WHERE trial_id = :id"),
+            {"t": datetime.datetime.now() - datetime.timedelta(hours=1), "id": trial_id(trial)},
+        )
+    db.reap(study, grace_period=2)
+    assert db.trial(trial_id(trial)).state == TrialState.FAIL
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.system_attrs["failed_trial"] == trial.number
+    assert retry.params == trial.params
+    assert retry.user_attrs == {"note": "kept"}
