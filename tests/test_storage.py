@@ -269,3 +269,23 @@ def test_a_worker_started_while_the_database_is_down_waits_for_it(
     out = log.read_text()
     assert "does not exist" in out and "database unavailable" not in out, out
     assert time.monotonic() - started < 60  # the interpreter's start-up, not DB_RETRY_SECONDS
+
+
+@pytest.mark.parametrize(
+    ("said", "outage"),
+    [
+        ('connection to server at "127.0.0.1", port 5432 failed: Connection refused', True),
+        ("FATAL:  the database system is starting up", True),
+        ('FATAL:  database "nope" does not exist', False),
+        ('FATAL:  password authentication failed for user "ada"', False),
+        ('FATAL:  role "ada" does not exist', False),
+        ('FATAL:  no pg_hba.conf entry for host "10.0.0.2", user "ada"', False),
+    ],
+)
+def test_only_an_absent_database_server_is_waited_for(said: str, outage: bool) -> None:
+    import sqlalchemy.exc
+
+    from lightstudy.storage import _is_outage
+
+    assert _is_outage(sqlalchemy.exc.OperationalError("connect", {}, Exception(said))) is outage
+    assert not _is_outage(ValueError(said))  # not a connection error at all
