@@ -67,6 +67,17 @@ def test_bad_proxy_addresses_are_clear_errors(monkeypatch: pytest.MonkeyPatch) -
         serve("grpc://127.0.0.1:1")
 
 
+def test_a_taken_port_is_a_clear_error(sqlite_url: str) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(LightstudyError, match=f"cannot listen on 127.0.0.1:{port}"):
+            serve(sqlite_url, port=port)
+
+
 @pytest.fixture
 def proxy_url(pg_url: str) -> Iterator[tuple[str, str]]:
     port = free_port()

@@ -101,10 +101,11 @@ def serve(
             host,
         )
     pool = ThreadPoolExecutor(max_workers=threads)
-    server = make_server(ProxyStorage(rdb, admit), host, port, thread_pool=pool)  # type: ignore[arg-type]
+    server = None
     reaper: DatabaseStorage | None = None
     try:
-        try:
+        try:  # a taken port fails in make_server (binding), a few others in start
+            server = make_server(ProxyStorage(rdb, admit), host, port, thread_pool=pool)  # type: ignore[arg-type]
             server.start()
         except RuntimeError as e:
             raise LightstudyError(f"cannot listen on {host}:{port} ({e})", fix="choose another --port") from e
@@ -129,7 +130,8 @@ def serve(
     finally:
         # In-flight requests finish before the pools close: a proxy run inside a process (tests,
         # notebooks) must leave no database connection or thread behind when it returns.
-        server.stop(grace=5).wait()
+        if server is not None:
+            server.stop(grace=5).wait()
         pool.shutdown(wait=True)
         rdb.engine.dispose()
         if reaper is not None:
