@@ -67,6 +67,17 @@ def test_bad_proxy_addresses_are_clear_errors(monkeypatch: pytest.MonkeyPatch) -
         serve("grpc://127.0.0.1:1")
 
 
+def test_a_taken_port_is_a_clear_error(sqlite_url: str) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(LightstudyError, match=f"cannot listen on 127.0.0.1:{port}"):
+            serve(sqlite_url, port=port)
+
+
 @pytest.fixture
 def proxy_url(pg_url: str) -> Iterator[tuple[str, str]]:
     port = free_port()
@@ -87,6 +98,28 @@ def _connections(pg_url: str) -> int:
     database = pg_url.rsplit("/", 1)[1]
     with psycopg.connect("postgresql://postgres@127.0.0.1/postgres", autocommit=True) as conn:
         return int(conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,)).fetchone()[0])
+
+
+@pytest.mark.postgres
+def test_a_stopped_proxy_leaves_no_database_connection_open(pg_url: str) -> None:
+    port = free_port()
+    ready, stop = threading.Event(), threading.Event()
+    thread = threading.Thread(
+        target=serve, args=(pg_url,), kwargs={"port": port, "ready": ready, "stop": stop}, daemon=True
+    )
+    thread.start()
+    assert ready.wait(60)
+    client = open_storage(f"grpc://127.0.0.1:{port}")
+    client.create_new_study([optuna.study.StudyDirection.MINIMIZE], "s")
+    assert _connections(pg_url) > 0
+    client.close()
+    stop.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    deadline = time.monotonic() + 10  # a closed connection's server process ends soon after
+    while _connections(pg_url) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _connections(pg_url) == 0
 
 
 def _workers(grpc_url: str, run_dir: Path, n: int) -> list[subprocess.Popen[str]]:

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import PrivateServer
 from lightstudy.errors import StorageError
 from lightstudy.storage import (
     ENV_VAR,
@@ -160,3 +164,128 @@ def test_the_known_schema_is_the_one_optuna_creates(sqlite_url: str) -> None:
     from lightstudy.storage import SCHEMA_VERSIONS
 
     assert open_storage(sqlite_url).get_current_version() in SCHEMA_VERSIONS
+
+
+def test_the_worker_and_the_reaper_drop_the_same_attempt_attrs() -> None:
+    from lightstudy.storage.boundary import ATTEMPT_ATTRS
+    from lightstudy.worker import ATTEMPT_ATTRS as WORKER_ATTEMPT_ATTRS
+
+    assert set(WORKER_ATTEMPT_ATTRS) == ATTEMPT_ATTRS
+
+
+def test_a_reaped_trials_retry_inherits_no_attempt_attrs(sqlite_url: str) -> None:
+    import datetime
+
+    import sqlalchemy
+    from optuna.trial import TrialState
+
+    from conftest import tiny_spec
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.storage.boundary import ATTEMPT_ATTRS, DatabaseStorage, storage_of, trial_id
+    from lightstudy.study import create_study, load_study
+
+    create_study(spec_from_dict(tiny_spec(grace_period=2)), sqlite_url)
+    study, _ = load_study(sqlite_url, "tiny")
+    db = storage_of(study)
+    assert isinstance(db, DatabaseStorage)
+    trial = study.ask()
+    db.set_trial_attrs(trial_id(trial), {**{key: "attempt 1" for key in ATTEMPT_ATTRS}, "note": "kept"})
+    db.beat(trial_id(trial))
+    # Its worker died long ago: the last heartbeat is an hour old.
+    with db.rdb.engine.begin() as conn:
+        conn.execute(
+            sqlalchemy.text("UPDATE trial_heartbeats SET heartbeat = :t WHERE trial_id = :id"),
+            {"t": datetime.datetime.now() - datetime.timedelta(hours=1), "id": trial_id(trial)},
+        )
+    db.reap(study, grace_period=2)
+    assert db.trial(trial_id(trial)).state == TrialState.FAIL
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.system_attrs["failed_trial"] == trial.number
+    assert retry.params == trial.params
+    assert retry.user_attrs == {"note": "kept"}
+
+
+def test_waiting_for_a_database_that_never_comes_gives_up_at_the_deadline(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from conftest import free_port
+
+    monkeypatch.setattr("lightstudy.storage.DB_RETRY_SECONDS", 1.0)  # not the 180 s a worker waits
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none"
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"cannot open storage .*\(waited 1 s\)"):
+        open_storage(url, create=False, wait=True)
+    assert 0.5 < time.monotonic() - started < 10
+    assert "database unavailable" in caplog.text
+    caplog.clear()
+    with pytest.raises(StorageError, match="cannot open storage") as raised:  # without wait: at once
+        open_storage(url, create=False)
+    assert "waited" not in str(raised.value)
+    assert "database unavailable" not in caplog.text
+
+
+def _worker(url: str, run_dir: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "lightstudy", "worker", "--study", "tiny", "--run-dir", str(run_dir), "--threads", "1"]
+    with log.open("wb") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_a_worker_started_while_the_database_is_down_waits_for_it(
+    private_postgres: PrivateServer, tmp_path: Path
+) -> None:
+    from optuna.trial import TrialState
+
+    from conftest import tiny_spec
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.study import create_study, load_study
+
+    url = private_postgres.url
+    create_study(spec_from_dict(tiny_spec(n_trials=1, max_epochs=1)), url)
+    private_postgres.stop()
+    log = tmp_path / "worker.log"
+    proc = _worker(url, tmp_path / "run", log)
+    try:
+        deadline = time.monotonic() + 120  # the worker is up and waiting for the database
+        while "database unavailable" not in log.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert proc.poll() is None, log.read_text()  # it waits instead of exiting 2
+        private_postgres.start()
+        assert proc.wait(timeout=300) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    study, _ = load_study(url, "tiny")
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+
+    # What the user must fix is no outage: a database that does not exist fails at once.
+    missing = url.rsplit("/", 1)[0] + "/ls_fixes_no_such_database"
+    started = time.monotonic()
+    proc = _worker(missing, tmp_path / "run2", log)
+    assert proc.wait(timeout=120) == 2, log.read_text()
+    out = log.read_text()
+    assert "does not exist" in out and "database unavailable" not in out, out
+    assert time.monotonic() - started < 60  # the interpreter's start-up, not DB_RETRY_SECONDS
+
+
+@pytest.mark.parametrize(
+    ("said", "outage"),
+    [
+        ('connection to server at "127.0.0.1", port 5432 failed: Connection refused', True),
+        ("FATAL:  the database system is starting up", True),
+        ('FATAL:  database "nope" does not exist', False),
+        ('FATAL:  password authentication failed for user "ada"', False),
+        ('FATAL:  role "ada" does not exist', False),
+        ('FATAL:  no pg_hba.conf entry for host "10.0.0.2", user "ada"', False),
+    ],
+)
+def test_only_an_absent_database_server_is_waited_for(said: str, outage: bool) -> None:
+    import sqlalchemy.exc
+
+    from lightstudy.storage import _is_outage
+
+    assert _is_outage(sqlalchemy.exc.OperationalError("connect", {}, Exception(said))) is outage
+    assert not _is_outage(ValueError(said))  # not a connection error at all

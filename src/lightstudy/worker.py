@@ -124,7 +124,7 @@ class Worker:
         self.max_trials = max_trials
         self.poll_interval = poll_interval
         self.report = WorkerReport()
-        storage = open_storage(url, create=False)
+        storage = open_storage(url, create=False, wait=True)  # a restarting database is waited for
         self.db = wrap(storage)  # the storage boundary: every trial-state read and write goes here
         self.study, self.spec = load_study(url, study_name, storage=storage)
         self.run_dir = Path(run_dir or self.spec.run_dir).resolve()

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,10 @@ PROXY_WAIT_SECONDS = 30.0  # seconds a client waits for `lightstudy proxy` to an
 POOL_SIZE = 2  # connections a process keeps open to PostgreSQL (workers need 1-2)
 POOL_OVERFLOW = 4  # extra connections a burst may open, closed when returned
 POOL_RECYCLE = 1800  # seconds before a pooled connection is replaced
+
+# What the database says when the fault is the URL's or the account's, not an outage: a
+# worker does not wait for these (psycopg reports them as connection errors too).
+NOT_AN_OUTAGE = ("does not exist", "authentication failed", "no password supplied", "no pg_hba.conf entry")
 
 _log = logging.getLogger(__name__)
 
@@ -182,10 +187,14 @@ def record_attr(trial: Any, key: str, value: Any) -> None:
     retry_db(lambda: trial.set_user_attr(key, value), what="record the trial")
 
 
-def open_storage(url: str, *, create: bool = True) -> Any:
+def open_storage(url: str, *, create: bool = True, wait: bool = False) -> Any:
     """Connect to the study database (tables are created when ``create``), or to a
     ``lightstudy proxy`` for ``grpc://host:port``; returns the Optuna storage (:func:`wrap`
     gives its boundary).
+
+    With ``wait`` (a worker, which a scheduler may start while the database restarts), a
+    database that does not answer is waited for up to ``DB_RETRY_SECONDS``; what the user must
+    fix (a bad URL, a missing database, refused credentials, another schema) fails at once.
 
     Raises:
         StorageError: the database cannot be reached, has a schema lightstudy does not know, or,
@@ -227,24 +236,47 @@ def open_storage(url: str, *, create: bool = True) -> Any:
             pool_recycle=POOL_RECYCLE,
             connect_args={"connect_timeout": 10},
         )
-    try:
-        rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
-        version = rdb.get_current_version()
-    except (
-        sqlalchemy.exc.SQLAlchemyError,
-        optuna.exceptions.StorageInternalError,
-        OSError,
-        RuntimeError,
-    ) as e:
-        if isinstance(e, RuntimeError) and (stored := _stored_version(url)) is not None:
-            check_schema(url, stored)  # Optuna refused a schema of another release: say which
-        reason = db_error_text(e)
-        raise StorageError(
-            f"cannot open storage {redact(url)}: {redact_text(reason, url)}",
-            fix="check that the database server is running and the URL is right",
-        ) from e
+    started = time.monotonic()
+    deadline = started + (DB_RETRY_SECONDS if wait else 0.0)
+    delay = 0.2
+    while True:
+        rdb = None
+        try:
+            rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+            version = rdb.get_current_version()
+            break
+        except (
+            sqlalchemy.exc.SQLAlchemyError,
+            optuna.exceptions.StorageInternalError,
+            OSError,
+            RuntimeError,
+        ) as e:
+            if rdb is not None:
+                rdb.engine.dispose()
+            if isinstance(e, RuntimeError) and (stored := _stored_version(url)) is not None:
+                check_schema(url, stored)  # Optuna refused a schema of another release: say which
+            reason = redact_text(db_error_text(e), url)
+            if _is_outage(e) and time.monotonic() + delay <= deadline:
+                _log.warning("database unavailable (%s); retrying in %.1fs", reason, delay)
+                time.sleep(delay)  # backoff while the server is away, not a synchronisation
+                delay = min(delay * 2, 5.0)
+                continue
+            waited = time.monotonic() - started
+            raise StorageError(
+                f"cannot open storage {redact(url)}: {reason}" + (f" (waited {waited:.0f} s)" if wait else ""),
+                fix="check that the database server is running and the URL is right",
+            ) from e
     check_schema(url, version)
     return rdb
+
+
+def _is_outage(error: BaseException) -> bool:
+    """Whether ``error`` is the database being away (worth waiting for), not a wrong URL or account."""
+    cause = connection_error(error)
+    if cause is None:
+        return False
+    text = str(getattr(cause, "orig", None) or cause).lower()
+    return not any(sign in text for sign in NOT_AN_OUTAGE)
 
 
 def _stored_version(url: str) -> str | None:

@@ -35,12 +35,14 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial, TrialState
 
 __all__ = [
+    "ATTEMPT_ATTRS",
     "BUDGET_SPENT",
     "DB_RETRY_SECONDS",
     "HEARTBEAT_ATTR",
     "Counts",
     "DatabaseStorage",
     "ProxyClientStorage",
+    "RetryCallback",
     "StudyStorage",
     "beat",
     "claim_lock",
@@ -57,6 +59,26 @@ _CHUNK = 500  # ids per IN (...) query (SQLite's variable limit is far above)
 
 HEARTBEAT_ATTR = "lightstudy:heartbeat"  # trial system attr the proxy turns into a heartbeat
 BUDGET_SPENT = "lightstudy: study budget spent"  # the proxy's refusal of a fresh trial
+
+# User attrs that describe one attempt of a trial, not its parameters: a retry does not inherit
+# them. The worker's own list (lightstudy.worker.ATTEMPT_ATTRS, which this package cannot import:
+# the worker imports it) must equal this one; tests/test_storage.py checks. "checkpoint" is
+# lightstudy.checkpoints.CHECKPOINT_ATTR.
+ATTEMPT_ATTRS = frozenset(
+    {
+        "threads",
+        "warnings",
+        "fail_reason",
+        "interrupted",
+        "timings",
+        "checkpoint",
+        "worker",
+        "gpu",
+        "resumed_from",
+        "config",
+        "versions",
+    }
+)
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -151,6 +173,27 @@ def wrap(storage: BaseStorage) -> StudyStorage:
     return StudyStorage(storage)
 
 
+class RetryCallback:
+    """Optuna's ``RetryHeartbeatStaleTrialCallback`` (a WAITING copy of a failed trial, its
+    intermediate values inherited, at most ``max_retry`` attempts), less the attrs of the failed
+    attempt (:data:`ATTEMPT_ATTRS`): a reaped trial's retry must not claim its predecessor's
+    config, worker or ``resumed_from``."""
+
+    def __init__(self, max_retry: int | None) -> None:
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks the callback experimental
+            self._retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry, inherit_intermediate_values=True)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trial = copy.deepcopy(trial)
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ATTEMPT_ATTRS}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._retry(study, trial)
+
+
 class StudyStorage:
     """A study storage as lightstudy uses it; this base class serves any Optuna storage through
     its public API (in memory, journal), the subclasses add what their backend can do better."""
@@ -216,13 +259,10 @@ class StudyStorage:
     def requeue(self, study: optuna.Study, frozen: FrozenTrial, max_retry: int | None) -> None:
         """Queue a WAITING copy of the failed trial ``frozen`` (same params and user attrs, the
         intermediate values inherited), as Optuna's RetryHeartbeatStaleTrialCallback does; its
-        retry history grows by one. Past ``max_retry`` attempts nothing is queued."""
-        from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            callback = RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)
-            retry_db(lambda: callback(study, copy.deepcopy(frozen)), what="retry")
+        retry history grows by one; the attempt's attrs (:data:`ATTEMPT_ATTRS`) are dropped. Past
+        ``max_retry`` attempts nothing is queued."""
+        callback = RetryCallback(max_retry)
+        retry_db(lambda: callback(study, frozen), what="retry")
 
     # --- the budget and claims --------------------------------------------------------------
 
@@ -385,13 +425,9 @@ class DatabaseStorage(StudyStorage):
     def configure(self, heartbeat_interval: int, grace_period: int, max_retry: int | None) -> None:
         """The spec lives in the database, so the storage is open before the settings are known;
         these are the public attributes RDBStorage's own constructor sets from the same arguments."""
-        from optuna.storages import RetryHeartbeatStaleTrialCallback
-
         self.rdb.heartbeat_interval = heartbeat_interval
         self.rdb.grace_period = grace_period
-        self.rdb.heartbeat_stale_trial_callback = RetryHeartbeatStaleTrialCallback(
-            max_retry=max_retry, inherit_intermediate_values=True
-        )
+        self.rdb.heartbeat_stale_trial_callback = RetryCallback(max_retry)
         self.rdb.failed_trial_callback = self.rdb.heartbeat_stale_trial_callback
 
     def reap(self, study: optuna.Study, grace_period: float) -> int:

@@ -101,20 +101,22 @@ def serve(
             host,
         )
     pool = ThreadPoolExecutor(max_workers=threads)
-    server = make_server(ProxyStorage(rdb, admit), host, port, thread_pool=pool)  # type: ignore[arg-type]
+    server = None
+    reaper: DatabaseStorage | None = None
     try:
-        server.start()
-    except RuntimeError as e:
-        raise LightstudyError(f"cannot listen on {host}:{port} ({e})", fix="choose another --port") from e
-    _log.info(
-        "gRPC storage proxy for %s on %s:%d; workers use --storage grpc://%s:%d", redact(url), host, port, host, port
-    )
-    reaper = wrap(open_storage(url))  # heartbeat settings are per study: the reaper owns this one
-    assert isinstance(reaper, DatabaseStorage)
-    stop = stop or threading.Event()
-    if ready is not None:
-        ready.set()
-    try:
+        try:  # a taken port fails in make_server (binding), a few others in start
+            server = make_server(ProxyStorage(rdb, admit), host, port, thread_pool=pool)  # type: ignore[arg-type]
+            server.start()
+        except RuntimeError as e:
+            raise LightstudyError(f"cannot listen on {host}:{port} ({e})", fix="choose another --port") from e
+        address = f"{host}:{port}"
+        _log.info("gRPC storage proxy for %s on %s; workers use --storage grpc://%s", redact(url), address, address)
+        opened = wrap(open_storage(url))  # heartbeat settings are per study: the reaper owns this one
+        assert isinstance(opened, DatabaseStorage)
+        reaper = opened
+        stop = stop or threading.Event()
+        if ready is not None:
+            ready.set()
         while not stop.wait(reap_interval):
             try:
                 count = reap(reaper)
@@ -126,4 +128,11 @@ def serve(
     except KeyboardInterrupt:
         pass
     finally:
-        server.stop(grace=5)
+        # In-flight requests finish before the pools close: a proxy run inside a process (tests,
+        # notebooks) must leave no database connection or thread behind when it returns.
+        if server is not None:
+            server.stop(grace=5).wait()
+        pool.shutdown(wait=True)
+        rdb.engine.dispose()
+        if reaper is not None:
+            reaper.rdb.engine.dispose()
