@@ -403,3 +403,53 @@ def test_a_signal_before_the_trial_process_starts_hands_the_trial_back(
     assert first.state == TrialState.FAIL and first.user_attrs["interrupted"] is True
     assert retry.state == TrialState.WAITING
     assert not (tmp_path / "run" / "trials" / "trial-0000" / "trial.log").exists()  # never started
+
+
+MARKING_CLI = """
+import os
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+
+class MarkingCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        Path(os.environ["MARK"]).write_text("parsed")
+        parser.link_arguments("data.init_args.batch_size", "model.init_args.hidden")
+"""
+
+
+def test_forkserver_warm_up_logs_its_stages_and_parses_with_the_study_cli(tmp_path: Path) -> None:
+    """What the worker's forkserver runs on preloading lightstudy._warm: one logged, explicit call."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "my_cli.py").write_text(MARKING_CLI)
+    doc = tiny_spec("warmed")
+    doc["cli"] = "my_cli.MarkingCLI"
+    doc["model"]["init_args"].pop("hidden")
+    mark = tmp_path / "mark"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join((str(tmp_path), PYTHONPATH)),
+        "LIGHTSTUDY_WARM_SPEC": json.dumps(doc),
+        "LIGHTSTUDY_VERBOSE": "1",
+        "MARK": str(mark),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", "import lightstudy._warm"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert mark.read_text() == "parsed"  # the study's own cli: class parsed its config
+    line = next(x for x in done.stderr.splitlines() if "forkserver warm-up: imported" in x)
+    assert "lightning.pytorch" in line and "lightstudy.trial" in line
+    assert "import " in line and "trial path " in line and "study config " in line, line
+    assert "failed" not in done.stderr, done.stderr
+    # A study config that cannot be parsed is a logged warning, never a failed forkserver.
+    env["LIGHTSTUDY_WARM_SPEC"] = json.dumps({**doc, "cli": "my_cli.NoSuchCLI"})
+    done = subprocess.run(
+        [sys.executable, "-c", "import lightstudy._warm"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "forkserver warm-up: the study config failed, trials start cold" in done.stderr, done.stderr

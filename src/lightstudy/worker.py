@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Worker", "WorkerReport"]
 
+WARM_SPEC_VAR = "LIGHTSTUDY_WARM_SPEC"  # lightstudy._warm's (it imports torch: the worker never does)
 POLL_INTERVAL = 2.0  # seconds between budget checks while other workers' trials run
 # User attrs that describe one attempt; a retry does not inherit them.
 ATTEMPT_ATTRS = (
@@ -210,8 +211,9 @@ class Worker:
         if self._ctx is None:
             # NVML answers "is there a GPU?" without initializing CUDA in the warm process.
             os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-            # The forkserver warms up on this study's own classes (lightstudy._warm).
-            os.environ["LIGHTSTUDY_WARM_SPEC"] = json.dumps(self.spec.to_dict(with_storage=False))
+            # Preloading lightstudy._warm runs its warm_forkserver(study's spec) in the forkserver:
+            # imports, one tiny trial, this study's config through its own cli: class, all logged.
+            os.environ[WARM_SPEC_VAR] = json.dumps(self.spec.to_dict(with_storage=False))
             ctx = multiprocessing.get_context("forkserver")
             # (not "__main__": Python 3.11 never passes its path to the forkserver; the CLI
             # script a child re-runs as its main module only imports lightstudy.cli, preloaded.)
