@@ -453,3 +453,35 @@ def test_forkserver_warm_up_logs_its_stages_and_parses_with_the_study_cli(tmp_pa
     )
     assert done.returncode == 0, done.stderr
     assert "forkserver warm-up: the study config failed, trials start cold" in done.stderr, done.stderr
+
+
+def test_each_told_trial_gets_its_dashboard_note_and_a_failed_note_fails_nothing(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import optuna
+    from optuna_dashboard import get_note
+
+    import lightstudy.dashboard
+    from lightstudy.storage.boundary import trial_id
+
+    create_study(spec_from_dict(tiny_spec(n_trials=2, max_epochs=1)), sqlite_url)
+    real = lightstudy.dashboard.write_trial_note
+    calls: list[int] = []
+
+    def first_fails(study: Any, spec: Any, number: int) -> str:
+        calls.append(number)
+        if len(calls) == 1:
+            raise RuntimeError("the dashboard's storage said no")
+        return real(study, spec, number)
+
+    monkeypatch.setattr(lightstudy.dashboard, "write_trial_note", first_fails)
+    report = Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", threads=1).run()
+    assert (report.complete, report.failed) == (2, 0)  # the failed note failed no trial
+    assert calls == [0, 1]
+    assert "trial 0: could not write its dashboard note (the dashboard's storage said no)" in caplog.text
+    study, _ = load_study(sqlite_url, "tiny")
+    first, second = study.get_trials()
+    assert get_note(optuna.trial.Trial(study, trial_id(first))) == ""
+    note = get_note(optuna.trial.Trial(study, trial_id(second)))
+    assert note.startswith("## Trial 1: complete"), note
+    assert "`model.init_args.lr` = " in note
