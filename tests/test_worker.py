@@ -403,3 +403,85 @@ def test_a_signal_before_the_trial_process_starts_hands_the_trial_back(
     assert first.state == TrialState.FAIL and first.user_attrs["interrupted"] is True
     assert retry.state == TrialState.WAITING
     assert not (tmp_path / "run" / "trials" / "trial-0000" / "trial.log").exists()  # never started
+
+
+MARKING_CLI = """
+import os
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+
+class MarkingCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        Path(os.environ["MARK"]).write_text("parsed")
+        parser.link_arguments("data.init_args.batch_size", "model.init_args.hidden")
+"""
+
+
+def test_forkserver_warm_up_logs_its_stages_and_parses_with_the_study_cli(tmp_path: Path) -> None:
+    """What the worker's forkserver runs on preloading lightstudy._warm: one logged, explicit call."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "my_cli.py").write_text(MARKING_CLI)
+    doc = tiny_spec("warmed")
+    doc["cli"] = "my_cli.MarkingCLI"
+    doc["model"]["init_args"].pop("hidden")
+    mark = tmp_path / "mark"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join((str(tmp_path), PYTHONPATH)),
+        "LIGHTSTUDY_WARM_SPEC": json.dumps(doc),
+        "LIGHTSTUDY_VERBOSE": "1",
+        "MARK": str(mark),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", "import lightstudy._warm"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert mark.read_text() == "parsed"  # the study's own cli: class parsed its config
+    line = next(x for x in done.stderr.splitlines() if "forkserver warm-up: imported" in x)
+    assert "lightning.pytorch" in line and "lightstudy.trial" in line
+    assert "import " in line and "trial path " in line and "study config " in line, line
+    assert "failed" not in done.stderr, done.stderr
+    # A study config that cannot be parsed is a logged warning, never a failed forkserver.
+    env["LIGHTSTUDY_WARM_SPEC"] = json.dumps({**doc, "cli": "my_cli.NoSuchCLI"})
+    done = subprocess.run(
+        [sys.executable, "-c", "import lightstudy._warm"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "forkserver warm-up: the study config failed, trials start cold" in done.stderr, done.stderr
+
+
+def test_each_told_trial_gets_its_dashboard_note_and_a_failed_note_fails_nothing(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import optuna
+    from optuna_dashboard import get_note
+
+    import lightstudy.dashboard
+    from lightstudy.storage.boundary import trial_id
+
+    create_study(spec_from_dict(tiny_spec(n_trials=2, max_epochs=1)), sqlite_url)
+    real = lightstudy.dashboard.write_trial_note
+    calls: list[int] = []
+
+    def first_fails(study: Any, spec: Any, number: int) -> str:
+        calls.append(number)
+        if len(calls) == 1:
+            raise RuntimeError("the dashboard's storage said no")
+        return real(study, spec, number)
+
+    monkeypatch.setattr(lightstudy.dashboard, "write_trial_note", first_fails)
+    report = Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", threads=1).run()
+    assert (report.complete, report.failed) == (2, 0)  # the failed note failed no trial
+    assert calls == [0, 1]
+    assert "trial 0: could not write its dashboard note (the dashboard's storage said no)" in caplog.text
+    study, _ = load_study(sqlite_url, "tiny")
+    first, second = study.get_trials()
+    assert get_note(optuna.trial.Trial(study, trial_id(first))) == ""
+    note = get_note(optuna.trial.Trial(study, trial_id(second)))
+    assert note.startswith("## Trial 1: complete"), note
+    assert "`model.init_args.lr` = " in note

@@ -153,6 +153,9 @@ def trial_main(job: TrialJob, conn: Any) -> None:
     os.dup2(fd, 2)
     os.close(fd)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    from lightstudy.lightning_config import quiet_lightning
+
+    quiet_lightning()  # Lightning's INFO lines and noise warnings out of trial.log ($LIGHTSTUDY_VERBOSE keeps them)
     try:
         outcome = run_trial(job, conn)
     except BaseException as e:  # never let the worker guess what happened

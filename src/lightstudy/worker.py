@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Worker", "WorkerReport"]
 
+WARM_SPEC_VAR = "LIGHTSTUDY_WARM_SPEC"  # lightstudy._warm's (it imports torch: the worker never does)
 POLL_INTERVAL = 2.0  # seconds between budget checks while other workers' trials run
 # User attrs that describe one attempt; a retry does not inherit them.
 ATTEMPT_ATTRS = (
@@ -139,81 +140,70 @@ class Worker:
     # --- the loop ---------------------------------------------------------------------------
 
     def run(self) -> WorkerReport:
-        """Claim and run trials until the study is done, the worker's limit, or a signal."""
+        """Claim and run trials until the study is done, the worker's limit, or a signal.
+
+        One trial, top to bottom: claim (Optuna samples its parameters) → prepare (its folder,
+        seed, and the checkpoint a retry resumes from) → run (its process(es), heartbeats while
+        they train) → record (:meth:`_finish`: as :data:`RECORD` says, then its files).
+        """
+        from optuna.pruners import NopPruner
+
+        from lightstudy.study import claim_trial
+
         previous = self._install_signal_handlers()
         try:
-            while not self._signals:
-                if self.max_trials is not None and self.report.total >= self.max_trials:
-                    break
+            while not self._signals and (self.max_trials is None or self.report.total < self.max_trials):
+                # 1. claim
                 claimed = time.time()
-                trial, budget = retry_db(lambda: self._claim(), what="claim a trial")
+                trial, budget = retry_db(lambda: claim_trial(self.study, self.spec), what="claim a trial")
                 if trial is None:
                     if budget.done:
                         _log.info("study %s is done (%d trials counted)", self.study_name, budget.used)
                         break
                     self._sleep(self.poll_interval)  # others still run trials that may be retried
                     continue
-                self._run_one(trial, claim=time.time() - claimed)
+                # 2. prepare: the lineage's folder, its seed, a retry's last.ckpt
+                prepared = time.time()
+                frozen = self.db.trial(trial_id(trial))
+                root = lineage_root(frozen)
+                trial_dir = trial_dir_name(root)
+                history = frozen.system_attrs.get("retry_history") or []
+                last = self.run_dir / trial_dir / "checkpoints" / "last.ckpt"
+                resume, resumed_trial = (str(last), history[-1]) if history and last.exists() else (None, None)
+                seed = frozen.user_attrs.get("seed")
+                if seed is None and self.spec.study.seed is not None:
+                    seed = (self.spec.study.seed + root) % 2**31
+                worker = f"{socket.gethostname()}:{os.getpid()}"
+                attrs = {"seed": seed, "worker": worker, "gpu": self.gpu, "threads": self.threads}
+                self._set_attrs(trial, {**attrs, TRIAL_DIR_ATTR: trial_dir})
+                job = TrialJob(
+                    storage_url=self.url,
+                    study_name=self.study_name,
+                    trial_id=trial_id(trial),
+                    number=trial.number,
+                    spec=self.spec.to_dict(),
+                    params=dict(trial.params),
+                    seed=seed,
+                    run_dir=str(self.run_dir),
+                    trial_dir=trial_dir,
+                    resume=resume,
+                    resumed_trial=resumed_trial,
+                    threads=self.threads,
+                    prunes=not isinstance(self.study.pruner, NopPruner),  # by name or by class path
+                )
+                retry_of = f" (retry of {resumed_trial}, resuming)" if resume else ""
+                _log.info("trial %d started%s: %s", trial.number, retry_of, _short(job.params))
+                # 3. run: rank 0's outcome, or None and why the process died
+                start, self._trial = time.time(), trial
+                with _Heartbeat(self.db, trial_id(trial), self.spec.study.heartbeat_interval):
+                    outcome, died = self._run_child(job)
+                if outcome is not None:  # the worker's share of the trial's time, beside the process's own
+                    outcome.timings.update(claim=prepared - claimed, prepare=job.started - prepared)
+                # 4. record
+                self._finish(trial, outcome, died, trial_dir, time.time() - start)
         finally:
             self._restore_signal_handlers(previous)
         return self.report
-
-    def _claim(self) -> tuple[optuna.Trial | None, Any]:
-        from lightstudy.study import claim_trial
-
-        return claim_trial(self.study, self.spec)
-
-    def _run_one(self, trial: optuna.Trial, claim: float = 0.0) -> None:
-        from optuna.pruners import NopPruner
-
-        prepared = time.time()
-        frozen = self.db.trial(trial_id(trial))
-        root = lineage_root(frozen)
-        trial_dir = trial_dir_name(root)
-        resume, resumed_trial = None, None
-        history = frozen.system_attrs.get("retry_history") or []
-        last = self.run_dir / trial_dir / "checkpoints" / "last.ckpt"
-        if history and last.exists():
-            resume, resumed_trial = str(last), history[-1]
-        seed = frozen.user_attrs.get("seed")
-        if seed is None and self.spec.study.seed is not None:
-            seed = (self.spec.study.seed + root) % 2**31
-        attrs = {
-            "seed": seed,
-            "worker": f"{socket.gethostname()}:{os.getpid()}",
-            "gpu": self.gpu,
-            "threads": self.threads,
-            TRIAL_DIR_ATTR: trial_dir,
-        }
-        self._set_attrs(trial, attrs)
-        job = TrialJob(
-            storage_url=self.url,
-            study_name=self.study_name,
-            trial_id=trial_id(trial),
-            number=trial.number,
-            spec=self.spec.to_dict(),
-            params=dict(trial.params),
-            seed=seed,
-            run_dir=str(self.run_dir),
-            trial_dir=trial_dir,
-            resume=resume,
-            resumed_trial=resumed_trial,
-            threads=self.threads,
-            prunes=not isinstance(self.study.pruner, NopPruner),  # by name or by class path
-        )
-        _log.info(
-            "trial %d started%s: %s",
-            trial.number,
-            f" (retry of {resumed_trial}, resuming)" if resume else "",
-            _short(job.params),
-        )
-        start = time.time()
-        self._trial = trial
-        with _Heartbeat(self.db, trial_id(trial), self.spec.study.heartbeat_interval):
-            outcome, reason = self._run_child(job)
-        if outcome is not None:  # the worker's share of the trial's time, beside the process's own
-            outcome.timings.update(claim=claim, prepare=job.started - prepared)
-        self._finish(trial, outcome, reason, trial_dir, time.time() - start)
 
     # --- the trial process ------------------------------------------------------------------
 
@@ -221,8 +211,9 @@ class Worker:
         if self._ctx is None:
             # NVML answers "is there a GPU?" without initializing CUDA in the warm process.
             os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-            # The forkserver warms up on this study's own classes (lightstudy._warm).
-            os.environ["LIGHTSTUDY_WARM_SPEC"] = json.dumps(self.spec.to_dict(with_storage=False))
+            # Preloading lightstudy._warm runs its warm_forkserver(study's spec) in the forkserver:
+            # imports, one tiny trial, this study's config through its own cli: class, all logged.
+            os.environ[WARM_SPEC_VAR] = json.dumps(self.spec.to_dict(with_storage=False))
             ctx = multiprocessing.get_context("forkserver")
             # (not "__main__": Python 3.11 never passes its path to the forkserver; the CLI
             # script a child re-runs as its main module only imports lightstudy.cli, preloaded.)
@@ -274,13 +265,7 @@ class Worker:
             why = outcome.reason or "unknown"
         else:  # the process died: why, or that we were stopping
             why = "stopped by signal" if state == Outcome.INTERRUPTED else (reason or "unknown")
-        attrs: dict[str, Any] = {}
-        if outcome is not None:
-            attrs["timings"] = {k: round(v, 4) for k, v in outcome.timings.items()}
-            if outcome.warnings:
-                attrs["warnings"] = outcome.warnings
-                for text in outcome.warnings:
-                    _log.warning("trial %d: %s", trial.number, text)
+        attrs = self._attempt_attrs(trial, outcome)
         values, ref = None, None
         if state == Outcome.COMPLETE:
             assert outcome is not None and outcome.values is not None
@@ -299,6 +284,7 @@ class Worker:
             self._tell(trial, TrialState[told], values)
             if retry is not None:
                 retried = self._retry(trial, max_retry=self.spec.study.max_retry if retry == "max_retry" else None)
+            self._write_note(trial)
         except UpdateFinishedTrialError:
             # The database was away longer than the grace period and another worker failed the
             # trial as stale (and retried it); its outcome here is lost, the study is not.
@@ -311,6 +297,26 @@ class Worker:
             remove_local(self.run_dir, trial_dir)
         retry_db(lambda: sweep_local(self.study, self.run_dir), what="sweep checkpoints")
         self.report.trials.append(trial.number)
+
+    def _write_note(self, trial: optuna.Trial) -> None:
+        """The trial's note in optuna-dashboard (outcome, reason, params, checkpoint); a failure is logged."""
+        from lightstudy.dashboard import write_trial_note
+
+        try:
+            retry_db(lambda: write_trial_note(self.study, self.spec, trial.number), what="trial note")
+        except Exception as e:  # the note is for people reading the dashboard: the trial counts without it
+            _log.warning("trial %d: could not write its dashboard note (%s)", trial.number, db_error_text(e))
+
+    def _attempt_attrs(self, trial: optuna.Trial, outcome: TrialOutcome | None) -> dict[str, Any]:
+        """What the trial process measured and warned about, as the trial's user attrs."""
+        attrs: dict[str, Any] = {}
+        if outcome is not None:
+            attrs["timings"] = {k: round(v, 4) for k, v in outcome.timings.items()}
+            if outcome.warnings:
+                attrs["warnings"] = outcome.warnings
+                for text in outcome.warnings:
+                    _log.warning("trial %d: %s", trial.number, text)
+        return attrs
 
     def _count(
         self, trial: optuna.Trial, state: Outcome, values: list[float] | None, why: str, seconds: float, retried: bool
