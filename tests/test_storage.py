@@ -166,13 +166,6 @@ def test_the_known_schema_is_the_one_optuna_creates(sqlite_url: str) -> None:
     assert open_storage(sqlite_url).get_current_version() in SCHEMA_VERSIONS
 
 
-def test_the_worker_and_the_reaper_drop_the_same_attempt_attrs() -> None:
-    from lightstudy.storage.boundary import ATTEMPT_ATTRS
-    from lightstudy.worker import ATTEMPT_ATTRS as WORKER_ATTEMPT_ATTRS
-
-    assert set(WORKER_ATTEMPT_ATTRS) == ATTEMPT_ATTRS
-
-
 def test_a_reaped_trials_retry_inherits_no_attempt_attrs(sqlite_url: str) -> None:
     import datetime
 

@@ -49,20 +49,6 @@ __all__ = ["Worker", "WorkerReport"]
 
 WARM_SPEC_VAR = "LIGHTSTUDY_WARM_SPEC"  # lightstudy._warm's (it imports torch: the worker never does)
 POLL_INTERVAL = 2.0  # seconds between budget checks while other workers' trials run
-# User attrs that describe one attempt; a retry does not inherit them.
-ATTEMPT_ATTRS = (
-    "threads",
-    "warnings",
-    "fail_reason",
-    "interrupted",
-    "timings",
-    CHECKPOINT_ATTR,
-    "worker",
-    "gpu",
-    "resumed_from",
-    "config",
-    "versions",
-)
 
 # How each outcome is recorded: (the trial's state in Optuna, its retry: None for none,
 # "always" for a hand-back that max_retry does not limit, "max_retry" for up to that many
@@ -388,7 +374,6 @@ class Worker:
     def _retry(self, trial: optuna.Trial, *, max_retry: int | None) -> bool:
         """Queue a WAITING copy of a failed trial (same params, inherited intermediate values)."""
         frozen = copy.deepcopy(self.db.trial(trial_id(trial)))
-        frozen.user_attrs = {k: v for k, v in frozen.user_attrs.items() if k not in ATTEMPT_ATTRS}
         attempts = len(frozen.system_attrs.get("retry_history", [])) + 1
         if max_retry is not None and attempts > max_retry:  # the callback's own rule, read first
             return False

@@ -61,9 +61,8 @@ HEARTBEAT_ATTR = "lightstudy:heartbeat"  # trial system attr the proxy turns int
 BUDGET_SPENT = "lightstudy: study budget spent"  # the proxy's refusal of a fresh trial
 
 # User attrs that describe one attempt of a trial, not its parameters: a retry does not inherit
-# them. The worker's own list (lightstudy.worker.ATTEMPT_ATTRS, which this package cannot import:
-# the worker imports it) must equal this one; tests/test_storage.py checks. "checkpoint" is
-# lightstudy.checkpoints.CHECKPOINT_ATTR.
+# them, whether the worker requeues it (StudyStorage.requeue) or the reaper does (RetryCallback).
+# "checkpoint" is lightstudy.checkpoints.CHECKPOINT_ATTR.
 ATTEMPT_ATTRS = frozenset(
     {
         "threads",
