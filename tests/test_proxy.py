@@ -78,18 +78,29 @@ def test_a_taken_port_is_a_clear_error(sqlite_url: str) -> None:
             serve(sqlite_url, port=port)
 
 
+class Serving:
+    """``lightstudy proxy`` serving ``pg_url`` in a thread, on a free port, until ``stop()``."""
+
+    def __init__(self, pg_url: str) -> None:
+        self.port = free_port()
+        self.url = f"grpc://127.0.0.1:{self.port}"
+        ready, self._stop = threading.Event(), threading.Event()
+        self.thread = threading.Thread(
+            target=serve, args=(pg_url,), kwargs={"port": self.port, "ready": ready, "stop": self._stop}, daemon=True
+        )
+        self.thread.start()
+        assert ready.wait(60)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(30)
+
+
 @pytest.fixture
 def proxy_url(pg_url: str) -> Iterator[tuple[str, str]]:
-    port = free_port()
-    ready, stop = threading.Event(), threading.Event()
-    thread = threading.Thread(
-        target=serve, args=(pg_url,), kwargs={"port": port, "ready": ready, "stop": stop}, daemon=True
-    )
-    thread.start()
-    assert ready.wait(60)
-    yield pg_url, f"grpc://127.0.0.1:{port}"
-    stop.set()
-    thread.join(30)
+    proxy = Serving(pg_url)
+    yield pg_url, proxy.url
+    proxy.stop()
 
 
 def _connections(pg_url: str) -> int:
@@ -102,20 +113,13 @@ def _connections(pg_url: str) -> int:
 
 @pytest.mark.postgres
 def test_a_stopped_proxy_leaves_no_database_connection_open(pg_url: str) -> None:
-    port = free_port()
-    ready, stop = threading.Event(), threading.Event()
-    thread = threading.Thread(
-        target=serve, args=(pg_url,), kwargs={"port": port, "ready": ready, "stop": stop}, daemon=True
-    )
-    thread.start()
-    assert ready.wait(60)
-    client = open_storage(f"grpc://127.0.0.1:{port}")
+    proxy = Serving(pg_url)
+    client = open_storage(proxy.url)
     client.create_new_study([optuna.study.StudyDirection.MINIMIZE], "s")
     assert _connections(pg_url) > 0
     client.close()
-    stop.set()
-    thread.join(30)
-    assert not thread.is_alive()
+    proxy.stop()
+    assert not proxy.thread.is_alive()
     deadline = time.monotonic() + 10  # a closed connection's server process ends soon after
     while _connections(pg_url) and time.monotonic() < deadline:
         time.sleep(0.05)
