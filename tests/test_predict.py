@@ -10,6 +10,7 @@ from conftest import Finished, run_cli
 from lightstudy.errors import LightstudyError
 from lightstudy.examples import DigitsDataModule
 from lightstudy.study import load_study
+from lightstudy.summary import recorded_config
 
 
 @pytest.mark.slow
@@ -23,7 +24,7 @@ def test_predictions_match_the_best_trials_test_accuracy(finished_study: Finishe
         rows = list(csv.DictReader(handle))
     study, _ = load_study(finished_study.url, finished_study.name)
     best = study.best_trial
-    data = DigitsDataModule(**best.user_attrs["config"]["data"]["init_args"])
+    data = DigitsDataModule(**recorded_config(best)["data"]["init_args"])
     data.setup("predict")
     labels = data._splits["test"].tensors[1]
     assert len(rows) == len(labels) == 359

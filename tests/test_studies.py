@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 from conftest import REPO, Dashboard, cli
 from lightstudy.spec import load_spec
 from lightstudy.study import load_study
+from lightstudy.summary import recorded_config
 
 STUDIES = sorted((REPO / "studies").glob("*.yaml"))
 
@@ -49,7 +50,7 @@ def test_default_digits_study_meets_its_promise(tmp_path: Path) -> None:
 
     best = tmp_path / "runs/digits/artifacts" / study.best_trial.user_attrs["checkpoint"]["artifact_id"]
     model = ConvNet.load_from_checkpoint(best, weights_only=True)
-    data = DigitsDataModule(**study.best_trial.user_attrs["config"]["data"]["init_args"])
+    data = DigitsDataModule(**recorded_config(study.best_trial)["data"]["init_args"])
     trainer = lp.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     score = trainer.validate(model, datamodule=data, verbose=False)[0]["val_acc"]
     assert score == pytest.approx(study.best_value, abs=1e-4)

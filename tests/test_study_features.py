@@ -17,6 +17,7 @@ from lightstudy.errors import SpecError
 from lightstudy.lightning_config import check_spec
 from lightstudy.spec import spec_from_dict
 from lightstudy.study import create_study, load_study
+from lightstudy.summary import recorded_config
 from lightstudy.worker import Worker
 
 
@@ -64,7 +65,7 @@ def test_conditional_study_runs(tmp_path: Path, sqlite_url: str) -> None:
     for t in study.trials:
         kind = t.params["optimizer.class_path"]
         assert ("optimizer.init_args.momentum" in t.params) == (kind == "torch.optim.SGD")
-        optimizer = t.user_attrs["config"]["optimizer"]
+        optimizer = recorded_config(t)["optimizer"]
         assert optimizer["class_path"] == kind
         if kind == "torch.optim.AdamW":
             assert optimizer["init_args"]["weight_decay"] == t.params["optimizer.init_args.weight_decay"]

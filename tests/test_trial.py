@@ -8,6 +8,7 @@ import pytest
 from conftest import tiny_spec
 from lightstudy.spec import spec_from_dict
 from lightstudy.study import claim_trial, create_study, load_study
+from lightstudy.summary import CONFIG_ATTR, recorded_config
 from lightstudy.trial import TrialJob, TrialOutcome, run_trial, trial_dir_name
 
 
@@ -38,9 +39,15 @@ def test_a_trial_trains_and_records_config_and_versions(tmp_path: Path) -> None:
     assert outcome.state == "complete", outcome.reason
     assert outcome.values is not None and 0.0 < outcome.values[0] <= 1.0
     assert outcome.checkpoint and (tmp_path / "run" / outcome.checkpoint).exists()
-    assert frozen.user_attrs["config"]["model"]["init_args"]["lr"] == frozen.params["model.init_args.lr"]
-    assert frozen.user_attrs["config"]["data"]["init_args"]["batch_size"] == frozen.params["data.init_args.batch_size"]
+    assert recorded_config(frozen)["model"]["init_args"]["lr"] == frozen.params["model.init_args.lr"]
+    assert recorded_config(frozen)["data"]["init_args"]["batch_size"] == frozen.params["data.init_args.batch_size"]
     assert frozen.user_attrs["versions"]["namespace"] == "lightning.pytorch"
+    # the long config is a system attr (off the dashboard's page); the user attrs hold one line
+    assert "config" not in frozen.user_attrs and recorded_config(frozen) == frozen.system_attrs[CONFIG_ATTR]
+    assert (
+        frozen.user_attrs["config_summary"].startswith("ConvNet · DigitsDataModule")
+        and len(frozen.user_attrs["config_summary"]) <= 160
+    )
     assert set(frozen.intermediate_values) == {0, 1}  # val_acc reported every epoch
     assert (tmp_path / "run" / "trials" / "trial-0000").is_dir()  # one log folder per trial
 

@@ -26,6 +26,7 @@ from lightstudy.examples import (
 from lightstudy.examples.transforms import build_batch_transform, build_transforms
 from lightstudy.lightning_config import build, check_spec, import_class
 from lightstudy.spec import load_spec, spec_from_dict
+from lightstudy.summary import recorded_config
 from vision_data import run_one_trial, vision_doc, write_cifar10, write_image_folder, write_mnist
 
 MODEL = "lightstudy.examples.TorchvisionClassifier"
@@ -92,7 +93,7 @@ def test_each_data_module_runs_a_real_trial(tmp_path: Path, name: str) -> None:
     assert outcome.values is not None and 0.0 <= outcome.values[0] <= 1.0
     assert set(frozen.intermediate_values) == {0}
     # LightningCLI kept the transform lists as written, so the recorded config reproduces the trial.
-    recorded = frozen.user_attrs["config"]["data"]["init_args"]
+    recorded = recorded_config(frozen)["data"]["init_args"]
     for key, value in data["init_args"].items():
         assert recorded.get(key) == value  # the dump leaves out None
 
@@ -118,7 +119,7 @@ def test_a_spec_with_optimizer_and_lr_scheduler_sections_overrides_configure_opt
     outcome, frozen = run_one_trial(tmp_path, doc)
     assert outcome.state == "complete", outcome.reason
     lr = frozen.params["optimizer.init_args.lr"]
-    assert 0.01 <= lr <= 0.1 and frozen.user_attrs["config"]["optimizer"]["init_args"]["lr"] == lr
+    assert 0.01 <= lr <= 0.1 and recorded_config(frozen)["optimizer"]["init_args"]["lr"] == lr
 
 
 @pytest.mark.filterwarnings("ignore:`TorchvisionClassifier.configure_optimizers` will be overridden")

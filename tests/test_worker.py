@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from conftest import PrivateServer, cli, tiny_spec
 from lightstudy.spec import spec_from_dict
 from lightstudy.study import create_study, load_study, retried_numbers
+from lightstudy.summary import CONFIG_ATTR, recorded_config
 from lightstudy.worker import Worker
 
 TESTS = str(Path(__file__).parent)
@@ -272,7 +273,8 @@ def test_pruning_goes_through_the_worker(tmp_path: Path, sqlite_url: str) -> Non
     for t in study.get_trials():
         assert t.state == TrialState.PRUNED
         assert list(t.intermediate_values) == [0]
-        assert t.user_attrs["config"]["trainer"]["max_epochs"] == 2  # attrs came over the pipe too
+        assert recorded_config(t)["trainer"]["max_epochs"] == 2  # attrs came over the pipe too
+        assert "config" not in t.user_attrs and t.system_attrs[CONFIG_ATTR] == recorded_config(t)  # system attr too
 
 
 def test_a_tell_cut_off_after_its_commit_is_not_told_twice(tmp_path: Path, sqlite_url: str, monkeypatch: Any) -> None:

@@ -110,10 +110,11 @@ class ShouldPrune:
 
 @dataclass(frozen=True)
 class RecordAttr:
-    """A user attr of the trial, for ``trial.set_user_attr``."""
+    """A user attr of the trial (``trial.set_user_attr``), or with ``system`` a system attr."""
 
     key: str
     value: Any
+    system: bool = False
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,9 @@ class WorkerTrial:
 
     def set_user_attr(self, key: str, value: Any) -> None:
         self._conn.send(RecordAttr(key, value))
+
+    def set_system_attr(self, key: str, value: Any) -> None:
+        self._conn.send(RecordAttr(key, value, system=True))
 
 
 def run_trial(job: TrialJob, conn: Any = None) -> TrialOutcome:
@@ -344,6 +348,7 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
     from lightstudy.search_space import apply_params
     from lightstudy.spec import spec_from_dict
     from lightstudy.storage import record_attr
+    from lightstudy.summary import CONFIG_ATTR, config_summary
 
     t = time.time()
     if job.threads:
@@ -356,7 +361,9 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
         config["trainer"]["strategy"] = "ddp"  # the worker launched one process per device
 
     def record(built: Any) -> None:
-        attrs: dict[str, Any] = {"config": built.config, "versions": _versions(built.namespace)}
+        # the resolved config (~1,350 characters) goes to a system attr, which optuna-dashboard
+        # does not lay out on the trial's page; the user attrs hold a one-line summary of it
+        attrs: dict[str, Any] = {"config_summary": config_summary(built.config), "versions": _versions(built.namespace)}
         if job.resume:
             epoch = _checkpoint_epoch(job.resume)
             attrs["resumed_from"] = {
@@ -366,6 +373,7 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
             }
             print(f"resuming trial {job.resumed_trial} from {job.resume} (saved in epoch {epoch})", flush=True)
         if job.rank == 0:
+            record_attr(trial, CONFIG_ATTR, built.config, system=True)
             for key, value in attrs.items():
                 record_attr(trial, key, value)
         timings["setup"] = time.time() - t

@@ -454,7 +454,7 @@ def _answer(db: StudyStorage, trial: optuna.Trial) -> Any:
         elif isinstance(message, ShouldPrune):
             return db.should_prune(trial)
         elif isinstance(message, RecordAttr):
-            db.record(trial, message.key, message.value)
+            db.record(trial, message.key, message.value, system=message.system)
         return None
 
     return handle

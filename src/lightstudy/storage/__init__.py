@@ -181,10 +181,18 @@ def grpc_address(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def record_attr(trial: Any, key: str, value: Any) -> None:
-    """``trial.set_user_attr``, riding out a database restart (a trial process's own trial, or
-    the pipe to its worker, which records it)."""
-    retry_db(lambda: trial.set_user_attr(key, value), what="record the trial")
+def record_attr(trial: Any, key: str, value: Any, *, system: bool = False) -> None:
+    """``trial.set_user_attr`` (or, with ``system``, the trial's system attr), riding out a
+    database restart: a trial process's own ``optuna.Trial``, or the pipe to its worker (a
+    ``WorkerTrial``), which records it."""
+    if not system:
+        retry_db(lambda: trial.set_user_attr(key, value), what="record the trial")
+    elif hasattr(trial, "set_system_attr"):  # the pipe: the worker records it
+        trial.set_system_attr(key, value)
+    else:
+        from lightstudy.storage.boundary import storage_of
+
+        storage_of(trial.study).record(trial, key, value, system=True)
 
 
 def open_storage(url: str, *, create: bool = True, wait: bool = False) -> Any:

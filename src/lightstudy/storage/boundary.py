@@ -75,6 +75,7 @@ ATTEMPT_ATTRS = frozenset(
         "gpu",
         "resumed_from",
         "config",
+        "config_summary",
         "versions",
     }
 )
@@ -240,8 +241,14 @@ class StudyStorage:
     def should_prune(self, trial: optuna.Trial) -> bool:
         return retry_db(trial.should_prune, what="ask the pruner")
 
-    def record(self, trial: optuna.Trial, key: str, value: Any) -> None:
-        retry_db(lambda: trial.set_user_attr(key, value), what="record the trial")
+    def record(self, trial: optuna.Trial, key: str, value: Any, *, system: bool = False) -> None:
+        """A user attr of ``trial``, or with ``system`` a system attr (which optuna-dashboard does
+        not lay out on the trial's page: records a person does not read there)."""
+        if system:
+            tid = trial_id(trial)
+            retry_db(lambda: self.optuna.set_trial_system_attr(tid, key, value), what="record the trial")
+        else:
+            retry_db(lambda: trial.set_user_attr(key, value), what="record the trial")
 
     def set_trial_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
         """Record user attrs (one call each here; one transaction in a database)."""
