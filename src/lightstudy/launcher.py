@@ -215,7 +215,7 @@ class Launcher:
             TimeElapsedColumn(),
             TextColumn("{task.description}"),
             console=self.console,
-            disable=not self.console.is_terminal,
+            disable=not (self.console.is_terminal or self.console.is_jupyter),  # a live bar in Jupyter too
         )
         with progress:
             task = progress.add_task("starting workers", total=total, name=spec.study.name)
