@@ -240,7 +240,7 @@ def _distribution(draw: st.DrawFn, doc: dict[str, Any]) -> str:
     space = doc.setdefault("search_space", {})
     if not isinstance(space, dict) or not space:
         return "search_space"
-    dist = space[draw(st.sampled_from(sorted(space)))]
+    dist = space[draw(st.sampled_from(sorted(space, key=str)))]
     if not isinstance(dist, dict):
         return "search_space"
     key = draw(st.sampled_from(["low", "high", "log", "step", "type", "choices"]))
@@ -256,7 +256,7 @@ def _when(draw: st.DrawFn, doc: dict[str, Any]) -> str:
     space = doc.get("search_space")
     if not isinstance(space, dict) or not space:
         return "search_space"
-    names = sorted(space)
+    names = sorted(space, key=str)
     target = draw(st.sampled_from(names))
     parent = draw(st.sampled_from([*names, "model.init_args.nowhere"]))
     value = draw(st.one_of(_scalars, st.lists(_scalars, max_size=2), st.sampled_from(["adam", "sgd", 6, 64])))
@@ -270,7 +270,7 @@ def _enqueue(draw: st.DrawFn, doc: dict[str, Any]) -> str:
     if not isinstance(study, dict):
         return "study"
     space = doc.get("search_space") if isinstance(doc.get("search_space"), dict) else {}
-    names = [*sorted(space), "model.init_args.nowhere"]
+    names = [*sorted(space, key=str), "model.init_args.nowhere"]
     picked = draw(st.lists(st.sampled_from(names), min_size=0, max_size=3, unique=True))
     values = st.one_of(st.sampled_from([0, 6, 7, 64, 128, 1e-3, 0.5, 2.0, "adam", "sgd", True, None]), _scalars)
     study["enqueue"] = [{name: draw(values) for name in picked}]
@@ -278,7 +278,7 @@ def _enqueue(draw: st.DrawFn, doc: dict[str, Any]) -> str:
 
 
 def _shape(draw: st.DrawFn, doc: dict[str, Any]) -> str:
-    key = draw(st.sampled_from(sorted(doc)))
+    key = draw(st.sampled_from(sorted(doc, key=str)))
     value = doc[key]
     doc[key] = draw(
         st.sampled_from([list(value.values()) if isinstance(value, dict) else [value], str(value), None, 3])

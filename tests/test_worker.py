@@ -149,7 +149,8 @@ def test_sigterm_hands_the_trial_back_and_exits_zero(tmp_path: Path) -> None:
     assert study.get_trials()[1].user_attrs["resumed_from"]["trial"] == 0
 
 
-def _run_worker_subprocess(url: str, run_dir: Path, env: dict[str, str] | None = None) -> Any:
+def _run_worker_subprocess(url: str, run_dir: Path, env: dict[str, str] | None = None, log: Path | None = None) -> Any:
+    """A ``lightstudy worker`` process; its output is piped, or written to ``log`` as it runs."""
     import subprocess
     import sys
 
@@ -168,7 +169,7 @@ def _run_worker_subprocess(url: str, run_dir: Path, env: dict[str, str] | None =
             "1",
         ],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.PIPE if log is None else log.open("w"),
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -241,18 +242,23 @@ def test_postgres_restart_during_a_study_costs_no_trial(private_postgres: Privat
     pg_url = private_postgres.url
     doc = _slow(tiny_spec(n_trials=6, grace_period=60, heartbeat_interval=2), step_sleep=0.02, epochs=3)
     create_study(spec_from_dict(doc), pg_url)
-    procs = _workers(pg_url, tmp_path / "run", 2)
+    logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+    procs = [_run_worker_subprocess(pg_url, tmp_path / "run", log=log) for log in logs]
     study, _ = load_study(pg_url, "tiny")
     _when(lambda: len([t for t in study.get_trials() if t.state == TrialState.COMPLETE]) >= 2, timeout=300)
-    private_postgres.stop()  # the server goes away (fast shutdown: sessions cut), then comes back
-    time.sleep(3)  # the outage itself (its length, not a wait for anything)
+    private_postgres.stop()  # the server goes away (fast shutdown: sessions cut) ...
+
+    def noticed() -> bool:  # ... and stays away until a worker has met the outage (a heartbeat, a claim)
+        text = "".join(p.read_text() for p in [*logs, *(tmp_path / "run").rglob("trial.log")])
+        return "database unavailable" in text or "heartbeat of trial" in text
+
+    _when(noticed, timeout=120)
     private_postgres.start()
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    (tmp_path / "workers.log").write_text("\n=====\n".join(outs))
+    for p in procs:
+        p.wait(timeout=600)
+    outs = [log.read_text() for log in logs]
     failing = "\n=====\n".join(out[-4000:] for p, out in zip(procs, outs) if p.returncode != 0)
     assert [p.returncode for p in procs] == [0, 0], failing
-    logs = "".join(outs) + "".join(p.read_text() for p in (tmp_path / "run").rglob("trial.log"))
-    assert "database unavailable" in logs or "heartbeat of trial" in logs, "the restart went unnoticed"
     study, _ = load_study(pg_url, "tiny")
     trials = study.get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
