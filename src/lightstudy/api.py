@@ -252,7 +252,7 @@ def run(
     *,
     workers: int | None = None,
     gpus: str | Sequence[int] | None = None,
-    trials_per_gpu: int = 1,
+    trials_per_gpu: int | str = 1,
     gpus_per_trial: int | None = None,
     n_trials: int | None = None,
     timeout: float | None = None,
@@ -273,6 +273,8 @@ def run(
         file: The study file (YAML).
         workers: CPU workers (when no ``gpus``).
         gpus: ``"auto"``, ``"0,1"`` or ``[0, 1]``: one worker per GPU (``trials_per_gpu`` each).
+        trials_per_gpu: Workers per GPU, or ``"auto"``: as many as the first trial's measured
+            peak memory allows (README, "One GPU box").
         gpus_per_trial: Devices one trial runs on (DDP) when ``trainer.devices`` does not say.
         n_trials, timeout: Override the study block's.
         storage: The database URL (default: as the CLI finds it).
@@ -309,7 +311,8 @@ def run(
         f"study [bold]{spec.study.name}[/bold] in {redact(url)}: {len(slots)} worker(s) "
         f"({where}); logs in {spec.run_dir / 'workers'}"
     )
-    result = Launcher(url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial).run()
+    auto = str(trials_per_gpu).strip().lower() == "auto" and any(s.gpu is not None for s in slots)
+    result = Launcher(url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial, packing=auto).run()
     failed = [i for i, code in enumerate(result.exit_codes) if code not in (0, None)]
     if failed and not result.interrupted:
         raise WorkersFailed(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightstudy import packing
 from lightstudy.errors import LightstudyError
 from lightstudy.storage import ENV_VAR
 
@@ -72,7 +73,7 @@ def detect_gpus() -> list[str]:
 def plan_slots(
     gpus: str | None,
     workers: int | None,
-    trials_per_gpu: int = 1,
+    trials_per_gpu: int | str = 1,
     *,
     gpus_per_trial: int = 1,
     cpu_count: int | None = None,
@@ -80,15 +81,19 @@ def plan_slots(
 ) -> list[Slot]:
     """Decide the workers: ``--gpus 0,1`` (or ``auto``) gives ``trials_per_gpu`` workers per GPU;
     otherwise ``--workers N`` CPU workers; with neither, one worker per GPU found, or one CPU worker.
+    ``trials_per_gpu="auto"`` starts one per GPU: the launcher adds more once a trial's peak
+    memory is measured (:mod:`lightstudy.packing`).
 
     Raises:
         LightstudyError: a malformed ``--gpus`` value or non-positive counts.
     """
+    from lightstudy.packing import parse_trials_per_gpu
+
     cores = cpu_count or os.cpu_count() or 1
-    if trials_per_gpu < 1:
-        raise LightstudyError(
-            f"--trials-per-gpu must be >= 1, but got {trials_per_gpu}", fix="pass --trials-per-gpu 1 or more"
-        )
+    try:
+        trials_per_gpu = parse_trials_per_gpu(trials_per_gpu) or 1
+    except ValueError as e:
+        raise LightstudyError(str(e), fix="pass --trials-per-gpu 1 or more, or auto") from None
     if workers is not None and workers < 1:
         raise LightstudyError(f"--workers must be >= 1, but got {workers}", fix="pass --workers 1 or more")
     ids: list[str]
@@ -139,8 +144,11 @@ class Launcher:
         run_dir: Path,
         console: Console,
         gpus_per_trial: int | None = None,
+        packing: bool = False,
     ) -> None:
         self.gpus_per_trial = gpus_per_trial
+        self.packing = packing  # --trials-per-gpu auto: add workers per GPU as measured (_pack)
+        self._planned: dict[str, Any] = {}  # GPU -> its packing.Plan, once made
         self.url = url
         self.spec = spec
         self.slots = slots
@@ -178,6 +186,55 @@ class Launcher:
             )
             log.close()
 
+    # --- GPU packing (lightstudy.packing) ------------------------------------------------------
+
+    def _share_gpus(self) -> None:
+        """Each GPU's plan for its trials: K workers (fixed) or, with ``auto``, to be measured."""
+        packing.clear(self.run_dir)  # a plan of an earlier run means nothing now
+        groups: dict[str, int] = {}
+        for slot in self.slots:
+            if slot.gpu is not None:
+                groups[slot.gpu] = groups.get(slot.gpu, 0) + 1
+        for gpu, n in groups.items():
+            state = packing.GpuState(gpu, self.packing, None if self.packing else n, None, os.getpid())
+            packing.write_state(self.run_dir, state)
+
+    def _pack(self, trials: list[Any]) -> None:
+        """``auto``: once a GPU's first trial recorded its peak memory, plan it and add its workers."""
+        for gpu in dict.fromkeys(s.gpu for s in self.slots if s.gpu is not None):
+            if gpu in self._planned:
+                continue
+            records = [
+                t.user_attrs[packing.MEMORY_ATTR]
+                for t in sorted(trials, key=lambda t: t.number)
+                if t.state.is_finished() and t.user_attrs.get("gpu") == gpu and packing.MEMORY_ATTR in t.user_attrs
+            ]
+            plan = packing.plan_from_records(records)
+            if plan is None:
+                continue
+            self._planned[gpu] = plan
+            packing.write_state(self.run_dir, packing.GpuState(gpu, True, plan.slots, plan.fraction, os.getpid()))
+            running = sum(s.gpu == gpu for s in self.slots)
+            cap = f", each capped at {plan.fraction:.0%} of its memory" if plan.fraction is not None else ""
+            self.console.print(
+                f"GPU {gpu}: a trial needs {packing.gib(plan.need)} of {packing.gib(plan.usable)} usable: "
+                f"{plan.slots} trial(s) at once{cap}"
+            )
+            self._add_workers(gpu, plan.slots - running)
+
+    def _add_workers(self, gpu: str, n: int) -> None:
+        """Start ``n`` more workers on ``gpu`` (beside :meth:`_start`'s, with the same command)."""
+        if n <= 0:
+            return
+        cores = os.cpu_count() or 1
+        threads = max(1, cores // (len(self.slots) + n))
+        added = [Slot(len(self.slots) + i, gpu, threads) for i in range(n)]
+        before, self.slots = self.slots, added
+        try:
+            self._start()  # starts self.slots: only the added ones
+        finally:
+            self.slots = before + added
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
         for proc in self.processes:
@@ -193,11 +250,13 @@ class Launcher:
         study, spec = load_study(self.url, self.spec.study.name, storage=storage)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            self._share_gpus()
             self._start()
             self._watch(study, spec)
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            packing.clear(self.run_dir)
         return LaunchResult([p.returncode for p in self.processes], self._signals > 0)
 
     def _watch(self, study: Any, spec: StudySpec) -> None:
@@ -227,6 +286,8 @@ class Launcher:
                     if t.state.is_finished() and t.number not in seen:
                         seen.add(t.number)
                         self.console.print(self._line(t, spec, t.number in retried))
+                if self.packing and not self._signals:
+                    self._pack(trials)
                 c = counts(trials)
                 best = _best_value(study, spec)
                 used = budget(trials, spec).used - c["running"] - c["waiting"]
@@ -249,6 +310,8 @@ class Launcher:
         colour = {"complete": "green", "pruned": "yellow", "fail": "red"}.get(state, "white")
         if t.user_attrs.get("interrupted"):
             state, colour = "handed back", "cyan"
+        elif retried and (t.user_attrs.get(packing.MEMORY_ATTR) or {}).get("oom"):
+            state = "oom→alone"
         elif retried:
             state = "fail→retry"
         seconds = t.duration.total_seconds() if t.duration else 0.0

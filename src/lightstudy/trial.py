@@ -78,6 +78,7 @@ class Outcome(str, Enum):
     INTERRUPTED = "interrupted"  # a stop request: checkpoint saved, handed back
     DIED = "died"  # the process was killed (signal, out of memory): retried
     TIMED_OUT = "timed_out"  # ran past study.trial_timeout and was killed: not retried
+    OUT_OF_MEMORY = "out_of_memory"  # out of GPU memory beside other trials: retried alone (packing.py)
 
 
 @dataclass
@@ -220,8 +221,10 @@ def run_trial(job: TrialJob, conn: Any = None) -> TrialOutcome:
     else:
         trial = retry_db(lambda: _open_trial(job), what="open the study")
     timings["storage"] = time.time() - t
+    memory = _gpu_memory(job, trial)
     try:
-        return _train(job, trial, timings)
+        with memory:  # its turn on a shared GPU, its memory cap, its peak recorded (packing.py)
+            return _train(job, trial, timings)
     except optuna.TrialPruned as e:
         print(f"pruned: {e}", flush=True)
         return TrialOutcome(Outcome.PRUNED, reason=str(e), timings=timings)
@@ -238,7 +241,16 @@ def run_trial(job: TrialJob, conn: Any = None) -> TrialOutcome:
         if not isinstance(e, Exception):
             raise
         traceback.print_exc()
+        if memory.is_out_of_memory(e):  # retried alone if it shared its GPU
+            return memory.outcome(e, timings)
         return TrialOutcome(Outcome.FAILED, reason=_describe(e), timings=timings)
+
+
+def _gpu_memory(job: TrialJob, trial: Any) -> Any:
+    """The trial's GPU memory guard (packing.TrialMemory): waits its turn, caps, measures."""
+    from lightstudy.packing import TrialMemory
+
+    return TrialMemory(job, trial)
 
 
 def _open_trial(job: TrialJob) -> Any:

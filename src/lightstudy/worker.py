@@ -35,6 +35,7 @@ from lightstudy.checkpoints import (
     sweep_local,
     would_keep,
 )
+from lightstudy.packing import FREE_RETRIES_ATTR, died_of_memory, mark_alone, read_state, runs_alone
 from lightstudy.ranks import check_devices, run_processes
 from lightstudy.spec import trial_world_size
 from lightstudy.storage import db_error_text, open_storage, retry_db
@@ -60,6 +61,8 @@ RECORD: dict[Outcome, tuple[str, str | None]] = {
     Outcome.INTERRUPTED: ("FAIL", "always"),  # stopped by a signal: not the trial's fault
     Outcome.DIED: ("FAIL", "max_retry"),  # killed (out of memory, a dead rank)
     Outcome.TIMED_OUT: ("FAIL", None),  # past study.trial_timeout: a retry would time out too
+    # out of GPU memory beside other trials (packing.py): retried alone, not counted by max_retry
+    Outcome.OUT_OF_MEMORY: ("FAIL", "alone"),
 }
 
 _log = logging.getLogger(__name__)
@@ -246,6 +249,8 @@ class Worker:
         state = outcome.state if outcome is not None else Outcome.DIED
         if state == Outcome.DIED and self._signals:  # killed because we were stopping: hand back
             state = Outcome.INTERRUPTED
+        if state == Outcome.DIED and self._died_of_memory_packed(reason, trial_dir):
+            state = Outcome.OUT_OF_MEMORY
         told, retry = RECORD[state]
         if outcome is not None:
             why = outcome.reason or "unknown"
@@ -269,7 +274,8 @@ class Worker:
             self._set_attrs(trial, attrs)
             self._tell(trial, TrialState[told], values)
             if retry is not None:
-                retried = self._retry(trial, max_retry=self.spec.study.max_retry if retry == "max_retry" else None)
+                max_retry = self.spec.study.max_retry if retry == "max_retry" else None
+                retried = self._retry(trial, max_retry=max_retry, alone=why if retry == "alone" else None)
             self._write_note(trial)
         except UpdateFinishedTrialError:
             # The database was away longer than the grace period and another worker failed the
@@ -317,6 +323,9 @@ class Worker:
         elif state == Outcome.INTERRUPTED:
             self.report.interrupted += 1
             _log.info("trial %d handed back for a retry (%s)", trial.number, why)
+        elif state == Outcome.OUT_OF_MEMORY and retried:  # not the configuration's failure
+            self.report.interrupted += 1
+            _log.warning("trial %d ran out of GPU memory beside other trials: retried alone (%s)", trial.number, why)
         else:
             self.report.failed += 1
             _log.warning("trial %d failed%s: %s", trial.number, " (will be retried)" if retried else "", why)
@@ -371,14 +380,28 @@ class Worker:
     def _set_attrs(self, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
         self.db.set_trial_attrs(trial_id(trial), attrs)
 
-    def _retry(self, trial: optuna.Trial, *, max_retry: int | None) -> bool:
-        """Queue a WAITING copy of a failed trial (same params, inherited intermediate values)."""
+    def _retry(self, trial: optuna.Trial, *, max_retry: int | None, alone: str | None = None) -> bool:
+        """Queue a WAITING copy of a failed trial (same params, inherited intermediate values).
+
+        ``alone`` (why): the copy runs alone on its GPU, and this attempt, like every earlier one
+        that ran out of GPU memory beside others, does not count towards ``max_retry``.
+        """
         frozen = copy.deepcopy(self.db.trial(trial_id(trial)))
-        attempts = len(frozen.system_attrs.get("retry_history", [])) + 1
+        free = int(frozen.system_attrs.get(FREE_RETRIES_ATTR, 0)) + (alone is not None)
+        if alone is not None:
+            frozen.system_attrs[FREE_RETRIES_ATTR] = free  # the copy inherits the count
+            mark_alone(self.run_dir / trial_dir_name(lineage_root(frozen)), alone)  # before the copy is claimable
+        attempts = len(frozen.system_attrs.get("retry_history", [])) + 1 - free
         if max_retry is not None and attempts > max_retry:  # the callback's own rule, read first
             return False
-        self.db.requeue(self.study, frozen, max_retry)
+        self.db.requeue(self.study, frozen, None if max_retry is None else max_retry + free)
         return True
+
+    def _died_of_memory_packed(self, reason: str | None, trial_dir: str) -> bool:
+        """A trial process SIGKILLed (the OOM killer's way) while it shared its GPU, not yet alone."""
+        state = read_state(self.run_dir, self.gpu)
+        packed = state is not None and state.packed
+        return packed and died_of_memory(reason) and not runs_alone(self.run_dir / trial_dir)
 
     # --- signals ----------------------------------------------------------------------------
 

@@ -99,7 +99,17 @@ def run(
             show_default=False,
         ),
     ] = None,
-    trials_per_gpu: Annotated[int, typer.Option("--trials-per-gpu", help="Workers sharing each GPU.")] = 1,
+    trials_per_gpu: Annotated[
+        str,
+        typer.Option(
+            "--trials-per-gpu",
+            help=(
+                "Workers sharing each GPU, or 'auto': measure the first trial's peak GPU memory, then run "
+                "as many trials per GPU as fit with a margin, each capped at its share; one that runs out "
+                "of memory is retried alone."
+            ),
+        ),
+    ] = "1",
     gpus_per_trial: GpusPerTrialOpt = None,
     n_trials: Annotated[
         int | None, typer.Option("--n-trials", help="Override study.n_trials.", show_default=False)

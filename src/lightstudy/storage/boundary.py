@@ -77,6 +77,7 @@ ATTEMPT_ATTRS = frozenset(
         "config",
         "config_summary",
         "versions",
+        "gpu_memory",  # lightstudy.packing.MEMORY_ATTR
     }
 )
 
