@@ -360,6 +360,7 @@ class TrialMemory:
         self.alone = False
         self.fraction: float | None = None
         self.waited = 0.0
+        self.started = time.time()
         self._gate: Gate | None = None
 
     def __enter__(self) -> TrialMemory:
@@ -371,6 +372,7 @@ class TrialMemory:
         self.alone = runs_alone(self.lineage)
         self._gate = Gate(self.job.run_dir, self.gpu)
         self.waited = self._gate.enter(self.alone)
+        self.started = time.time()
         if self.waited > 1:
             print(f"waited {self.waited:.1f}s for GPU {self.gpu} (a trial ran alone there)", flush=True)
         if not self.alone and state.fraction is not None:
@@ -413,6 +415,7 @@ class TrialMemory:
         if found is None:
             return
         record = {**found, "fraction": self.fraction, "alone": self.alone, "oom": oom, "gpu": self.gpu}
+        record["ran"] = [round(self.started, 3), round(time.time(), 3)]  # after its turn on the GPU came
         if self.waited:
             record["waited"] = round(self.waited, 3)
         record_attr(self.trial, MEMORY_ATTR, record)
