@@ -301,7 +301,9 @@ def test_auto_packing_adds_a_worker_and_retries_an_out_of_memory_trial_alone(
     spec_path = write_spec(tmp_path / "packed.yaml", doc)
     study = create_study(spec_from_dict(doc), url)
     for hidden in (16, 16, 48, 16):
-        study.enqueue_trial({"model.init_args.lr": 0.01, "data.init_args.batch_size": 64, "model.init_args.hidden": hidden})
+        study.enqueue_trial(
+            {"model.init_args.lr": 0.01, "data.init_args.batch_size": 64, "model.init_args.hidden": hidden}
+        )
 
     shown = Console(record=True, width=200, force_jupyter=False)
     lightstudy.run(spec_path, gpus="0", trials_per_gpu="auto", storage=url, console=shown)
@@ -339,3 +341,29 @@ def test_auto_packing_adds_a_worker_and_retries_an_out_of_memory_trial_alone(
             other_start, other_end = mem[t.number]["ran"]
             assert other_end <= start or other_start >= end, (t.number, mem[t.number]["ran"], (start, end))
     assert not (tmp_path / "runs" / "packed" / "packing").exists()  # the launcher's plans went with it
+
+
+# --- bench/gpu_packing.py (it measures on a GPU; here it must start and say there is none) ----
+
+
+def test_gpu_bench_says_no_cuda_device_and_exits_2() -> None:
+    import os
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "gpu_packing.py"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no device, on any machine
+    done = subprocess.run([sys.executable, str(bench), "--quick"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "no CUDA device" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_gpu_bench_counts_trials_at_once() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_packing.py"
+    spec = importlib.util.spec_from_file_location("gpu_packing_bench", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.most_at_once([]) == 0
+    assert module.most_at_once([(0, 2), (1, 3), (2.5, 4), (5, 6)]) == 2
+    assert module.most_at_once([(0, 10), (1, 3), (2, 4)]) == 3

@@ -325,7 +325,7 @@ class Worker:
             _log.info("trial %d handed back for a retry (%s)", trial.number, why)
         elif state == Outcome.OUT_OF_MEMORY and retried:  # not the configuration's failure
             self.report.interrupted += 1
-            _log.warning("trial %d ran out of GPU memory beside other trials: retried alone (%s)", trial.number, why)
+            _log.warning("trial %d ran out of GPU memory beside other trials (%s)", trial.number, why)
         else:
             self.report.failed += 1
             _log.warning("trial %d failed%s: %s", trial.number, " (will be retried)" if retried else "", why)
