@@ -233,12 +233,14 @@ def test_out_of_memory_alone_fails_with_the_reason(tmp_path: Path, monkeypatch: 
     outcome = memory.outcome(error, {})
     assert outcome.state == Outcome.FAILED
     assert "out of GPU memory even alone on GPU 0" in (outcome.reason or "")
-    # no launcher's plan (a lone `lightstudy worker`): failed, as before packing
+    assert "CUDA out of memory. Tried to allocate 20.00 GiB" in (outcome.reason or "")
+    # no launcher's plan (a lone `lightstudy worker`): failed with the error, as before packing
     packing.clear(tmp_path)
-    alone, _ = _memory(tmp_path, 48, monkeypatch)
-    with alone:
+    lone, _ = _memory(tmp_path, 48, monkeypatch)
+    with lone:
         pass
-    assert alone.outcome(error, {}).state == Outcome.FAILED
+    plain = lone.outcome(error, {})
+    assert plain.state == Outcome.FAILED and (plain.reason or "").startswith("OutOfMemoryError: CUDA out of memory")
 
 
 # --- the worker's retry policy ---------------------------------------------------------------
@@ -367,3 +369,14 @@ def test_gpu_bench_counts_trials_at_once() -> None:
     assert module.most_at_once([]) == 0
     assert module.most_at_once([(0, 2), (1, 3), (2.5, 4), (5, 6)]) == 2
     assert module.most_at_once([(0, 10), (1, 3), (2, 4)]) == 3
+
+
+def test_a_bad_trials_per_gpu_is_one_line_before_any_study_is_made(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    spec = write_spec(tmp_path / "bad.yaml", tiny_spec("bad"))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    result = run_cli("run", str(spec), "--storage", url, "--gpus", "0", "--trials-per-gpu", "half")
+    assert result.returncode == 2, result
+    assert "--trials-per-gpu must be a count like 2 or 'auto', but got 'half'" in result.stderr + result.stdout
+    assert not (tmp_path / "study.db").exists()

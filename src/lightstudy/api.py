@@ -286,12 +286,13 @@ def run(
         LightstudyError: a bad spec or option.
         WorkersFailed: a worker exited with an error (``.study`` is the study as it ended).
     """
-    from lightstudy.launcher import Launcher, plan_slots
+    from lightstudy.launcher import Launcher, plan_slots, trials_per_gpu_count
     from lightstudy.ranks import check_devices
     from lightstudy.spec import trial_world_size
 
     if gpus is not None and not isinstance(gpus, str):
         gpus = ",".join(str(g) for g in gpus)
+    auto = trials_per_gpu_count(trials_per_gpu) is None  # a bad value: one line, before the study is made
     created = create(
         file, storage=storage, update_spec=update_spec, n_trials=n_trials, timeout=timeout, run_dir=run_dir
     )
@@ -311,7 +312,7 @@ def run(
         f"study [bold]{spec.study.name}[/bold] in {redact(url)}: {len(slots)} worker(s) "
         f"({where}); logs in {spec.run_dir / 'workers'}"
     )
-    auto = str(trials_per_gpu).strip().lower() == "auto" and any(s.gpu is not None for s in slots)
+    auto = auto and any(s.gpu is not None for s in slots)
     result = Launcher(url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial, packing=auto).run()
     failed = [i for i, code in enumerate(result.exit_codes) if code not in (0, None)]
     if failed and not result.interrupted:

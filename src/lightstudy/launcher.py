@@ -87,13 +87,8 @@ def plan_slots(
     Raises:
         LightstudyError: a malformed ``--gpus`` value or non-positive counts.
     """
-    from lightstudy.packing import parse_trials_per_gpu
-
     cores = cpu_count or os.cpu_count() or 1
-    try:
-        trials_per_gpu = parse_trials_per_gpu(trials_per_gpu) or 1
-    except ValueError as e:
-        raise LightstudyError(str(e), fix="pass --trials-per-gpu 1 or more, or auto") from None
+    trials_per_gpu = trials_per_gpu_count(trials_per_gpu) or 1
     if workers is not None and workers < 1:
         raise LightstudyError(f"--workers must be >= 1, but got {workers}", fix="pass --workers 1 or more")
     ids: list[str]
@@ -125,6 +120,18 @@ def plan_slots(
         return [Slot(i, groups[i // trials_per_gpu], threads) for i in range(n)]
     n = workers or 1
     return [Slot(i, None, max(1, cores // n)) for i in range(n)]
+
+
+def trials_per_gpu_count(value: int | str) -> int | None:
+    """``--trials-per-gpu``: a count, or None for ``auto``.
+
+    Raises:
+        LightstudyError: neither a positive count nor ``auto``.
+    """
+    try:
+        return packing.parse_trials_per_gpu(value)
+    except ValueError as e:
+        raise LightstudyError(str(e), fix="pass --trials-per-gpu 1 or more, or auto") from None
 
 
 @dataclass

@@ -383,8 +383,12 @@ class TrialMemory:
         return self
 
     def _wait_for_plan(self, state: GpuState) -> GpuState:
+        """The launcher's plan, once the GPU's measured trial has recorded its peak (not before
+        its share is known does a trial start beside others); a stop request ends the wait."""
+        from lightstudy.callbacks import stop_requested
+
         end = time.monotonic() + DECISION_WAIT
-        while time.monotonic() < end:
+        while time.monotonic() < end and not stop_requested():
             now = read_state(self.job.run_dir, self.gpu)
             if now is None or now.slots is not None:
                 return now or state
@@ -435,7 +439,7 @@ class TrialMemory:
         why = _describe(error)
         if state is not None and state.packed and not self.alone:
             return TrialOutcome(Outcome.OUT_OF_MEMORY, reason=f"{why}; retried alone", timings=timings)
-        where = f"GPU {self.gpu}" if self.gpu else "the GPU"
-        alone = "even alone " if self.alone else ""
-        reason = f"out of GPU memory {alone}on {where} (the configuration does not fit): {why}"
-        return TrialOutcome(Outcome.FAILED, reason=reason, timings=timings)
+        if state is not None:  # it had the GPU to itself: the configuration does not fit
+            alone = "even alone " if self.alone else "alone "
+            why = f"out of GPU memory {alone}on GPU {self.gpu} (the configuration does not fit it): {why}"
+        return TrialOutcome(Outcome.FAILED, reason=why, timings=timings)
