@@ -277,6 +277,41 @@ def test_out_of_memory_retries_do_not_use_up_max_retry(tmp_path: Path) -> None:
     assert [len(t.system_attrs.get("retry_history", [])) for t in study.get_trials()] == [0, 1, 2]
 
 
+def test_a_packed_trial_killed_by_the_oom_killer_is_retried_alone(tmp_path: Path) -> None:
+    import os
+
+    from optuna.trial import TrialState
+
+    from lightstudy.ranks import exit_reason
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.study import create_study
+    from lightstudy.worker import Worker
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = create_study(spec_from_dict(tiny_spec("killed", max_retry=0)), url)
+    run = tmp_path / "run"
+    worker = Worker(url, "killed", run_dir=run, gpu="0")
+    packing.write_state(run, GpuState("0", True, 2, 0.4, os.getpid()))
+    trial = study.ask()
+    worker._finish(trial, None, exit_reason(-9), "trials/trial-0000", 1.0)
+    failed, retry = study.get_trials()
+    assert failed.state == TrialState.FAIL and retry.state == TrialState.WAITING  # max_retry 0: not one of those
+    assert retry.system_attrs[packing.FREE_RETRIES_ATTR] == 1
+    assert packing.runs_alone(run / "trials" / "trial-0000")
+    assert worker.report.interrupted == 1 and worker.report.failed == 0
+    # killed again, alone this time: a death like any other (max_retry 0: no retry)
+    again = study.ask()
+    worker._finish(again, None, exit_reason(-9), "trials/trial-0000", 1.0)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.FAIL]
+    assert worker.report.failed == 1
+    # without a packed plan (one trial per GPU), a SIGKILL is an ordinary death
+    packing.write_state(run, GpuState("0", False, 1, None, os.getpid()))
+    assert not Worker._died_of_memory_packed(worker, exit_reason(-9), "trials/trial-0005")
+    packing.write_state(run, GpuState("0", False, 2, None, os.getpid()))
+    assert Worker._died_of_memory_packed(worker, exit_reason(-9), "trials/trial-0005")
+    assert not Worker._died_of_memory_packed(worker, exit_reason(-15), "trials/trial-0005")
+
+
 # --- end to end: the launcher on a stand-in GPU -----------------------------------------------
 
 
