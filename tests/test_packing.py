@@ -297,6 +297,7 @@ def test_a_packed_trial_killed_by_the_oom_killer_is_retried_alone(tmp_path: Path
     failed, retry = study.get_trials()
     assert failed.state == TrialState.FAIL and retry.state == TrialState.WAITING  # max_retry 0: not one of those
     assert retry.system_attrs[packing.FREE_RETRIES_ATTR] == 1
+    assert failed.user_attrs[packing.RETRIED_ALONE_ATTR] is True and packing.RETRIED_ALONE_ATTR not in retry.user_attrs
     assert packing.runs_alone(run / "trials" / "trial-0000")
     assert worker.report.interrupted == 1 and worker.report.failed == 0
     # killed again, alone this time: a death like any other (max_retry 0: no retry)
@@ -367,7 +368,7 @@ def test_auto_packing_adds_a_worker_and_retries_an_out_of_memory_trial_alone(
     oom = [t for t in trials if t.state == TrialState.FAIL]
     assert len(oom) == 1 and oom[0].params["model.init_args.hidden"] == 48
     assert mem[oom[0].number]["oom"] and mem[oom[0].number]["fraction"] == 0.4
-    assert "retried alone" in oom[0].user_attrs["fail_reason"]
+    assert "retried alone" in oom[0].user_attrs["fail_reason"] and oom[0].user_attrs["retried_alone"] is True
     retry = next(t for t in trials if (t.system_attrs.get("retry_history") or [None])[-1] == oom[0].number)
     assert retry.state == TrialState.COMPLETE and mem[retry.number]["alone"] and mem[retry.number]["fraction"] is None
     # capped trials after the plan, and nothing else ran on the GPU while the retry did

@@ -317,7 +317,7 @@ class Launcher:
         colour = {"complete": "green", "pruned": "yellow", "fail": "red"}.get(state, "white")
         if t.user_attrs.get("interrupted"):
             state, colour = "handed back", "cyan"
-        elif retried and (t.user_attrs.get(packing.MEMORY_ATTR) or {}).get("oom"):
+        elif t.user_attrs.get(packing.RETRIED_ALONE_ATTR):
             state = "oom→alone"
         elif retried:
             state = "fail→retry"

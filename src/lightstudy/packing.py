@@ -70,6 +70,7 @@ PROBE_TRIALS = 1  # measured trials of a GPU before its plan is made
 DECISION_WAIT = 60.0  # seconds a trial waits for the launcher's plan after its GPU was measured
 
 MEMORY_ATTR = "gpu_memory"  # the trial's user attr: what it measured (see TrialMemory)
+RETRIED_ALONE_ATTR = "retried_alone"  # user attr of an attempt out of GPU memory beside others
 FREE_RETRIES_ATTR = "lightstudy.free_retries"  # system attr: retries max_retry does not count (OOM)
 ALONE_MARK = "run-alone"  # file in a lineage's folder: its next attempt runs alone on its GPU
 FAKE_VAR = "LIGHTSTUDY_FAKE_GPU_MEMORY"  # the tests' stand-in for the CUDA probe (see FakeProbe)

@@ -35,7 +35,14 @@ from lightstudy.checkpoints import (
     sweep_local,
     would_keep,
 )
-from lightstudy.packing import FREE_RETRIES_ATTR, died_of_memory, mark_alone, read_state, runs_alone
+from lightstudy.packing import (
+    FREE_RETRIES_ATTR,
+    RETRIED_ALONE_ATTR,
+    died_of_memory,
+    mark_alone,
+    read_state,
+    runs_alone,
+)
 from lightstudy.ranks import check_devices, run_processes
 from lightstudy.spec import trial_world_size
 from lightstudy.storage import db_error_text, open_storage, retry_db
@@ -269,6 +276,8 @@ class Worker:
             attrs["fail_reason"] = why
             if state == Outcome.INTERRUPTED:
                 attrs["interrupted"] = True
+            if state == Outcome.OUT_OF_MEMORY:
+                attrs[RETRIED_ALONE_ATTR] = True  # (said before the tell: the retry is queued after it)
         retried = False
         try:
             self._set_attrs(trial, attrs)

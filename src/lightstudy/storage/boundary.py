@@ -78,6 +78,7 @@ ATTEMPT_ATTRS = frozenset(
         "config_summary",
         "versions",
         "gpu_memory",  # lightstudy.packing.MEMORY_ATTR
+        "retried_alone",  # lightstudy.packing.RETRIED_ALONE_ATTR
     }
 )
 
