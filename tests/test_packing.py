@@ -416,3 +416,18 @@ def test_a_bad_trials_per_gpu_is_one_line_before_any_study_is_made(tmp_path: Pat
     assert result.returncode == 2, result
     assert "--trials-per-gpu must be a count like 2 or 'auto', but got 'half'" in result.stderr + result.stdout
     assert not (tmp_path / "study.db").exists()
+
+
+def test_a_probe_that_fails_does_not_replace_the_trials_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    memory, trial = _memory(tmp_path, 16, monkeypatch)
+
+    def broken() -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(memory.probe, "measure", broken)
+    with pytest.raises(ValueError, match="the trial's own error"), memory:
+        raise ValueError("the trial's own error")
+    assert packing.MEMORY_ATTR not in trial.user_attrs
+    assert "could not record the trial's GPU memory: RuntimeError" in capsys.readouterr().out

@@ -412,6 +412,14 @@ class TrialMemory:
                 self._gate.close()
 
     def _record(self, oom: bool) -> None:
+        """The trial's ``gpu_memory`` attr; a failure to read or record it is printed, never
+        raised (it would replace the trial's own outcome)."""
+        try:
+            self._measure_and_record(oom)
+        except Exception as e:
+            print(f"could not record the trial's GPU memory: {type(e).__name__}: {e}", flush=True)
+
+    def _measure_and_record(self, oom: bool) -> None:
         from lightstudy.storage import record_attr
 
         if self.job.rank != 0:
