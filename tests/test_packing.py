@@ -431,3 +431,22 @@ def test_a_probe_that_fails_does_not_replace_the_trials_outcome(
         raise ValueError("the trial's own error")
     assert packing.MEMORY_ATTR not in trial.user_attrs
     assert "could not record the trial's GPU memory: RuntimeError" in capsys.readouterr().out
+
+
+def test_only_a_complete_or_pruned_trial_makes_later_ones_wait_for_the_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import optuna
+
+    packing.write_state(tmp_path, GpuState("0", True, None, None, os.getpid()))
+    failing, trial = _memory(tmp_path, 16, monkeypatch)
+    with pytest.raises(ValueError), failing:
+        raise ValueError("boom")  # a failure may come before the trial's peak
+    assert trial.user_attrs[packing.MEMORY_ATTR]["peak"] == 3 * GiB
+    assert not packing.measured(tmp_path, "0")
+    pruned, _ = _memory(tmp_path, 16, monkeypatch)
+    with pytest.raises(optuna.TrialPruned), pruned:
+        raise optuna.TrialPruned("epoch 1")
+    assert packing.measured(tmp_path, "0")

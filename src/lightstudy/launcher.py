@@ -214,7 +214,10 @@ class Launcher:
             records = [
                 t.user_attrs[packing.MEMORY_ATTR]
                 for t in sorted(trials, key=lambda t: t.number)
-                if t.state.is_finished() and t.user_attrs.get("gpu") == gpu and packing.MEMORY_ATTR in t.user_attrs
+                # a failed trial may have stopped before its peak: complete and pruned ones say it
+                if t.state.name in ("COMPLETE", "PRUNED")
+                and t.user_attrs.get("gpu") == gpu
+                and packing.MEMORY_ATTR in t.user_attrs
             ]
             plan = packing.plan_from_records(records)
             if plan is None:

@@ -399,27 +399,30 @@ class TrialMemory:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         try:
             oom = exc is not None and is_out_of_memory(exc)
+            # what the launcher plans from (complete and pruned trials: they ran to their peak)
+            telling = exc is None or type(exc).__name__ == "TrialPruned"
             if exc is None:
                 try:
                     self.probe.check()
                 except BaseException as e:
                     oom = is_out_of_memory(e)
-                    self._record(oom)
+                    self._record(oom, False)
                     raise
-            self._record(oom)
+            self._record(oom, telling and not oom)
         finally:
             if self._gate is not None:
                 self._gate.close()
 
-    def _record(self, oom: bool) -> None:
-        """The trial's ``gpu_memory`` attr; a failure to read or record it is printed, never
-        raised (it would replace the trial's own outcome)."""
+    def _record(self, oom: bool, telling: bool) -> None:
+        """The trial's ``gpu_memory`` attr (``telling``: one the launcher plans from, so later
+        trials wait for that plan); a failure to read or record it is printed, never raised (it
+        would replace the trial's own outcome)."""
         try:
-            self._measure_and_record(oom)
+            self._measure_and_record(oom, telling)
         except Exception as e:
             print(f"could not record the trial's GPU memory: {type(e).__name__}: {e}", flush=True)
 
-    def _measure_and_record(self, oom: bool) -> None:
+    def _measure_and_record(self, oom: bool, telling: bool) -> None:
         from lightstudy.storage import record_attr
 
         if self.job.rank != 0:
@@ -432,7 +435,7 @@ class TrialMemory:
         if self.waited:
             record["waited"] = round(self.waited, 3)
         record_attr(self.trial, MEMORY_ATTR, record)
-        if not oom and self.gpu is not None and read_state(self.job.run_dir, self.gpu) is not None:
+        if telling and self.gpu is not None and read_state(self.job.run_dir, self.gpu) is not None:
             mark_measured(self.job.run_dir, self.gpu)
 
     @staticmethod
