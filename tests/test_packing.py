@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 
 from conftest import tiny_spec, write_spec
-from lightstudy import packing
+from lightstudy import gpu_share, packing
 from lightstudy.errors import LightstudyError
+from lightstudy.gpu_share import GpuState
 from lightstudy.launcher import plan_slots
-from lightstudy.packing import CONTEXT_BYTES, MAX_PER_GPU, GpuState, Plan, decide, plan_from_records
+from lightstudy.packing import CONTEXT_BYTES, MAX_PER_GPU, Plan, decide, plan_from_records
 
 GiB = 2**30
 
@@ -104,18 +105,18 @@ def test_out_of_memory_is_recognised() -> None:
 def test_a_plan_is_read_only_while_its_launcher_runs(tmp_path: Path) -> None:
     import os
 
-    packing.write_state(tmp_path, GpuState("0,1", True, 2, 0.4, os.getpid()))
-    assert packing.read_state(tmp_path, "0,1") == GpuState("0,1", True, 2, 0.4, os.getpid())
-    assert packing.read_state(tmp_path, "0") is None and packing.read_state(tmp_path, None) is None
+    gpu_share.write_state(tmp_path, GpuState("0,1", True, 2, 0.4, os.getpid()))
+    assert gpu_share.read_state(tmp_path, "0,1") == GpuState("0,1", True, 2, 0.4, os.getpid())
+    assert gpu_share.read_state(tmp_path, "0") is None and gpu_share.read_state(tmp_path, None) is None
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    packing.write_state(tmp_path, GpuState("2", True, 2, 0.4, gone.pid))
-    assert packing.read_state(tmp_path, "2") is None  # a killed launcher's plan caps nothing
-    packing.clear(tmp_path)
+    gpu_share.write_state(tmp_path, GpuState("2", True, 2, 0.4, gone.pid))
+    assert gpu_share.read_state(tmp_path, "2") is None  # a killed launcher's plan caps nothing
+    gpu_share.clear(tmp_path)
     assert not (tmp_path / "packing").exists()
 
 
-def _enter(gate: packing.Gate, alone: bool, order: list[str], name: str) -> threading.Thread:
+def _enter(gate: gpu_share.Gate, alone: bool, order: list[str], name: str) -> threading.Thread:
     def run() -> None:
         gate.enter(alone)
         order.append(name)
@@ -127,15 +128,15 @@ def _enter(gate: packing.Gate, alone: bool, order: list[str], name: str) -> thre
 
 def test_a_trial_alone_waits_for_the_running_ones_and_holds_new_ones_back(tmp_path: Path) -> None:
     order: list[str] = []
-    running = packing.Gate(tmp_path, "0")
+    running = gpu_share.Gate(tmp_path, "0")
     running.enter(False)
-    other = packing.Gate(tmp_path, "0")
+    other = gpu_share.Gate(tmp_path, "0")
     other.enter(False)  # two packed trials run together
-    alone = packing.Gate(tmp_path, "0")
+    alone = gpu_share.Gate(tmp_path, "0")
     t_alone = _enter(alone, True, order, "alone")
     t_alone.join(0.5)
     assert t_alone.is_alive(), "the trial alone started while others ran"
-    later = packing.Gate(tmp_path, "0")
+    later = gpu_share.Gate(tmp_path, "0")
     t_later = _enter(later, False, order, "later")
     running.close()
     t_alone.join(0.5)
@@ -152,9 +153,9 @@ def test_a_trial_alone_waits_for_the_running_ones_and_holds_new_ones_back(tmp_pa
 
 
 def test_another_gpu_is_not_held(tmp_path: Path) -> None:
-    alone = packing.Gate(tmp_path, "0")
+    alone = gpu_share.Gate(tmp_path, "0")
     alone.enter(True)
-    elsewhere = packing.Gate(tmp_path, "1")
+    elsewhere = gpu_share.Gate(tmp_path, "1")
     assert elsewhere.enter(False) < 5
     elsewhere.close()
     alone.close()
@@ -180,11 +181,11 @@ def _job(tmp_path: Path, hidden: int = 16) -> Any:
 FAKE = {"total": 10 * GiB, "peak": 3 * GiB, "param": "model.init_args.hidden", "peaks": {"48": 5 * GiB}}
 
 
-def _memory(tmp_path: Path, hidden: int, monkeypatch: pytest.MonkeyPatch) -> tuple[packing.TrialMemory, _Trial]:
+def _memory(tmp_path: Path, hidden: int, monkeypatch: pytest.MonkeyPatch) -> tuple[gpu_share.TrialMemory, _Trial]:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     monkeypatch.setenv(packing.FAKE_VAR, json.dumps(FAKE))
     trial = _Trial()
-    return packing.TrialMemory(_job(tmp_path, hidden), trial), trial
+    return gpu_share.TrialMemory(_job(tmp_path, hidden), trial), trial
 
 
 def test_a_packed_trial_is_capped_and_one_over_its_cap_is_retried_alone(
@@ -194,7 +195,7 @@ def test_a_packed_trial_is_capped_and_one_over_its_cap_is_retried_alone(
 
     from lightstudy.trial import Outcome
 
-    packing.write_state(tmp_path, GpuState("0", True, 2, 0.4, os.getpid()))
+    gpu_share.write_state(tmp_path, GpuState("0", True, 2, 0.4, os.getpid()))
     fits, trial = _memory(tmp_path, 16, monkeypatch)
     with fits:
         pass
@@ -209,7 +210,7 @@ def test_a_packed_trial_is_capped_and_one_over_its_cap_is_retried_alone(
     assert outcome.state == Outcome.OUT_OF_MEMORY and "retried alone" in (outcome.reason or "")
 
     # the worker marked the lineage: its next attempt runs alone, uncapped, and fits
-    packing.mark_alone(tmp_path / "trials/trial-0002", "out of memory")
+    gpu_share.mark_alone(tmp_path / "trials/trial-0002", "out of memory")
     again, trial = _memory(tmp_path, 48, monkeypatch)
     with again:
         pass
@@ -224,8 +225,8 @@ def test_out_of_memory_alone_fails_with_the_reason(tmp_path: Path, monkeypatch: 
 
     from lightstudy.trial import Outcome
 
-    packing.write_state(tmp_path, GpuState("0", True, 2, 0.4, os.getpid()))
-    packing.mark_alone(tmp_path / "trials/trial-0002", "out of memory")
+    gpu_share.write_state(tmp_path, GpuState("0", True, 2, 0.4, os.getpid()))
+    gpu_share.mark_alone(tmp_path / "trials/trial-0002", "out of memory")
     memory, _ = _memory(tmp_path, 48, monkeypatch)
     error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     with pytest.raises(torch.cuda.OutOfMemoryError), memory:
@@ -235,7 +236,7 @@ def test_out_of_memory_alone_fails_with_the_reason(tmp_path: Path, monkeypatch: 
     assert "out of GPU memory even alone on GPU 0" in (outcome.reason or "")
     assert "CUDA out of memory. Tried to allocate 20.00 GiB" in (outcome.reason or "")
     # no launcher's plan (a lone `lightstudy worker`): failed with the error, as before packing
-    packing.clear(tmp_path)
+    gpu_share.clear(tmp_path)
     lone, _ = _memory(tmp_path, 48, monkeypatch)
     with lone:
         pass
@@ -291,14 +292,14 @@ def test_a_packed_trial_killed_by_the_oom_killer_is_retried_alone(tmp_path: Path
     study = create_study(spec_from_dict(tiny_spec("killed", max_retry=0)), url)
     run = tmp_path / "run"
     worker = Worker(url, "killed", run_dir=run, gpu="0")
-    packing.write_state(run, GpuState("0", True, 2, 0.4, os.getpid()))
+    gpu_share.write_state(run, GpuState("0", True, 2, 0.4, os.getpid()))
     trial = study.ask()
     worker._finish(trial, None, exit_reason(-9), "trials/trial-0000", 1.0)
     failed, retry = study.get_trials()
     assert failed.state == TrialState.FAIL and retry.state == TrialState.WAITING  # max_retry 0: not one of those
     assert retry.system_attrs[packing.FREE_RETRIES_ATTR] == 1
     assert failed.user_attrs[packing.RETRIED_ALONE_ATTR] is True and packing.RETRIED_ALONE_ATTR not in retry.user_attrs
-    assert packing.runs_alone(run / "trials" / "trial-0000")
+    assert gpu_share.runs_alone(run / "trials" / "trial-0000")
     assert worker.report.interrupted == 1 and worker.report.failed == 0
     # killed again, alone this time: a death like any other (max_retry 0: no retry)
     again = study.ask()
@@ -306,9 +307,9 @@ def test_a_packed_trial_killed_by_the_oom_killer_is_retried_alone(tmp_path: Path
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.FAIL]
     assert worker.report.failed == 1
     # without a packed plan (one trial per GPU), a SIGKILL is an ordinary death
-    packing.write_state(run, GpuState("0", False, 1, None, os.getpid()))
+    gpu_share.write_state(run, GpuState("0", False, 1, None, os.getpid()))
     assert not Worker._died_of_memory_packed(worker, exit_reason(-9), "trials/trial-0005")
-    packing.write_state(run, GpuState("0", False, 2, None, os.getpid()))
+    gpu_share.write_state(run, GpuState("0", False, 2, None, os.getpid()))
     assert Worker._died_of_memory_packed(worker, exit_reason(-9), "trials/trial-0005")
     assert not Worker._died_of_memory_packed(worker, exit_reason(-15), "trials/trial-0005")
 
@@ -442,13 +443,13 @@ def test_only_a_complete_or_pruned_trial_makes_later_ones_wait_for_the_plan(
 
     import optuna
 
-    packing.write_state(tmp_path, GpuState("0", True, None, None, os.getpid()))
+    gpu_share.write_state(tmp_path, GpuState("0", True, None, None, os.getpid()))
     failing, trial = _memory(tmp_path, 16, monkeypatch)
     with pytest.raises(ValueError), failing:
         raise ValueError("boom")  # a failure may come before the trial's peak
     assert trial.user_attrs[packing.MEMORY_ATTR]["peak"] == 3 * GiB
-    assert not packing.measured(tmp_path, "0")
+    assert not gpu_share.measured(tmp_path, "0")
     pruned, _ = _memory(tmp_path, 16, monkeypatch)
     with pytest.raises(optuna.TrialPruned), pruned:
         raise optuna.TrialPruned("epoch 1")
-    assert packing.measured(tmp_path, "0")
+    assert gpu_share.measured(tmp_path, "0")

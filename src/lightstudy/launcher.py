@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightstudy import packing
+from lightstudy import gpu_share, packing
 from lightstudy.errors import LightstudyError
 from lightstudy.storage import ENV_VAR
 
@@ -197,14 +197,14 @@ class Launcher:
 
     def _share_gpus(self) -> None:
         """Each GPU's plan for its trials: K workers (fixed) or, with ``auto``, to be measured."""
-        packing.clear(self.run_dir)  # a plan of an earlier run means nothing now
+        gpu_share.clear(self.run_dir)  # a plan of an earlier run means nothing now
         groups: dict[str, int] = {}
         for slot in self.slots:
             if slot.gpu is not None:
                 groups[slot.gpu] = groups.get(slot.gpu, 0) + 1
         for gpu, n in groups.items():
-            state = packing.GpuState(gpu, self.packing, None if self.packing else n, None, os.getpid())
-            packing.write_state(self.run_dir, state)
+            state = gpu_share.GpuState(gpu, self.packing, None if self.packing else n, None, os.getpid())
+            gpu_share.write_state(self.run_dir, state)
 
     def _pack(self, trials: list[Any]) -> None:
         """``auto``: once a GPU's first trial recorded its peak memory, plan it and add its workers."""
@@ -223,7 +223,7 @@ class Launcher:
             if plan is None:
                 continue
             self._planned[gpu] = plan
-            packing.write_state(self.run_dir, packing.GpuState(gpu, True, plan.slots, plan.fraction, os.getpid()))
+            gpu_share.write_state(self.run_dir, gpu_share.GpuState(gpu, True, plan.slots, plan.fraction, os.getpid()))
             running = sum(s.gpu == gpu for s in self.slots)
             cap = f", each capped at {plan.fraction:.0%} of its memory" if plan.fraction is not None else ""
             self.console.print(
@@ -266,7 +266,7 @@ class Launcher:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-            packing.clear(self.run_dir)
+            gpu_share.clear(self.run_dir)
         return LaunchResult([p.returncode for p in self.processes], self._signals > 0)
 
     def _watch(self, study: Any, spec: StudySpec) -> None:

@@ -247,8 +247,8 @@ def run_trial(job: TrialJob, conn: Any = None) -> TrialOutcome:
 
 
 def _gpu_memory(job: TrialJob, trial: Any) -> Any:
-    """The trial's GPU memory guard (packing.TrialMemory): waits its turn, caps, measures."""
-    from lightstudy.packing import TrialMemory
+    """The trial's GPU memory guard (gpu_share.TrialMemory): waits its turn, caps, measures."""
+    from lightstudy.gpu_share import TrialMemory
 
     return TrialMemory(job, trial)
 

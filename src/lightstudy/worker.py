@@ -35,14 +35,8 @@ from lightstudy.checkpoints import (
     sweep_local,
     would_keep,
 )
-from lightstudy.packing import (
-    FREE_RETRIES_ATTR,
-    RETRIED_ALONE_ATTR,
-    died_of_memory,
-    mark_alone,
-    read_state,
-    runs_alone,
-)
+from lightstudy.gpu_share import mark_alone, read_state, runs_alone
+from lightstudy.packing import FREE_RETRIES_ATTR, RETRIED_ALONE_ATTR, died_of_memory
 from lightstudy.ranks import check_devices, run_processes
 from lightstudy.spec import trial_world_size
 from lightstudy.storage import db_error_text, open_storage, retry_db
