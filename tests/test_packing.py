@@ -152,6 +152,29 @@ def test_a_trial_alone_waits_for_the_running_ones_and_holds_new_ones_back(tmp_pa
     later.close()
 
 
+def test_a_forked_child_holding_the_gate_does_not_keep_it(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    running = gpu_share.Gate(tmp_path, "0")
+    running.enter(False)
+    child = os.fork()  # as a DataLoader worker would: it holds copies of the gate's fds
+    if child == 0:
+        signal.pause()
+        os._exit(0)
+    try:
+        running.close()
+        alone = gpu_share.Gate(tmp_path, "0")
+        order: list[str] = []
+        thread = _enter(alone, True, order, "alone")
+        thread.join(10)
+        assert order == ["alone"], "a forked child's copy of the fd kept the GPU"
+        alone.close()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
 def test_another_gpu_is_not_held(tmp_path: Path) -> None:
     alone = gpu_share.Gate(tmp_path, "0")
     alone.enter(True)

@@ -135,6 +135,9 @@ class Gate:
     def close(self) -> None:
         for fd in (self._lock, self._gate):
             with contextlib.suppress(OSError):
+                # unlocked first: a forked child (a DataLoader worker) holding a copy of the fd
+                # would otherwise keep the lock after this close
+                fcntl.flock(fd, fcntl.LOCK_UN)
                 os.close(fd)
 
 
