@@ -14,6 +14,8 @@ difference, with where a lightstudy trial's time goes (its ``timings``).
 
     python bench/gpu_packing.py             # 16 trials x 4 modes + overhead: minutes on an H100
     python bench/gpu_packing.py --quick     # a few trials: checks the script
+    python bench/gpu_packing.py --quick --stand-in   # on the CPU with the tests' stand-in GPU
+                                                     # memory: checks the script here; numbers mean nothing
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from _common import digits_spec, parser, spread, stats, table, write_jsonl
 
 MODES = ("1", "2", "4", "auto")
 SEED = 0
+ACCELERATOR = "gpu"  # "cpu" with --stand-in
+# --stand-in: a 16 GiB GPU whose trials peak at 3 GiB (gpu_share.FakeProbe): auto packs 3 a GPU
+STAND_IN = {"total": 16 * 2**30, "peak": 3 * 2**30}
 
 
 def cuda_devices() -> int:
@@ -51,7 +56,7 @@ def cuda_devices() -> int:
 
 def gpu_spec(name: str, lrs: list[float], epochs: int, tiny: bool) -> dict[str, Any]:
     doc = digits_spec(name, n_trials=len(lrs), epochs=epochs, tiny=tiny, seed=SEED)
-    doc["trainer"].update(accelerator="gpu", devices=1, deterministic=False)
+    doc["trainer"].update(accelerator=ACCELERATOR, devices=1, deterministic=False)
     if not tiny:
         doc["model"]["init_args"] = {"channels": 32, "hidden": 256}
     doc["study"]["enqueue"] = [{"model.init_args.lr": lr} for lr in lrs]
@@ -154,9 +159,8 @@ def gaps(ends: list[float]) -> list[float]:
 
 
 def overhead(n: int, work: Path) -> dict[str, Any]:
-    loop = subprocess.run(
-        [sys.executable, __file__, "--loop-child", str(n), "--work", str(work)], capture_output=True, text=True
-    )
+    cmd = [sys.executable, __file__, "--loop-child", str(n), "--work", str(work)]
+    loop = subprocess.run([*cmd, *(["--stand-in"] if ACCELERATOR == "cpu" else [])], capture_output=True, text=True)
     if loop.returncode != 0:
         raise SystemExit(f"the in-process loop failed:\n{loop.stderr[-3000:]}")
     loop_gaps = gaps(json.loads(loop.stdout.strip().splitlines()[-1])["ends"])
@@ -182,13 +186,18 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=None, help="trials per mode (default 16; --quick 4)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per packing trial")
     p.add_argument("--modes", nargs="*", default=list(MODES), help="--trials-per-gpu values to compare")
+    p.add_argument("--stand-in", action="store_true", help="CPU trials, stand-in GPU memory: checks the script")
     p.add_argument("--loop-child", type=int, default=None, help=argparse_suppress())
     p.add_argument("--work", type=Path, default=None, help=argparse_suppress())
     args = p.parse_args()
+    global ACCELERATOR
+    if args.stand_in:
+        ACCELERATOR = "cpu"
+        os.environ["LIGHTSTUDY_FAKE_GPU_MEMORY"] = json.dumps(STAND_IN)  # gpu_share.FAKE_VAR
     if args.loop_child is not None:
         loop_child(args.loop_child, args.work)
         return
-    if cuda_devices() == 0:
+    if not args.stand_in and cuda_devices() == 0:
         print(
             "no CUDA device: bench/gpu_packing.py measures GPU packing on one GPU; "
             "run it on a machine with one (CUDA_VISIBLE_DEVICES unset or naming it)",
@@ -255,7 +264,7 @@ def main() -> None:
             ]
         ],
     )
-    write_jsonl(args.out, "gpu_packing", rows, quick=args.quick, trials=n, epochs=epochs)
+    write_jsonl(args.out, "gpu_packing", rows, quick=args.quick, trials=n, epochs=epochs, stand_in=args.stand_in)
 
 
 def argparse_suppress() -> str:
