@@ -476,3 +476,18 @@ def test_only_a_complete_or_pruned_trial_makes_later_ones_wait_for_the_plan(
     with pytest.raises(optuna.TrialPruned), pruned:
         raise optuna.TrialPruned("epoch 1")
     assert gpu_share.measured(tmp_path, "0")
+
+
+def test_the_cuda_probe_records_nothing_for_a_trial_that_never_used_cuda(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.delenv(packing.FAKE_VAR, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    trial = _Trial()
+    memory = gpu_share.TrialMemory(_job(tmp_path), trial)
+    assert isinstance(memory.probe, gpu_share.CudaProbe)
+    with memory:
+        pass
+    assert trial.user_attrs == {} and not torch.cuda.is_initialized()
