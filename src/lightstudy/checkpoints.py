@@ -35,6 +35,7 @@ __all__ = [
     "kept_trials",
     "lineage_root",
     "load_checkpoint",
+    "needed_trials",
     "pareto_front",
     "remove_local",
     "sweep_local",
@@ -128,8 +129,22 @@ def remove_local(run_dir: Path, trial_dir: str) -> None:
 RETRY_SETTLE = 600.0
 
 
-def sweep_local(study: optuna.Study, run_dir: Path, *, settle: float = RETRY_SETTLE) -> None:
+def needed_trials(trials: Sequence[FrozenTrial], spec: StudySpec) -> set[int]:
+    """Trials whose local checkpoint a scheduler still needs (:meth:`lightstudy.scheduler.Asha.needed_checkpoints`,
+    :meth:`lightstudy.scheduler.Pbt.needed_checkpoints`): a running trial starts from it, or a
+    rung may still promote it, or a member may still continue or copy it. None without a scheduler."""
+    from lightstudy.scheduler import scheduler_of, views
+
+    plan = scheduler_of(spec)
+    return set() if plan is None else plan.needed_checkpoints(views(trials))
+
+
+def sweep_local(
+    study: optuna.Study, run_dir: Path, *, settle: float = RETRY_SETTLE, needed: set[int] | None = None
+) -> None:
     """Delete local checkpoint files of lineages that nothing continues, nor is about to.
+
+    ``needed``: trial numbers whose folders stay too (a scheduler's parents: :func:`needed_trials`).
 
     A lineage stays while a trial of it runs or waits, and while a trial of it failed less than
     ``settle`` seconds ago (its retry may not be queued yet; once a retry finished, its worker
@@ -142,11 +157,14 @@ def sweep_local(study: optuna.Study, run_dir: Path, *, settle: float = RETRY_SET
 
     states = (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)
     cutoff = dt.datetime.now() - dt.timedelta(seconds=settle)
+    trials = study.get_trials(deepcopy=False)
     live = {
         lineage_root(t)
-        for t in study.get_trials(deepcopy=False, states=states)
-        if t.state != TrialState.FAIL or t.datetime_complete is None or t.datetime_complete > cutoff
+        for t in trials
+        if t.state in states
+        and (t.state != TrialState.FAIL or t.datetime_complete is None or t.datetime_complete > cutoff)
     }
+    live |= {lineage_root(t) for t in trials if t.number in (needed or set())}
     for folder in (run_dir / "trials").glob("trial-*"):
         try:
             root = int(folder.name.split("-", 1)[1])
