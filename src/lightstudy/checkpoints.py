@@ -8,8 +8,12 @@ a trial that ranks in the top k of some view of the study ranks in the top k of 
 view that holds it, so no pass removes what another pass keeps, and a trial outside the top k
 when it finishes can never enter it later.
 
-Local files (``<run dir>/trials/trial-NNNN/checkpoints``) only serve a retry: once a trial's
-lineage is finished they are deleted.
+With a scheduler the same holds among the lineages' furthest trials (the highest rung reached, or
+the most epochs trained: :func:`lightstudy.scheduler.finals`): such a set only grows until a
+higher level replaces it for good.
+
+Local files (``<run dir>/trials/trial-NNNN/checkpoints``) serve a retry, and with a scheduler
+the trials that start from them (:func:`needed_trials`): once nothing can need them they are deleted.
 """
 
 from __future__ import annotations
@@ -76,10 +80,13 @@ def _with_checkpoint(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def kept_trials(trials: Sequence[FrozenTrial], spec: StudySpec) -> list[FrozenTrial]:
-    """The trials whose checkpoints the study keeps, best first (several objectives: by number)."""
+    """The trials whose checkpoints the study keeps, best first (several objectives: by number);
+    with a scheduler, among the lineages' furthest trials (:func:`lightstudy.ranking.candidates`)."""
+    from lightstudy import ranking
+
     if spec.study.checkpoints.keep == 0:
         return []
-    return _rank(_with_checkpoint(trials), spec)
+    return _rank(_with_checkpoint(ranking.candidates(trials, spec)), spec)
 
 
 class _Candidate:

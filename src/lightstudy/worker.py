@@ -190,6 +190,8 @@ class Worker:
                     new_hyperparameters=parent is not None and self._explores(frozen, int(parent)),
                 )
                 retry_of = f" (retry of {resumed_trial}, resuming)" if resume else ""
+                if resume and not history:
+                    retry_of = f" (from trial {resumed_trial}'s checkpoint, until epoch {epochs})"
                 _log.info("trial %d started%s: %s", trial.number, retry_of, _short(job.params))
                 # 3. run: rank 0's outcome, or None and why the process died
                 start, self._trial = time.time(), trial
