@@ -93,3 +93,17 @@ class WorseningNet(ConvNet):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val_acc", 0.9 - 0.1 * self.current_epoch)
+
+
+class WeightsNet(ConvNet):
+    """Prints a checksum of its weights when training starts and after each epoch (to trial.log),
+    so a test can tell a trial that continues another's weights from a fresh start."""
+
+    def _checksum(self) -> float:
+        return float(sum(p.detach().double().sum() for p in self.parameters()))
+
+    def on_train_start(self) -> None:
+        print(f"weights at start: {self._checksum()!r}", flush=True)
+
+    def on_train_epoch_end(self) -> None:
+        print(f"weights after epoch {self.current_epoch}: {self._checksum()!r}", flush=True)

@@ -1,0 +1,162 @@
+"""Schedulers in the workers (issue 13): claims, promoted trials' starts, kill -9, checkpoints.
+
+Small on purpose: 8-channel ConvNet, two batches an epoch, one or two epochs a rung.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from optuna.trial import TrialState
+
+from conftest import tiny_spec
+from lightstudy.artifacts import CheckpointRef
+from lightstudy.checkpoints import kept_trials, needed_trials
+from lightstudy.spec import spec_from_dict
+from lightstudy.study import claim_trial, create_study, load_study
+from lightstudy.worker import Worker
+
+TESTS = str(Path(__file__).parent)
+PYTHONPATH = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p)
+
+
+def _asha(n_trials: int = 3, max_resource: int = 2, **model: Any) -> dict[str, Any]:
+    doc = tiny_spec(n_trials=n_trials, max_epochs=max_resource)
+    doc["study"]["scheduler"] = {"name": "ASHA", "min_resource": 1, "max_resource": max_resource, "reduction_factor": 3}
+    doc["study"]["checkpoints"] = {"keep": 2}
+    doc["trainer"].update(limit_train_batches=2, limit_val_batches=2)
+    doc["model"]["class_path"] = "lightstudy_testing_models.WeightsNet"
+    doc["model"]["init_args"].update(model)
+    return doc
+
+
+def _local_checkpoints(run_dir: Path) -> set[str]:
+    """Trial folders that hold a checkpoint file."""
+    return {p.parent.parent.name for p in (run_dir / "trials").glob("trial-*/checkpoints/*.ckpt")}
+
+
+def _stored(run_dir: Path, trials: Any) -> set[int]:
+    """Trials whose checkpoint is in the artifact store (a removed one keeps its attr, not its file)."""
+    files = {p.name for p in (run_dir / "artifacts").iterdir()}
+    return {t.number for t in trials if (ref := CheckpointRef.of(t)) is not None and ref.artifact_id in files}
+
+
+def _folders(trials: Any, numbers: set[int]) -> set[str]:
+    return {Path(t.user_attrs["trial_dir"]).name for t in trials if t.number in numbers}
+
+
+@pytest.fixture(scope="module")
+def asha_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """An ASHA study (3 configurations, rungs of 1 and 2 epochs) run by one worker in two goes:
+    the 3 rung-0 trials, then the promotion; what the disk held after each."""
+    tmp = tmp_path_factory.mktemp("asha")
+    url = f"sqlite:///{tmp / 'study.db'}"
+    run_dir = tmp / "run"
+    create_study(spec_from_dict(_asha()), url)
+    first = Worker(url, "tiny", run_dir=run_dir, threads=1, max_trials=3).run()
+    study, spec = load_study(url, "tiny")
+    trials = study.get_trials()
+    middle = {
+        "local": _local_checkpoints(run_dir),
+        "needed": _folders(trials, needed_trials(trials, spec)),
+        "kept": {t.number for t in kept_trials(trials, spec)},
+        "stored": _stored(run_dir, trials),
+    }
+    second = Worker(url, "tiny", run_dir=run_dir, threads=1).run()
+    study, spec = load_study(url, "tiny")
+    return {"url": url, "run_dir": run_dir, "first": first, "second": second, "middle": middle, "spec": spec}
+
+
+def test_a_promoted_trial_continues_its_parents_steps_and_weights(asha_run: dict[str, Any]) -> None:
+    assert (asha_run["first"].complete, asha_run["second"].complete) == (3, 1)
+    study, _ = load_study(asha_run["url"], "tiny")
+    trials = study.get_trials()
+    [child] = [t for t in trials if t.user_attrs.get("parent_trial") is not None]
+    parent = trials[child.user_attrs["parent_trial"]]
+    assert (child.user_attrs["rung"], child.user_attrs["lineage"], child.user_attrs["epochs"]) == (1, parent.number, 2)
+    assert parent.user_attrs["rung"] == 0 and parent.user_attrs["lineage"] == parent.number
+    assert child.params == parent.params
+    assert sorted(parent.intermediate_values) == [0]
+    assert sorted(child.intermediate_values) == [1]  # its first step is its parent's last + 1
+    assert child.user_attrs["resumed_from"]["trial"] == parent.number
+    assert parent.value == max(t.value for t in trials if t.user_attrs["rung"] == 0)  # the best went on
+    run_dir = asha_run["run_dir"]
+    parent_log = (run_dir / parent.user_attrs["trial_dir"] / "trial.log").read_text()
+    child_log = (run_dir / child.user_attrs["trial_dir"] / "trial.log").read_text()
+    [parent_end] = re.findall(r"weights after epoch 0: (\S+)", parent_log)
+    [child_start] = re.findall(r"weights at start: (\S+)", child_log)
+    assert child_start == parent_end, (parent_log, child_log)  # the parent's weights, not a fresh start
+    assert "training starts at epoch 1" in child_log
+    # The results rank the highest rung reached: the promoted trial is the best and its checkpoint kept.
+    from lightstudy.ranking import ranked
+
+    assert [t.number for t in ranked(trials, asha_run["spec"])] == [child.number]
+
+
+def test_the_kept_checkpoints_are_those_still_needed_plus_the_top_k(asha_run: dict[str, Any]) -> None:
+    middle = asha_run["middle"]
+    # After rung 0: exactly the one configuration that rung 1 may still promote keeps its local file ...
+    assert middle["local"] == middle["needed"] and len(middle["needed"]) == 1
+    # ... and the store holds the top k (keep: 2) of the highest rung reached, nothing else.
+    assert middle["kept"] == middle["stored"] and len(middle["stored"]) == 2
+    study, spec = load_study(asha_run["url"], "tiny")
+    trials = study.get_trials()
+    assert needed_trials(trials, spec) == set()
+    assert _local_checkpoints(asha_run["run_dir"]) == set()  # nothing can need one any more
+    [top] = [t.number for t in trials if t.user_attrs["rung"] == 1]
+    assert _stored(asha_run["run_dir"], trials) == {top}  # the top k of the top rung: it alone
+    assert len(list((asha_run["run_dir"] / "artifacts").iterdir())) == 1
+
+
+def _complete_rung0(study: Any, values: list[float]) -> None:
+    """Rung-0 trials, complete, as a worker leaves them (no training)."""
+    import optuna
+
+    for i, value in enumerate(values):
+        trial = study.ask()
+        trial.suggest_float("model.init_args.lr", 1e-3, 3e-2, log=True)
+        trial.suggest_categorical("data.init_args.batch_size", [64, 128])
+        for key, v in {"lineage": trial.number, "rung": 0, "epochs": 1}.items():
+            trial.set_user_attr(key, v)
+        trial.report(value, 0)
+        study.tell(trial, value, state=optuna.trial.TrialState.COMPLETE)
+        assert i == trial.number
+
+
+def test_two_workers_never_promote_the_same_configuration_twice(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = spec_from_dict(_asha(n_trials=9, max_resource=9))
+    _complete_rung0(create_study(spec, url), [0.1 * i for i in range(9)])  # 3 promotable: 8, 7, 6
+    barrier = threading.Barrier(2)
+    claims: list[tuple[int, Any]] = []
+
+    def claimer() -> None:
+        study, spec = load_study(url, "tiny")  # each its own storage, as two workers
+        barrier.wait()
+        while True:
+            trial, budget = claim_trial(study, spec)
+            if trial is None:
+                assert not budget.done  # others run: wait, not done
+                return
+            frozen = study._storage.get_trial(trial._trial_id)
+            claims.append((frozen.user_attrs.get("parent_trial"), frozen))
+
+    threads = [threading.Thread(target=claimer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    parents = [p for p, _ in claims]
+    assert sorted(parents) == [6, 7, 8], parents  # each promotable configuration once, nothing sampled
+    for parent, frozen in claims:
+        assert frozen.state == TrialState.RUNNING
+        assert (frozen.user_attrs["lineage"], frozen.user_attrs["rung"], frozen.user_attrs["epochs"]) == (parent, 1, 3)
+    study, _ = load_study(url, "tiny")
+    by_number = {t.number: t for t in study.get_trials()}
+    for parent, frozen in claims:
+        assert frozen.params == by_number[parent].params
