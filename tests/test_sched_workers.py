@@ -160,3 +160,60 @@ def test_two_workers_never_promote_the_same_configuration_twice(tmp_path: Path) 
     by_number = {t.number: t for t in study.get_trials()}
     for parent, frozen in claims:
         assert frozen.params == by_number[parent].params
+
+
+def _worker_process(url: str, run_dir: Path) -> Any:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "lightstudy", "worker", "--study", "tiny", "--run-dir", str(run_dir)]
+    return subprocess.Popen(
+        [*command, "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _when(predicate: Any, timeout: float = 120.0) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def test_kill_9_of_a_worker_during_a_promoted_trial_leaves_the_study_exact(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    hold = tmp_path / "hold"
+    doc = _asha(n_trials=3, max_resource=3, hold=str(hold), hold_epoch=2)  # the promotion trains epochs 1-2
+    doc["model"]["class_path"] = "lightstudy_testing_models.HoldNet"
+    create_study(spec_from_dict(doc), url)
+    run_dir = tmp_path / "run"
+    victim = _worker_process(url, run_dir)
+    _when(hold.exists)  # the promoted trial is in epoch 2's validation, epoch 1's last.ckpt its own
+    victim.kill()
+    victim.wait()
+    survivor = _worker_process(url, run_dir)
+    out, _ = survivor.communicate(timeout=300)
+    assert survivor.returncode == 0, out
+    study, _ = load_study(url, "tiny")
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    # Exact: 3 configurations at rung 0, one promoted once; nothing lost, nothing twice.
+    assert sorted((t.user_attrs["rung"], t.user_attrs["lineage"]) for t in done) == sorted(
+        {(t.user_attrs["rung"], t.user_attrs["lineage"]) for t in done}
+    )
+    assert sorted(t.user_attrs["rung"] for t in done) == [0, 0, 0, 1]
+    [dead] = [t for t in trials if t.state == TrialState.FAIL]
+    [retry] = [t for t in done if t.user_attrs["rung"] == 1]
+    assert dead.user_attrs["rung"] == 1 and dead.user_attrs["lineage"] == retry.user_attrs["lineage"]
+    assert retry.user_attrs["parent_trial"] == dead.user_attrs["parent_trial"]  # the same job
+    assert retry.user_attrs["resumed_from"]["trial"] == dead.number  # from its own last.ckpt ...
+    assert retry.user_attrs["resumed_from"]["epoch"] == 1  # ... the epoch it finished
+    assert sorted(retry.intermediate_values) == [1, 2]  # epoch 1 inherited, epoch 2 reported
+    log = (run_dir / dead.user_attrs["trial_dir"] / "trial.log").read_text()
+    assert re.findall(r"weights after epoch 1: (\S+)", log)[-1] == re.findall(r"weights at start: (\S+)", log)[-1]
+    assert _local_checkpoints(run_dir) == set()

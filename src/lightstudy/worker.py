@@ -326,13 +326,13 @@ class Worker:
         self._count(trial, state, values, why, seconds, retried)
         if ref is not None:  # only a checkpoint that entered the top k can push one out
             retry_db(lambda: enforce_retention(self.study, self.spec, self.store), what="retention")
-        if not retried and self.spec.study.scheduler is None:  # no retry resumes from its last.ckpt
+        # with a scheduler, what a promotion or a PBT step may still start from stays
+        needed: set[int] = set()
+        if self.spec.study.scheduler is not None:
+            needed = retry_db(lambda: needed_trials(self.db.trials(self.study), self.spec), what="read the trials")
+        if not retried and trial.number not in needed:  # no retry resumes from its last.ckpt
             remove_local(self.run_dir, trial_dir)
-        # (with a scheduler, the sweep keeps what a promotion or a PBT step may still start from)
-        retry_db(
-            lambda: sweep_local(self.study, self.run_dir, needed=needed_trials(self.db.trials(self.study), self.spec)),
-            what="sweep checkpoints",
-        )
+        retry_db(lambda: sweep_local(self.study, self.run_dir, needed=needed), what="sweep checkpoints")
         self.report.trials.append(trial.number)
 
     def _write_note(self, trial: optuna.Trial) -> None:
