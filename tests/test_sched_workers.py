@@ -217,3 +217,47 @@ def test_kill_9_of_a_worker_during_a_promoted_trial_leaves_the_study_exact(tmp_p
     log = (run_dir / dead.user_attrs["trial_dir"] / "trial.log").read_text()
     assert re.findall(r"weights after epoch 1: (\S+)", log)[-1] == re.findall(r"weights at start: (\S+)", log)[-1]
     assert _local_checkpoints(run_dir) == set()
+
+
+def test_a_pbt_exploit_is_claimed_with_its_lineage_and_a_retry_stays_the_same_job(tmp_path: Path) -> None:
+    import optuna
+
+    from lightstudy.storage.boundary import storage_of
+    from lightstudy.study import budget
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    doc = _asha(n_trials=4)
+    doc["study"]["scheduler"] = {"name": "PBT", "population": 4, "interval": 2, "max_resource": 6}
+    spec = spec_from_dict(doc)
+    study = create_study(spec, url)
+    for value in (0.1, 0.5, 0.6, 0.9):  # member 0 is the worst: it copies the best (trial 3)
+        trial = study.ask()
+        trial.suggest_float("model.init_args.lr", 1e-3, 3e-2, log=True)
+        trial.suggest_categorical("data.init_args.batch_size", [64, 128])
+        for key, v in {"lineage": trial.number, "generation": 0, "epochs": 2}.items():
+            trial.set_user_attr(key, v)
+        trial.report(value - 0.05, 0)
+        trial.report(value, 1)
+        study.tell(trial, value, state=optuna.trial.TrialState.COMPLETE)
+    study, spec = load_study(url, "tiny")
+    trial, _ = claim_trial(study, spec)
+    assert trial is not None
+    frozen = study._storage.get_trial(trial._trial_id)
+    attrs = {k: frozen.user_attrs[k] for k in ("parent_trial", "lineage", "generation", "epochs")}
+    assert attrs == {"parent_trial": 3, "lineage": 0, "generation": 1, "epochs": 4}
+    source = study.trials[3].params
+    assert frozen.params != source and frozen.params.keys() == source.keys()  # explored
+    assert 1e-3 <= frozen.params["model.init_args.lr"] <= 3e-2
+    assert budget(study.get_trials(), spec).used == 4  # PBT steps are no new configurations
+    # The trial's worker dies; its retry (user attrs copied) is the next claim: the same job.
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    storage_of(study).requeue(study, study._storage.get_trial(trial._trial_id), None)
+    again, _ = claim_trial(study, spec)
+    assert again is not None and again.number == trial.number + 1
+    retried = study._storage.get_trial(again._trial_id)
+    assert {k: retried.user_attrs[k] for k in attrs} == attrs and retried.params == frozen.params
+    third, _ = claim_trial(study, spec)  # member 1 (fewest epochs, next lineage) continues its own
+    assert third is not None
+    continued = study._storage.get_trial(third._trial_id)
+    assert (continued.user_attrs["lineage"], continued.user_attrs["parent_trial"]) == (1, 1)
+    assert continued.params == study.trials[1].params

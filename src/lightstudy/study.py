@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from lightstudy.errors import LightstudyError, StudyNotFoundError
 from lightstudy.spec import StudySpec, spec_from_dict
 from lightstudy.storage import open_storage, redact, retry_db
-from lightstudy.storage.boundary import storage_of, trial_id, wrap
+from lightstudy.storage.boundary import ProxyClientStorage, storage_of, trial_id, wrap
 
 if TYPE_CHECKING:
     import optuna
@@ -334,6 +334,11 @@ def _claim_scheduled(
     from lightstudy import scheduler as sched
 
     store = storage_of(study)
+    if isinstance(store, ProxyClientStorage):  # its claims are not serialized: a job could start twice
+        raise LightstudyError(
+            f"study {spec.study.name!r} has a scheduler, which lightstudy proxy does not serialize claims for",
+            fix="run the workers of a scheduled study with the database URL (--storage postgresql+psycopg://...)",
+        )
     plan = sched.scheduler_of(spec)
     assert plan is not None
     if state.timed_out:
