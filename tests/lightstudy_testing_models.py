@@ -95,6 +95,13 @@ class WorseningNet(ConvNet):
         self.log("val_acc", 0.9 - 0.1 * self.current_epoch)
 
 
+class LrNet(ConvNet):
+    """Logs ``val_acc = lr``: a test orders its trials' values by the learning rates it enqueues."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_acc", float(self.hparams.lr))
+
+
 class WeightsNet(ConvNet):
     """Prints a checksum of its weights when training starts and after each epoch (to trial.log),
     so a test can tell a trial that continues another's weights from a fresh start."""
