@@ -121,7 +121,8 @@ def _complete_rung0(study: Any, values: list[float]) -> None:
         trial = study.ask()
         trial.suggest_float("model.init_args.lr", 1e-3, 3e-2, log=True)
         trial.suggest_categorical("data.init_args.batch_size", [64, 128])
-        for key, v in {"lineage": trial.number, "rung": 0, "epochs": 1}.items():
+        attrs = {"lineage": trial.number, "rung": 0, "epochs": 1, "trial_dir": f"trials/trial-{trial.number:04d}"}
+        for key, v in attrs.items():
             trial.set_user_attr(key, v)
         trial.report(value, 0)
         study.tell(trial, value, state=optuna.trial.TrialState.COMPLETE)
@@ -261,3 +262,16 @@ def test_a_pbt_exploit_is_claimed_with_its_lineage_and_a_retry_stays_the_same_jo
     continued = study._storage.get_trial(third._trial_id)
     assert (continued.user_attrs["lineage"], continued.user_attrs["parent_trial"]) == (1, 1)
     assert continued.params == study.trials[1].params
+
+
+def test_a_promotion_whose_parent_checkpoint_is_missing_fails_saying_so(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = create_study(spec_from_dict(_asha(n_trials=3)), url)
+    _complete_rung0(study, [0.2, 0.9, 0.5])  # trial 1 is promoted; its files are on no disk here
+    report = Worker(url, "tiny", run_dir=tmp_path / "run", threads=1, max_trials=1).run()
+    assert (report.failed, report.complete) == (1, 0)
+    study, _ = load_study(url, "tiny")
+    [failed] = [t for t in study.get_trials() if t.state == TrialState.FAIL]
+    assert failed.user_attrs["parent_trial"] == 1
+    assert "checkpoint of parent trial 1" in failed.user_attrs["fail_reason"]
+    assert "share the run folder" in failed.user_attrs["fail_reason"]
