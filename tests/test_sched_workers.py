@@ -275,3 +275,37 @@ def test_a_promotion_whose_parent_checkpoint_is_missing_fails_saying_so(tmp_path
     assert failed.user_attrs["parent_trial"] == 1
     assert "checkpoint of parent trial 1" in failed.user_attrs["fail_reason"]
     assert "share the run folder" in failed.user_attrs["fail_reason"]
+
+
+def test_the_sweep_keeps_what_a_pbt_member_may_still_continue_from_one_read(tmp_path: Path) -> None:
+    """Needed and running are counted from one read of the trials: a member's latest trial that
+    completed between two reads was swept once (PBT run: its continuation failed, no checkpoint)."""
+    import optuna
+
+    from lightstudy.checkpoints import sweep_local
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    doc = _asha(n_trials=2)
+    doc["study"]["scheduler"] = {"name": "PBT", "population": 2, "interval": 1, "max_resource": 3}
+    study = create_study(spec_from_dict(doc), url)
+    run_dir = tmp_path / "run"
+    members = {0: (0, 0, None), 1: (1, 0, None), 2: (0, 1, 0)}  # number: (lineage, generation, parent)
+    for number, (lineage, generation, parent) in members.items():
+        trial = study.ask()
+        trial.suggest_float("model.init_args.lr", 1e-3, 3e-2, log=True)
+        trial.suggest_categorical("data.init_args.batch_size", [64, 128])
+        attrs = {"lineage": lineage, "generation": generation, "epochs": generation + 1}
+        attrs["trial_dir"] = f"trials/trial-{number:04d}"
+        if parent is not None:
+            attrs["parent_trial"] = parent
+        for key, v in attrs.items():
+            trial.set_user_attr(key, v)
+        trial.report(0.5, generation)
+        study.tell(trial, 0.5, state=optuna.trial.TrialState.COMPLETE)
+        folder = run_dir / attrs["trial_dir"] / "checkpoints"
+        folder.mkdir(parents=True)
+        (folder / "last.ckpt").write_bytes(b"x")
+    study, spec = load_study(url, "tiny")
+    sweep_local(study, run_dir, spec=spec)
+    # member 0 continues from trial 2, member 1 from trial 1; trial 0 is superseded
+    assert _local_checkpoints(run_dir) == {"trial-0001", "trial-0002"}

@@ -147,11 +147,13 @@ def needed_trials(trials: Sequence[FrozenTrial], spec: StudySpec) -> set[int]:
 
 
 def sweep_local(
-    study: optuna.Study, run_dir: Path, *, settle: float = RETRY_SETTLE, needed: set[int] | None = None
+    study: optuna.Study, run_dir: Path, *, settle: float = RETRY_SETTLE, spec: StudySpec | None = None
 ) -> None:
     """Delete local checkpoint files of lineages that nothing continues, nor is about to.
 
-    ``needed``: trial numbers whose folders stay too (a scheduler's parents: :func:`needed_trials`).
+    With ``spec`` (a study with a scheduler), the folders of :func:`needed_trials` stay too,
+    counted from the same read of the trials: a trial that completes between two reads would be
+    neither running in one nor needed in the other.
 
     A lineage stays while a trial of it runs or waits, and while a trial of it failed less than
     ``settle`` seconds ago (its retry may not be queued yet; once a retry finished, its worker
@@ -171,7 +173,9 @@ def sweep_local(
         if t.state in states
         and (t.state != TrialState.FAIL or t.datetime_complete is None or t.datetime_complete > cutoff)
     }
-    live |= {lineage_root(t) for t in trials if t.number in (needed or set())}
+    if spec is not None and spec.study.scheduler is not None:
+        needed = needed_trials(trials, spec)
+        live |= {lineage_root(t) for t in trials if t.number in needed}
     for folder in (run_dir / "trials").glob("trial-*"):
         try:
             root = int(folder.name.split("-", 1)[1])

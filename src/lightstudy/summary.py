@@ -201,7 +201,8 @@ def lineages(trials: Sequence[FrozenTrial], spec: StudySpec, *, limit: int | Non
                 text = ", ".join(f"{short.get(k, k)}={format_value(x)}" for k, x in changed.items())
                 copied = f" from {parent.number}" if parent is not None and parent.lineage != lineage else ""
                 what = f"{copied} {text}" if text else copied
-                parts.append(f"#{v.number} ep {first + 1}-{max(v.epochs, first)}{what}: {value}{state}")
+                last = str(v.epochs) if v.epochs > first else ""
+                parts.append(f"#{v.number} ep {first + 1}-{last}{what}: {value}{state}")
                 if v.state == TrialState.COMPLETE:
                     previous = dict(v.params)
             else:

@@ -334,7 +334,7 @@ class Worker:
             needed = retry_db(lambda: needed_trials(self.db.trials(self.study), self.spec), what="read the trials")
         if not retried and trial.number not in needed:  # no retry resumes from its last.ckpt
             remove_local(self.run_dir, trial_dir)
-        retry_db(lambda: sweep_local(self.study, self.run_dir, needed=needed), what="sweep checkpoints")
+        retry_db(lambda: sweep_local(self.study, self.run_dir, spec=self.spec), what="sweep checkpoints")
         self.report.trials.append(trial.number)
 
     def _write_note(self, number: int) -> None:
