@@ -309,3 +309,15 @@ def test_the_sweep_keeps_what_a_pbt_member_may_still_continue_from_one_read(tmp_
     sweep_local(study, run_dir, spec=spec)
     # member 0 continues from trial 2, member 1 from trial 1; trial 0 is superseded
     assert _local_checkpoints(run_dir) == {"trial-0001", "trial-0002"}
+
+
+def test_a_scheduled_study_refuses_the_proxy_whose_claims_are_not_serialized() -> None:
+    from types import SimpleNamespace
+
+    from optuna.storages import GrpcStorageProxy
+
+    from lightstudy.errors import LightstudyError
+
+    proxy = SimpleNamespace(_storage=GrpcStorageProxy(host="127.0.0.1", port=1))  # never reached
+    with pytest.raises(LightstudyError, match="lightstudy proxy does not serialize its claims"):
+        claim_trial(proxy, spec_from_dict(_asha()))  # type: ignore[arg-type]

@@ -292,6 +292,12 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
     from lightstudy.search_space import suggest_params
 
     store = storage_of(study)
+    if spec.study.scheduler is not None and isinstance(store, ProxyClientStorage):
+        # the proxy does not serialize claims: a promotion or a PBT step could start twice
+        raise LightstudyError(
+            f"study {spec.study.name!r} has a scheduler, and lightstudy proxy does not serialize its claims",
+            fix="run the workers of a scheduled study with the database URL (--storage postgresql+psycopg://...)",
+        )
     with store.claim_lock(spec.study.name):
         store.reap(study, spec.study.grace_period)
         state, offset = count_budget(study, spec)
@@ -339,11 +345,6 @@ def _claim_scheduled(
     from lightstudy import scheduler as sched
 
     store = storage_of(study)
-    if isinstance(store, ProxyClientStorage):  # its claims are not serialized: a job could start twice
-        raise LightstudyError(
-            f"study {spec.study.name!r} has a scheduler, which lightstudy proxy does not serialize claims for",
-            fix="run the workers of a scheduled study with the database URL (--storage postgresql+psycopg://...)",
-        )
     plan = sched.scheduler_of(spec)
     assert plan is not None
     if state.timed_out:
