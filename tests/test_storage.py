@@ -282,3 +282,74 @@ def test_only_an_absent_database_server_is_waited_for(said: str, outage: bool) -
 
     assert _is_outage(sqlalchemy.exc.OperationalError("connect", {}, Exception(said))) is outage
     assert not _is_outage(ValueError(said))  # not a connection error at all
+
+
+# --- study.storage_options: synchronous_commit for the workers' sessions ---------------------
+
+
+def _show_synchronous_commit(db: object) -> str:
+    import sqlalchemy
+
+    with db.rdb.engine.connect() as conn:  # type: ignore[attr-defined]
+        return str(conn.execute(sqlalchemy.text("SHOW synchronous_commit")).scalar_one())
+
+
+@pytest.mark.postgres
+def test_synchronous_commit_off_applies_to_the_workers_sessions_only(pg_url: str, tmp_path: Path) -> None:
+    from conftest import tiny_spec
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.storage.boundary import storage_of
+    from lightstudy.study import create_study, load_study
+    from lightstudy.worker import Worker
+
+    spec = spec_from_dict(tiny_spec(storage_options={"synchronous_commit": False}))  # YAML's bare `off`
+    assert spec.study.storage_options.synchronous_commit == "off"
+    create_study(spec, pg_url)
+    worker = Worker(pg_url, "tiny", run_dir=tmp_path)
+    assert _show_synchronous_commit(worker.db) == "off"
+    study, _ = load_study(pg_url, "tiny")  # a reader (best, report, the CLI's own session) keeps the default
+    assert _show_synchronous_commit(storage_of(study)) == "on"
+
+
+@pytest.mark.postgres
+def test_synchronous_commit_is_on_unless_the_spec_says_off(pg_url: str, tmp_path: Path) -> None:
+    from conftest import tiny_spec
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.study import create_study
+    from lightstudy.worker import Worker
+
+    spec = spec_from_dict(tiny_spec())
+    assert "storage_options" not in spec.to_dict()["study"]  # the default leaves old fingerprints alone
+    create_study(spec, pg_url)
+    assert _show_synchronous_commit(Worker(pg_url, "tiny", run_dir=tmp_path).db) == "on"
+
+
+def test_storage_options_round_trip_through_the_stored_spec() -> None:
+    from conftest import tiny_spec
+    from lightstudy.spec import spec_from_dict
+
+    spec = spec_from_dict(tiny_spec(storage_options={"synchronous_commit": "off"}))
+    assert spec.to_dict()["study"]["storage_options"] == {"synchronous_commit": "off"}
+    assert spec_from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ("{synchronous_commit: maybe}", "study.storage_options.synchronous_commit: must be on or off, but got 'maybe'"),
+        ("{sync: off}", "study.storage_options.sync: is not a key of storage_options"),
+        ("off", "study.storage_options: must be a mapping"),
+    ],
+    ids=["value", "key", "not-a-mapping"],
+)
+def test_bad_storage_options_exit_2_in_one_line(tmp_path: Path, options: str, said: str) -> None:
+    import yaml
+
+    from conftest import cli, tiny_spec
+
+    text = yaml.safe_dump(tiny_spec(), sort_keys=False).replace("study:\n", f"study:\n  storage_options: {options}\n", 1)
+    (tmp_path / "s.yaml").write_text(text)
+    result = cli("validate", "s.yaml", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0] and "fix:" in lines[0], lines

@@ -114,6 +114,7 @@ class Worker:
         storage = open_storage(url, create=False, wait=True)  # a restarting database is waited for
         self.db = wrap(storage)  # the storage boundary: every trial-state read and write goes here
         self.study, self.spec = load_study(url, study_name, storage=storage)
+        self.db.set_session_options(self.spec.study.storage_options.synchronous_commit)  # workers' sessions only
         self.run_dir = Path(run_dir or self.spec.run_dir).resolve()
         self._signals = 0
         self._children: list[Any] = []  # the running trial's processes (one per rank)

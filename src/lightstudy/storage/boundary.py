@@ -262,6 +262,9 @@ class StudyStorage:
     def beat(self, trial_id: int) -> None:
         """Record a running trial's heartbeat (nothing where the storage keeps none)."""
 
+    def set_session_options(self, synchronous_commit: str) -> None:
+        """Settings of this process's database sessions (``study.storage_options``): nothing here."""
+
     def requeue(self, study: optuna.Study, frozen: FrozenTrial, max_retry: int | None) -> None:
         """Queue a WAITING copy of the failed trial ``frozen`` (same params and user attrs, the
         intermediate values inherited), as Optuna's RetryHeartbeatStaleTrialCallback does; its
@@ -349,6 +352,28 @@ class DatabaseStorage(StudyStorage):
 
     def beat(self, trial_id: int) -> None:
         self.rdb.record_heartbeat(trial_id)
+
+    def set_session_options(self, synchronous_commit: str) -> None:
+        """PostgreSQL: every session this process opens from now on runs with
+        ``synchronous_commit`` (``off``: a commit returns before its WAL record is flushed, so a
+        crash of the database server, not of this process, can lose the last few hundred
+        milliseconds of commits; see README, Storage). Set at connection start (libpq
+        ``options``), so no transaction can undo it; the pool's open connections are replaced.
+        Other databases: nothing (SQLite's durability is the file's ``synchronous`` pragma)."""
+        import sqlalchemy
+
+        engine = self.rdb.engine
+        if engine.dialect.name != "postgresql" or getattr(engine, "_lightstudy_commit", "on") == synchronous_commit:
+            return
+        if not hasattr(engine, "_lightstudy_commit"):
+
+            @sqlalchemy.event.listens_for(engine, "do_connect")
+            def _options(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+                setting = f"-c synchronous_commit={engine._lightstudy_commit}"  # type: ignore[attr-defined]
+                cparams["options"] = f"{cparams['options']} {setting}" if cparams.get("options") else setting
+
+        engine._lightstudy_commit = synchronous_commit  # type: ignore[attr-defined]
+        engine.dispose()  # connections opened before run with the server's default
 
     @contextlib.contextmanager
     def claim_lock(self, study_name: str) -> Iterator[None]:
