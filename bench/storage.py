@@ -197,6 +197,7 @@ def _lightstudy_client(url: str, name: str, sampler: str, seed: int, run_dir: st
             for epoch, value in enumerate(curve):
                 answer(Report(value, epoch))
                 answer(ShouldPrune())
+            answer.flush()
         outcome = TrialOutcome(Outcome.COMPLETE, values=[curve[-1]], timings={"fit": 0.0})
         start = time.perf_counter()
         retention = clock.spent["retention"]

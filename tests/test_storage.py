@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -347,9 +348,93 @@ def test_bad_storage_options_exit_2_in_one_line(tmp_path: Path, options: str, sa
 
     from conftest import cli, tiny_spec
 
-    text = yaml.safe_dump(tiny_spec(), sort_keys=False).replace("study:\n", f"study:\n  storage_options: {options}\n", 1)
+    text = yaml.safe_dump(tiny_spec(), sort_keys=False)
+    text = text.replace("study:\n", f"study:\n  storage_options: {options}\n", 1)
     (tmp_path / "s.yaml").write_text(text)
     result = cli("validate", "s.yaml", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and said in lines[0] and "fix:" in lines[0], lines
+
+
+# --- an epoch's report and pruning check: one transaction ------------------------------------
+
+
+def _pruned_study(url: str, pruner: Any) -> Any:
+    import optuna
+
+    from lightstudy.storage import open_storage
+
+    study = optuna.create_study(storage=open_storage(url), study_name="epochs", pruner=pruner, direction="maximize")
+    for k in range(3):  # finished trials the pruner compares with
+        done = study.ask()
+        for step in range(3):
+            done.report(float(k), step)
+        study.tell(done, float(k))
+    return study
+
+
+def _transactions(engine: Any) -> dict[str, int]:
+    """Transactions begun and committed on ``engine`` from now on (reads begin one too)."""
+    import sqlalchemy
+
+    seen = {"begin": 0, "commit": 0}
+    for event in seen:
+        sqlalchemy.event.listen(engine, event, lambda conn, event=event: seen.__setitem__(event, seen[event] + 1))
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_an_epochs_report_and_pruning_check_are_one_transaction(backend: str, request: pytest.FixtureRequest) -> None:
+    import lightstudy.pruners
+    from lightstudy.storage.boundary import storage_of, trial_id
+    from lightstudy.trial import Report, ShouldPrune
+    from lightstudy.worker import _answer
+
+    url = request.getfixturevalue("pg_url" if backend == "postgresql" else "sqlite_url")
+    study = _pruned_study(url, lightstudy.pruners.CachedMedianPruner(n_startup_trials=1, n_warmup_steps=2))
+    db = storage_of(study)
+    trial = study.ask()
+    answer = _answer(db, trial)
+    transactions = _transactions(db.rdb.engine)  # type: ignore[attr-defined]
+    verdicts = []
+    for step, value in enumerate([0.1, 0.2, 0.5]):
+        answer(Report(value, step))
+        verdicts.append(answer(ShouldPrune()))
+    # Below the median (1.0) throughout; only step 2 is past the warm-up: True says the check saw it.
+    assert verdicts == [False, False, True]
+    assert transactions == {"begin": 3, "commit": 3}, "one transaction per epoch (report + pruning check)"
+    assert db.trial(trial_id(trial)).intermediate_values == {0: 0.1, 1: 0.2, 2: 0.5}
+
+
+def test_a_report_whose_pruning_check_never_comes_is_written_by_flush(sqlite_url: str) -> None:
+    import optuna
+
+    from lightstudy.storage.boundary import storage_of, trial_id
+    from lightstudy.trial import RecordAttr, Report
+    from lightstudy.worker import _answer
+
+    study = _pruned_study(sqlite_url, optuna.pruners.MedianPruner())
+    db = storage_of(study)
+    trial = study.ask()
+    answer = _answer(db, trial)
+    answer(Report(0.5, 0))
+    answer(RecordAttr("note", "x"))  # another message writes the waiting report first
+    answer(Report(0.7, 1))
+    assert db.trial(trial_id(trial)).intermediate_values == {0: 0.5}
+    answer.flush()  # the trial process died before asking
+    assert db.trial(trial_id(trial)).intermediate_values == {0: 0.5, 1: 0.7}
+
+
+def test_a_report_on_a_finished_trial_is_refused_as_optuna_refuses_it(sqlite_url: str) -> None:
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    import lightstudy.pruners
+    from lightstudy.storage.boundary import storage_of
+
+    study = _pruned_study(sqlite_url, lightstudy.pruners.CachedMedianPruner())
+    trial = study.ask()
+    study.tell(trial, 1.0)
+    with pytest.raises(UpdateFinishedTrialError):
+        storage_of(study).report_and_prune(trial, 0.5, 0)
+    assert 0 not in trial._cached_frozen_trial.intermediate_values  # not written, not remembered

@@ -151,9 +151,8 @@ class StorageOptions:
     @validator(mode="before")
     @classmethod
     def _keys(cls, data: Any) -> Any:
-        return known_keys(
-            data, cls, what="must be a mapping", fix="e.g. storage_options: {synchronous_commit: off}", noun="storage_options"
-        )
+        fix = "e.g. storage_options: {synchronous_commit: off}"
+        return known_keys(data, cls, what="must be a mapping", fix=fix, noun="storage_options")
 
     def to_dict(self) -> dict[str, Any]:
         return {"synchronous_commit": self.synchronous_commit}

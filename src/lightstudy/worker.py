@@ -219,16 +219,20 @@ class Worker:
     def _run_child(self, job: TrialJob) -> tuple[TrialOutcome | None, str | None]:
         """Run the trial's process(es) to the end; (rank 0's outcome, None) or (None, why it died)."""
         threads = max(1, self.threads // self.world_size) if self.threads else None
-        return run_processes(
-            self._context(),
-            job,
-            self.world_size,
-            threads,
-            self.spec.study.trial_timeout,
-            self._children,
-            _answer(self.db, self._trial),
-            stopping=lambda: self._signals > 0,
-        )
+        answer = _answer(self.db, self._trial)
+        try:
+            return run_processes(
+                self._context(),
+                job,
+                self.world_size,
+                threads,
+                self.spec.study.trial_timeout,
+                self._children,
+                answer,
+                stopping=lambda: self._signals > 0,
+            )
+        finally:
+            answer.flush()  # a report whose pruning check never came (the process died or stopped)
 
     # --- telling Optuna ---------------------------------------------------------------------
 
@@ -446,19 +450,50 @@ class _Heartbeat:
                 _log.warning("heartbeat of trial id %d failed (%s); will try again", self._trial, db_error_text(e))
 
 
-def _answer(db: StudyStorage, trial: optuna.Trial) -> Any:
+def _answer(db: StudyStorage, trial: optuna.Trial) -> _Answer:
     """What the worker does for the trial process: report, decide pruning, record attrs."""
+    return _Answer(db, trial)
 
-    def handle(message: Message) -> Any:
+
+class _Answer:
+    """Answers the trial process's messages through the storage boundary.
+
+    Optuna's pruning callback reports an epoch's value, then asks ``should_prune``: where the
+    study prunes, the report waits (microseconds, in this process) for that question and both
+    go in one transaction (:meth:`StudyStorage.report_and_prune`). Any other message, and
+    :meth:`flush` when the trial process is gone, write a waiting report first, so nothing the
+    process sent is dropped and the order is kept.
+    """
+
+    def __init__(self, db: StudyStorage, trial: optuna.Trial) -> None:
+        from optuna.pruners import NopPruner
+
+        self.db = db
+        self.trial = trial
+        self.batches = not isinstance(trial.study.pruner, NopPruner)  # a pruning check follows each report
+        self.waiting: Report | None = None
+
+    def __call__(self, message: Message) -> Any:
+        if isinstance(message, ShouldPrune):
+            report, self.waiting = self.waiting, None
+            if report is not None:
+                return self.db.report_and_prune(self.trial, report.value, report.step)
+            return self.db.should_prune(self.trial)
+        self.flush()
         if isinstance(message, Report):
-            db.report(trial, message.value, message.step)
-        elif isinstance(message, ShouldPrune):
-            return db.should_prune(trial)
+            if self.batches:
+                self.waiting = message
+            else:
+                self.db.report(self.trial, message.value, message.step)
         elif isinstance(message, RecordAttr):
-            db.record(trial, message.key, message.value, system=message.system)
+            self.db.record(self.trial, message.key, message.value, system=message.system)
         return None
 
-    return handle
+    def flush(self) -> None:
+        """Write the report that waits for its pruning check (the trial process is gone)."""
+        report, self.waiting = self.waiting, None
+        if report is not None:
+            self.db.report(self.trial, report.value, report.step)
 
 
 def _short(params: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ import copy
 import datetime
 import json
 import logging
+import threading
 import time
 import warnings
 import zlib
@@ -82,6 +83,7 @@ ATTEMPT_ATTRS = frozenset(
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
+_OPEN = threading.local()  # conns: engine id -> this thread's open transaction (DatabaseStorage._transaction)
 
 
 # --- riding out database restarts ------------------------------------------------------------
@@ -241,6 +243,11 @@ class StudyStorage:
     def should_prune(self, trial: optuna.Trial) -> bool:
         return retry_db(trial.should_prune, what="ask the pruner")
 
+    def report_and_prune(self, trial: optuna.Trial, value: float, step: int) -> bool:
+        """An epoch's report, then the pruner's verdict on it (one transaction in a database)."""
+        self.report(trial, value, step)
+        return self.should_prune(trial)
+
     def record(self, trial: optuna.Trial, key: str, value: Any, *, system: bool = False) -> None:
         """A user attr of ``trial``, or with ``system`` a system attr (which optuna-dashboard does
         not lay out on the trial's page: records a person does not read there)."""
@@ -337,6 +344,98 @@ class DatabaseStorage(StudyStorage):
     def __init__(self, storage: BaseStorage, rdb: RDBStorage) -> None:
         super().__init__(storage)
         self.rdb = rdb
+
+    # --- one transaction for what belongs together ------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        """A connection in a transaction, committed at the end; the reads of this class made in
+        this thread meanwhile (:meth:`_reading`: the pruner's) run in it too. Nested: the outer one."""
+        conns = _OPEN.__dict__.setdefault("conns", {})
+        key = id(self.rdb.engine)
+        if key in conns:
+            yield conns[key]
+            return
+        with self.rdb.engine.begin() as conn:
+            conns[key] = conn
+            try:
+                yield conn
+            finally:
+                del conns[key]
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[Any]:
+        """This thread's open transaction (:meth:`_transaction`) if there is one, else a connection."""
+        conn = _OPEN.__dict__.get("conns", {}).get(id(self.rdb.engine))
+        if conn is not None:
+            yield conn
+            return
+        with self.rdb.engine.connect() as conn:
+            yield conn
+
+    def report(self, trial: optuna.Trial, value: float, step: int) -> None:
+        """``trial.report``: the trial row locked, the value upserted, one commit."""
+        retry_db(lambda: self._report_then(trial, value, step, None), what="report")
+
+    def report_and_prune(self, trial: optuna.Trial, value: float, step: int) -> bool:
+        """One transaction: the epoch's value is written and the pruner decides on it, its reads
+        (lightstudy's cached pruners read through this class) in the same transaction, one commit.
+        A pruner that writes (SuccessiveHalving, Hyperband record their rungs through Optuna's own
+        sessions) would wait on the trial row this transaction locks: it gets two."""
+        if not getattr(trial.study.pruner, "reads_through_boundary", False):
+            return super().report_and_prune(trial, value, step)
+        verdict = retry_db(lambda: self._report_then(trial, value, step, trial.should_prune), what="report")
+        return bool(verdict)
+
+    def _report_then(self, trial: optuna.Trial, value: float, step: int, then: Callable[[], T] | None) -> T | None:
+        """Optuna's ``Trial.report`` (its checks, its warning for a step reported twice), then
+        ``then()`` (the pruning check, which sees the new value), in one transaction."""
+        if len(trial.study.directions) > 1:
+            raise NotImplementedError("Trial.report is not supported for multi-objective optimization.")
+        value, step = float(value), int(step)
+        if step < 0:
+            raise ValueError(f"`step={step}` must be non-negative.")
+        known = trial._cached_frozen_trial.intermediate_values
+        if step in known:
+            warnings.warn(f"The reported value is ignored because this `{step=}` is already reported.", stacklevel=3)
+            with self._transaction():
+                return then() if then is not None else None
+        try:
+            with self._transaction() as conn:
+                self._write_intermediate(conn, trial_id(trial), step, value)
+                known[step] = value  # the pruner reads the trial's own values from here
+                return then() if then is not None else None
+        except BaseException:
+            known.pop(step, None)  # not committed: a retry writes it again
+            raise
+
+    def _write_intermediate(self, conn: Any, trial_id: int, step: int, value: float) -> None:
+        import sqlalchemy
+        from optuna.storages._rdb.models import TrialIntermediateValueModel, TrialModel
+
+        trials, table = TrialModel.__table__, TrialIntermediateValueModel.__table__
+        state = conn.execute(
+            sqlalchemy.select(trials.c.state).where(trials.c.trial_id == trial_id).with_for_update()
+        ).scalar_one_or_none()
+        if state is None:
+            raise KeyError(f"No trial with trial_id {trial_id} exists.")
+        self.rdb.check_trial_is_updatable(trial_id, state)  # UpdateFinishedTrialError, as Optuna
+        stored, kind = TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
+        values = {"intermediate_value": stored, "intermediate_value_type": kind}
+        dialect = conn.dialect.name
+        if dialect in ("postgresql", "sqlite"):
+            from sqlalchemy.dialects import postgresql, sqlite
+
+            insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+            conn.execute(
+                insert.values(trial_id=trial_id, step=step, **values).on_conflict_do_update(
+                    index_elements=[table.c.trial_id, table.c.step], set_=values
+                )
+            )
+            return
+        mine = (table.c.trial_id == trial_id) & (table.c.step == step)
+        if not conn.execute(sqlalchemy.update(table).where(mine).values(**values)).rowcount:
+            conn.execute(sqlalchemy.insert(table).values(trial_id=trial_id, step=step, **values))
 
     def set_trial_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
         """One transaction: each commit costs SQLite 5-15 ms, and a trial has 8 attrs."""
@@ -513,7 +612,7 @@ class DatabaseStorage(StudyStorage):
             trials.c.study_id == study_id,
             sqlalchemy.or_(trials.c.trial_id > above, trials.c.trial_id.in_(sorted(among))),
         )
-        with self.rdb.engine.connect() as conn:
+        with self._reading() as conn:
             return [(int(i), state) for i, state in conn.execute(query)]
 
     def complete_ids(self, study_id: int) -> set[int]:
@@ -525,7 +624,7 @@ class DatabaseStorage(StudyStorage):
         query = sqlalchemy.select(trials.c.trial_id).where(
             trials.c.study_id == study_id, trials.c.state == TrialState.COMPLETE
         )
-        with self.rdb.engine.connect() as conn:
+        with self._reading() as conn:
             return {int(row[0]) for row in conn.execute(query)}
 
     def intermediate_values(self, trial_ids: list[int]) -> dict[int, dict[int, float]]:
@@ -535,7 +634,7 @@ class DatabaseStorage(StudyStorage):
 
         table = Model.__table__
         out: dict[int, dict[int, float]] = {i: {} for i in trial_ids}
-        with self.rdb.engine.connect() as conn:
+        with self._reading() as conn:
             for start in range(0, len(trial_ids), _CHUNK):
                 chunk = trial_ids[start : start + _CHUNK]
                 query = sqlalchemy.select(
