@@ -271,8 +271,7 @@ class Worker:
                 attrs["interrupted"] = True
         retried = False
         try:
-            self._set_attrs(trial, attrs)
-            self._tell(trial, TrialState[told], values)
+            self._tell(trial, TrialState[told], values, attrs)  # the attrs in the tell's transaction
             if retry is not None:
                 retried = self._retry(trial, max_retry=self.spec.study.max_retry if retry == "max_retry" else None)
             self._write_note(trial)
@@ -326,8 +325,10 @@ class Worker:
             self.report.failed += 1
             _log.warning("trial %d failed%s: %s", trial.number, " (will be retried)" if retried else "", why)
 
-    def _tell(self, trial: optuna.Trial, state: Any, values: list[float] | None = None) -> None:
-        """``study.tell``, riding out a database restart.
+    def _tell(
+        self, trial: optuna.Trial, state: Any, values: list[float] | None = None, attrs: dict[str, Any] | None = None
+    ) -> None:
+        """``study.tell`` with the attempt's ``attrs``, riding out a database restart.
 
         A tell whose commit reached the database just before the connection broke is not told
         twice (``skip_if_finished``); a trial that someone else finished meanwhile (failed as
@@ -336,11 +337,13 @@ class Worker:
         from optuna.exceptions import UpdateFinishedTrialError
 
         def stored() -> Any:
-            return self.db.trial(trial_id(trial)).state
+            return self.db.state(trial_id(trial))
 
         if (before := stored()).is_finished():
+            if attrs:
+                self._set_attrs(trial, attrs)  # what this attempt measured, on the trial it ran
             raise UpdateFinishedTrialError(f"trial {trial.number} is already {before.name}")
-        self.db.tell(self.study, trial, values, state)
+        self.db.tell(self.study, trial, values, state, attrs)
         if (after := stored()) != state:
             raise UpdateFinishedTrialError(f"trial {trial.number} is already {after.name}")
 
