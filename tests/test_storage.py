@@ -438,3 +438,39 @@ def test_a_report_on_a_finished_trial_is_refused_as_optuna_refuses_it(sqlite_url
     with pytest.raises(UpdateFinishedTrialError):
         storage_of(study).report_and_prune(trial, 0.5, 0)
     assert 0 not in trial._cached_frozen_trial.intermediate_values  # not written, not remembered
+
+
+@pytest.mark.postgres
+def test_a_connection_the_server_dropped_is_replaced_without_an_error(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections are pinged only after sitting idle (not on every checkout, a round trip per
+    query); an idle one the server dropped is replaced on checkout, and one dropped within the
+    idle time fails on use, which retry_db repeats on a new connection."""
+    import optuna
+    import psycopg
+    import sqlalchemy
+
+    import lightstudy.storage
+    from conftest import PG_BASE
+    from lightstudy.storage.boundary import wrap
+
+    storage = open_storage(pg_url)
+    study = optuna.create_study(storage=storage, study_name="drop")
+    trial = study.ask()
+    db = wrap(storage)
+    admin = PG_BASE.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+
+    database = pg_url.rsplit("/", 1)[1]
+
+    def drop_pooled() -> None:  # as a server restart would: every connection of this process
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
+
+    monkeypatch.setattr(lightstudy.storage, "PING_IDLE_SECONDS", 0.0)  # every pooled one is "idle"
+    drop_pooled()
+    with storage.engine.connect() as conn:  # pinged, found dead, replaced: no error
+        assert conn.execute(sqlalchemy.text("SELECT 1")).scalar_one() == 1
+    monkeypatch.setattr(lightstudy.storage, "PING_IDLE_SECONDS", 3600.0)  # none is pinged
+    drop_pooled()
+    assert db.state(trial._trial_id).name == "RUNNING"  # failed on use, retried by retry_db
