@@ -10,7 +10,8 @@ trial's attrs in one transaction, reaping, the checkpoint list, the pruner's rea
 
 SQLite (the embedded default) gets WAL and a busy timeout so several local workers share one
 file; PostgreSQL gets a ping of connections idle for a second or more (not of every checkout)
-and small bounded pools so many workers on many machines do not exhaust the server. Importing this module imports no Optuna (the CLI's ``--help`` stays instant).
+and small bounded pools so many workers on many machines do not exhaust the server. Importing
+this module imports no Optuna (the CLI's ``--help`` stays instant).
 """
 
 from __future__ import annotations
