@@ -401,7 +401,7 @@ class DatabaseStorage(StudyStorage):
                 ).scalar_one_or_none()
             if found is None:
                 raise KeyError(f"No trial with trial_id {trial_id} exists.")
-            return found  # type: ignore[no-any-return]
+            return found
 
         return retry_db(read, what="read the trial")
 
