@@ -212,7 +212,7 @@ class SchedulerPolicy(Policy):
                 trial.set_user_attr(key, value)
             return Run(trial, dict(trial.params), 0, job.epochs)
         if isinstance(job, (Promote, Exploit, Continue)):
-            number = len(self.study.trials)
+            number = len(self.study.get_trials(deepcopy=False))
             self.study.enqueue_trial(dict(job.params), user_attrs=attrs(job, number))
             trial = self.study.ask(self.space)
             assert trial.number == number and trial.user_attrs["parent_trial"] == job.parent
@@ -228,7 +228,7 @@ class SchedulerPolicy(Policy):
         from lightstudy.scheduler import TrialView
 
         self.study.tell(run.trial, value)
-        self.finished[run.trial.number] = TrialView.of(self.study.trials[run.trial.number])
+        self.finished[run.trial.number] = TrialView.of(self.study.get_trials(deepcopy=False)[run.trial.number])
 
 
 def simulate(policy: Policy, surrogate: Surrogate, budget_s: float, *, resume_startup: bool = True) -> Outcome:
