@@ -398,10 +398,18 @@ def main() -> None:
     p.add_argument(
         "--asha-reduction-factor", type=int, default=ASHA["reduction_factor"], help="ASHA's eta (default: %(default)s)"
     )
+    p.add_argument(
+        "--budget-configs",
+        type=int,
+        default=None,
+        help=f"the budget, in random configurations trained {EPOCHS} epochs (default: {BUDGET_CONFIGS}; --quick: half)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="tasks simulated in parallel processes (default: 1)")
     args = p.parse_args()
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.budget_configs is not None and args.budget_configs < 1:
+        p.error(f"--budget-configs must be at least 1, got {args.budget_configs}")
     if args.asha_reduction_factor < 2:
         p.error(f"--asha-reduction-factor must be at least 2, got {args.asha_reduction_factor}")
     if not 1 <= args.asha_min_resource <= EPOCHS:
@@ -410,7 +418,7 @@ def main() -> None:
     methods = tuple(dict.fromkeys(["median", *args.methods]))  # the baseline runs always, first
     chosen = args.tasks or (list(QUICK_TASKS) if args.quick else tasks())
     seeds = list(range(args.reps or (1 if args.quick else SEEDS)))
-    configs = BUDGET_CONFIGS // 2 if args.quick else BUDGET_CONFIGS
+    configs = args.budget_configs or (BUDGET_CONFIGS // 2 if args.quick else BUDGET_CONFIGS)
     started = time.perf_counter()
     results = []
     startup = not args.free_resume
