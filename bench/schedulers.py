@@ -30,10 +30,14 @@ task and seed: MedianPruner's final best and when it got it; each method's time 
 value (as a ratio to MedianPruner's; ``inf`` when never), its final best minus MedianPruner's
 (points), and the epochs it trained. Medians over tasks (each task's median over seeds).
 
-    python bench/schedulers.py                 # every task, 3 seeds (~N min on 2 shared cores)
+    python bench/schedulers.py --jobs 2        # every task, 3 seeds (~10 min on 2 loaded cores)
     python bench/schedulers.py --tasks 3945 7593 --reps 1
     python bench/schedulers.py --free-resume --methods asha pbt   # resuming a checkpoint costs no start-up
+    python bench/schedulers.py --methods asha --asha-min-resource 3 --asha-reduction-factor 3
+    python bench/schedulers.py --methods asha --budget-configs 64 --reps 1   # a 4x larger budget
     python bench/schedulers.py --quick         # 3 tasks, 1 seed, half the budget (8 configurations)
+
+Every figure is deterministic: the same command prints the same table whatever ``--jobs``.
 """
 
 from __future__ import annotations
