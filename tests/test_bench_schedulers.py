@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ METHODS = ["median", "none", "sha", "hyperband", "asha", "pbt"]
 @pytest.mark.slow
 def test_quick_run_compares_every_method_against_median_on_each_task(tmp_path: Path) -> None:
     out = tmp_path / "schedulers.jsonl"
-    done, rows = run_bench("schedulers.py", out, timeout=300)
+    done, rows = run_bench("schedulers.py", out, "--jobs", "2", timeout=300)
     assert "medians over tasks" in done.stdout and "target (ASHA" in done.stdout
     assert [r["method"] for r in rows] == [*METHODS, "runs"]
     assert all(r["bench"] == "schedulers" and r["quick"] is True and r["workers"] == 4 for r in rows)
@@ -41,6 +42,9 @@ def test_quick_run_compares_every_method_against_median_on_each_task(tmp_path: P
         assert seed["methods"]["none"]["trials"] <= min(seed["methods"][n]["trials"] for n in METHODS)
         # PBT never trains more than population x 52 epochs; ASHA's promotions are trials beyond its configurations.
         assert seed["methods"]["pbt"]["epochs"] <= 8 * 52
+    # Tasks run in worker processes give what one process gives: every figure is seeded.
+    alone = schedulers.run_task("3945", [0], tuple(METHODS), 8)
+    assert json.loads(json.dumps(alone)) == runs[0]
     medians = {r["method"]: r for r in rows if r["method"] != "runs"}
     assert medians["median"]["median_time_ratio"] == 1.0
     assert set(medians["asha"]["per_task"]) == {"3945", "7593", "34539"}
