@@ -6,7 +6,9 @@ RandomSampler with a fixed seed), timed from their launch to the last one's exit
 time; efficiency at N workers is T(1) / (N' * T(N)) with N' = min(N, cores), so 1.0 means the
 cores are used as well as one worker uses one core. Start-up (launch to the first trial's end,
 less a typical trial: worker processes and forkserver warm-up) is reported separately, and so is
-the steady part (first trial start to last trial end). Every run is checked: all trials COMPLETE, none RUNNING, no
+the steady part (first trial start to last trial end), and the storage share (the workers'
+storage time, from the trials' recorded claim/prepare timings and the gaps between one trial's
+tell and the next one's start, over workers x steady time). Every run is checked: all trials COMPLETE, none RUNNING, no
 duplicate numbers, no storage errors in the worker logs.
 
     python bench/scaling.py                   # 40 trials of 3 epochs, once (about 7 minutes; --reps 2: 14)
@@ -16,6 +18,7 @@ duplicate numbers, no storage errors in the worker logs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -73,11 +76,14 @@ def run_once(backend: str, workers: int, doc: dict[str, Any], work: Path, tag: s
     errors = sum(logs.count(e) for e in STORAGE_ERRORS)
     durations = sorted(t.duration.total_seconds() for t in trials if t.duration)
     typical = durations[len(durations) // 2] if durations else 0.0
+    steady = max(ends) - min(starts) if starts and ends else float("nan")
     return {
+        # the workers' storage time, as a share of their steady time: what 2 workers can lose to it
+        "storage_share": storage_seconds(trials) / (workers * steady) if steady > 0 else float("nan"),
         "wall_s": wall,
         # the first trial's end beyond a typical trial: worker start and forkserver warm-up
         "startup_s": min(ends) - launched - typical if ends else float("nan"),
-        "steady_s": max(ends) - min(starts) if starts and ends else float("nan"),
+        "steady_s": steady,
         "complete": states.count("COMPLETE"),
         "running_at_end": states.count("RUNNING"),
         "lost": doc["study"]["n_trials"] - len(trials),
@@ -87,6 +93,28 @@ def run_once(backend: str, workers: int, doc: dict[str, Any], work: Path, tag: s
         "exit_nonzero": sum(p.returncode != 0 for p in procs),
         "stderr": logs[-1500:] if any(p.returncode for p in procs) else "",
     }
+
+
+def storage_seconds(trials: list[Any]) -> float:
+    """Seconds the workers spent on the storage, from what each trial recorded: its claim and
+    prepare (timings attr: the database work after Optuna's ask) plus, per worker, the gaps
+    between one trial's tell and its next trial's start (the tell's tail, note, retention,
+    sweep, the next claim's lock, reaping, budget count and ask). The rest of a trial is its
+    process and its training (CPU, which 2 workers on 2 cores contend for)."""
+    inside = sum(
+        float(t.user_attrs.get("timings", {}).get(k, 0.0)) for t in trials for k in ("claim", "prepare", "checkpoint")
+    )
+    by_worker: dict[str, list[Any]] = {}
+    for t in trials:
+        if t.datetime_start and t.datetime_complete:
+            by_worker.setdefault(str(t.user_attrs.get("worker")), []).append(t)
+    gaps = 0.0
+    for mine in by_worker.values():
+        mine.sort(key=lambda t: t.datetime_start)
+        gaps += sum(
+            max(0.0, (b.datetime_start - a.datetime_complete).total_seconds()) for a, b in itertools.pairwise(mine)
+        )
+    return inside + gaps
 
 
 def main() -> None:
@@ -129,6 +157,7 @@ def main() -> None:
                         "trials_per_hour": trials * 3600 / wall["median"],
                         "efficiency": t1 / (used * wall["median"]),
                         "steady_efficiency": s1 / (used * steady["median"]),
+                        "storage_share": stats([r["storage_share"] for r in rs])["median"],
                         **{k: sum(r[k] for r in rs) for k in _CHECKS},
                         "errors": sum(r[k] for r in rs for k in _CHECKS if k != "complete")
                         + sum(r["complete"] != trials for r in rs),
@@ -137,7 +166,18 @@ def main() -> None:
     table(
         f"scaling: {trials} trials of {'a tiny trial' if args.quick else f'{epochs} epochs'}, {cores} cores; "
         "s: median (min-max)",
-        ["backend", "workers", "wall s", "start-up s", "steady s", "trials/h", "efficiency", "steady eff.", "errors"],
+        [
+            "backend",
+            "workers",
+            "wall s",
+            "start-up s",
+            "steady s",
+            "trials/h",
+            "efficiency",
+            "steady eff.",
+            "storage share",
+            "errors",
+        ],
         [
             [
                 r["backend"],
@@ -148,6 +188,7 @@ def main() -> None:
                 f"{r['trials_per_hour']:.0f}",
                 f"{r['efficiency']:.2f}",
                 f"{r['steady_efficiency']:.2f}",
+                f"{r['storage_share']:.1%}",
                 r["errors"],
             ]
             for r in rows

@@ -30,10 +30,14 @@ task and seed: MedianPruner's final best and when it got it; each method's time 
 value (as a ratio to MedianPruner's; ``inf`` when never), its final best minus MedianPruner's
 (points), and the epochs it trained. Medians over tasks (each task's median over seeds).
 
-    python bench/schedulers.py                 # every task, 3 seeds (~N min on 2 shared cores)
+    python bench/schedulers.py --jobs 2        # every task, 3 seeds (~10 min on 2 loaded cores)
     python bench/schedulers.py --tasks 3945 7593 --reps 1
     python bench/schedulers.py --free-resume --methods asha pbt   # resuming a checkpoint costs no start-up
+    python bench/schedulers.py --methods asha --asha-min-resource 3 --asha-reduction-factor 3
+    python bench/schedulers.py --methods asha --budget-configs 64 --reps 1   # a 4x larger budget
     python bench/schedulers.py --quick         # 3 tasks, 1 seed, half the budget (8 configurations)
+
+Every figure is deterministic: the same command prints the same table whatever ``--jobs``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +165,14 @@ class Policy:
 def _study(seed: int, pruner: Any) -> Any:
     import optuna
 
-    return optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=seed), pruner=pruner)
+    # A fixed name: HyperbandPruner assigns brackets by a hash of the study name and trial number,
+    # so an auto-generated (random) name made its figures change from run to run.
+    return optuna.create_study(
+        study_name=f"bench-seed{seed}",
+        direction="maximize",
+        sampler=optuna.samplers.RandomSampler(seed=seed),
+        pruner=pruner,
+    )
 
 
 class PrunerPolicy(Policy):
@@ -212,7 +226,7 @@ class SchedulerPolicy(Policy):
                 trial.set_user_attr(key, value)
             return Run(trial, dict(trial.params), 0, job.epochs)
         if isinstance(job, (Promote, Exploit, Continue)):
-            number = len(self.study.trials)
+            number = len(self.study.get_trials(deepcopy=False))
             self.study.enqueue_trial(dict(job.params), user_attrs=attrs(job, number))
             trial = self.study.ask(self.space)
             assert trial.number == number and trial.user_attrs["parent_trial"] == job.parent
@@ -228,7 +242,7 @@ class SchedulerPolicy(Policy):
         from lightstudy.scheduler import TrialView
 
         self.study.tell(run.trial, value)
-        self.finished[run.trial.number] = TrialView.of(self.study.trials[run.trial.number])
+        self.finished[run.trial.number] = TrialView.of(self.study.get_trials(deepcopy=False)[run.trial.number])
 
 
 def simulate(policy: Policy, surrogate: Surrogate, budget_s: float, *, resume_startup: bool = True) -> Outcome:
@@ -279,14 +293,16 @@ def simulate(policy: Policy, surrogate: Surrogate, budget_s: float, *, resume_st
     return out
 
 
-def policies(seed: int, space: dict[str, Any], configs: int) -> dict[str, Callable[[], Policy]]:
+def policies(
+    seed: int, space: dict[str, Any], configs: int, asha_settings: dict[str, Any] | None = None
+) -> dict[str, Callable[[], Policy]]:
     import optuna
 
     from lightstudy.scheduler import make_scheduler
     from lightstudy.study_block import AshaSettings, PbtSettings
 
     p = optuna.pruners
-    asha = AshaSettings(**ASHA)  # type: ignore[arg-type]
+    asha = AshaSettings(**(asha_settings or ASHA))
     pbt = PbtSettings(**PBT, population=configs)  # type: ignore[arg-type]
     return {
         "none": lambda: PrunerPolicy(p.NopPruner(), seed, space),
@@ -312,14 +328,23 @@ def budget(surrogate: Surrogate, space: dict[str, Any], seed: int, configs: int)
 
 
 def run_task(
-    task: str, seeds: list[int], methods: tuple[str, ...], configs: int, *, resume_startup: bool = True
+    task: str,
+    seeds: list[int],
+    methods: tuple[str, ...],
+    configs: int,
+    *,
+    resume_startup: bool = True,
+    asha: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every method on one task for each seed; the figures against MedianPruner."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # also in a --jobs worker process
     surrogate, space = Surrogate(task), search_space()
     per_seed: list[dict[str, Any]] = []
     for seed in seeds:
         limit = budget(surrogate, space, seed, configs)
-        made = policies(seed, space, configs)
+        made = policies(seed, space, configs, asha)
         outcomes = {m: simulate(made[m](), surrogate, limit, resume_startup=resume_startup) for m in methods}
         median = outcomes["median"]
         target = median.best_at(limit)
@@ -371,18 +396,46 @@ def main() -> None:
         action="store_true",
         help="a trial resuming a checkpoint (promotion, exploit) pays no start-up time (default: it does)",
     )
+    p.add_argument(
+        "--asha-min-resource", type=int, default=ASHA["min_resource"], help="ASHA's rung 0 (default: %(default)s)"
+    )
+    p.add_argument(
+        "--asha-reduction-factor", type=int, default=ASHA["reduction_factor"], help="ASHA's eta (default: %(default)s)"
+    )
+    p.add_argument(
+        "--budget-configs",
+        type=int,
+        default=None,
+        help=f"the budget, in random configurations trained {EPOCHS} epochs (default: {BUDGET_CONFIGS}; --quick: half)",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="tasks simulated in parallel processes (default: 1)")
     args = p.parse_args()
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.budget_configs is not None and args.budget_configs < 1:
+        p.error(f"--budget-configs must be at least 1, got {args.budget_configs}")
+    if args.asha_reduction_factor < 2:
+        p.error(f"--asha-reduction-factor must be at least 2, got {args.asha_reduction_factor}")
+    if not 1 <= args.asha_min_resource <= EPOCHS:
+        p.error(f"--asha-min-resource must be 1 to {EPOCHS} (epochs), got {args.asha_min_resource}")
+    asha = {**ASHA, "min_resource": args.asha_min_resource, "reduction_factor": args.asha_reduction_factor}
     methods = tuple(dict.fromkeys(["median", *args.methods]))  # the baseline runs always, first
     chosen = args.tasks or (list(QUICK_TASKS) if args.quick else tasks())
     seeds = list(range(args.reps or (1 if args.quick else SEEDS)))
-    configs = BUDGET_CONFIGS // 2 if args.quick else BUDGET_CONFIGS
+    configs = args.budget_configs or (BUDGET_CONFIGS // 2 if args.quick else BUDGET_CONFIGS)
     started = time.perf_counter()
     results = []
-    for task in chosen:
-        results.append(run_task(task, seeds, methods, configs, resume_startup=not args.free_resume))
-        s = results[-1]["summary"]
-        shown = "  ".join(f"{m} {_x(s[m]['time_ratio'])} {s[m]['delta_points']:+.2f}" for m in methods if m != "median")
-        print(f"task {task}: median best {results[-1]['per_seed'][0]['target']:.2f}  {shown}", flush=True)
+    startup = not args.free_resume
+    run = partial(run_task, seeds=seeds, methods=methods, configs=configs, resume_startup=startup, asha=asha)
+    with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else nullcontext() as pool:
+        # Each task is seeded on its own: the same figures whatever --jobs; printed in task order.
+        for task, result in zip(chosen, pool.map(run, chosen) if pool else map(run, chosen), strict=True):
+            results.append(result)
+            s = result["summary"]
+            shown = "  ".join(
+                f"{m} {_x(s[m]['time_ratio'])} {s[m]['delta_points']:+.2f}" for m in methods if m != "median"
+            )
+            print(f"task {task}: median best {result['per_seed'][0]['target']:.2f}  {shown}", flush=True)
     rows = []
     for r in results:
         s = r["summary"]
@@ -394,6 +447,7 @@ def main() -> None:
     others = [m for m in methods if m != "median"]
     table(
         f"schedulers: LCBench surrogate, {len(chosen)} tasks x {len(seeds)} seeds, {WORKERS} workers, "
+        f"ASHA {asha['min_resource']}/{asha['reduction_factor']} (min_resource/eta), "
         f"budget {configs} x {EPOCHS} epochs (time to median's best, as a ratio; final best - median's, points)",
         ["task", "median best"] + [f"{m} t" for m in others] + [f"{m} Δbest" for m in others],
         rows,
@@ -443,7 +497,7 @@ def main() -> None:
         budget_configs=configs,
         resume_startup=not args.free_resume,
         epochs=EPOCHS,
-        asha=ASHA,
+        asha=asha,
         pbt={**PBT, "population": configs},
     )
 

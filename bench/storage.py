@@ -18,6 +18,8 @@ study once), then its share of the measured ones. Medians and p95 are per trial,
 
     python bench/storage.py                    # 100/1k/10k trials, 1 and 8 clients
     python bench/storage.py --quick            # 50/200 trials, 1 and 2 clients
+    python bench/storage.py --backends postgresql --samplers random --sizes 10000 --clients 1 \
+        --synchronous-commit on off            # issue 14's target row, both commit modes
 """
 
 from __future__ import annotations
@@ -94,6 +96,10 @@ def fill(url: str, study_name: str, n: int, seed: int) -> None:
             conn.execute(
                 sqlalchemy.text("SELECT setval(pg_get_serial_sequence('trials', 'trial_id'), :m)"), {"m": first + n}
             )
+    with storage.engine.begin() as conn:
+        # Statistics, as autovacuum would gather them after a bulk load: the planner must not
+        # plan a 10,000-trial table as an empty one.
+        conn.execute(sqlalchemy.text("ANALYZE"))
     storage.engine.dispose()
     del optuna
 
@@ -122,16 +128,19 @@ def _curve(rng: random.Random) -> list[float]:
     return [base * (1 - 0.5 ** (e + 1)) + rng.gauss(0, 0.02) for e in range(EPOCHS)]
 
 
-def _optuna_client(url: str, name: str, sampler: str, seed: int) -> Any:
+def _optuna_client(url: str, name: str, sampler: str, seed: int, sync: str) -> Any:
     """One trial of raw Optuna per call."""
     import optuna
 
     from lightstudy.storage import open_storage
+    from lightstudy.storage.boundary import wrap
 
     make = optuna.samplers.TPESampler if sampler == "tpe" else optuna.samplers.RandomSampler
+    storage = open_storage(url, create=False)
+    wrap(storage).set_session_options(sync)  # the same sessions as lightstudy's workers
     study = optuna.load_study(
         study_name=name,
-        storage=open_storage(url, create=False),
+        storage=storage,
         sampler=make(seed=seed),
         pruner=optuna.pruners.MedianPruner(),
     )
@@ -158,7 +167,6 @@ def _lightstudy_client(url: str, name: str, sampler: str, seed: int, run_dir: st
     import lightstudy.search_space
     import lightstudy.worker
     from lightstudy.checkpoints import TRIAL_DIR_ATTR, lineage_root
-    from lightstudy.storage import record_attr
     from lightstudy.storage.boundary import trial_id
     from lightstudy.study import claim_trial
     from lightstudy.trial import Outcome, Report, ShouldPrune, TrialOutcome, trial_dir_name
@@ -185,18 +193,18 @@ def _lightstudy_client(url: str, name: str, sampler: str, seed: int, run_dir: st
         trial, _ = claim_trial(worker.study, worker.spec)
         assert trial is not None, "the budget is spent"
         clock.spent["claim"] += time.perf_counter() - start - clock.spent["params"]
-        with clock.phase("attrs"):  # what Worker._run_one records before the trial process starts
+        with clock.phase("attrs"):  # what Worker.run records before the trial process starts (one transaction)
             frozen = worker.db.trial(trial_id(trial))
             root = lineage_root(frozen)
-            for key, value in {"seed": root, "worker": "bench", "gpu": None, "threads": 1}.items():
-                record_attr(trial, key, value)
-            record_attr(trial, TRIAL_DIR_ATTR, trial_dir_name(root))
+            attrs = {"seed": root, "worker": "bench", "gpu": None, "threads": 1}
+            worker._set_attrs(trial, {**attrs, TRIAL_DIR_ATTR: trial_dir_name(root)})
         answer = lightstudy.worker._answer(worker.db, trial)
         curve = _curve(rng)
         with clock.phase("reports"):
             for epoch, value in enumerate(curve):
                 answer(Report(value, epoch))
                 answer(ShouldPrune())
+            answer.flush()
         outcome = TrialOutcome(Outcome.COMPLETE, values=[curve[-1]], timings={"fit": 0.0})
         start = time.perf_counter()
         retention = clock.spent["retention"]
@@ -207,7 +215,16 @@ def _lightstudy_client(url: str, name: str, sampler: str, seed: int, run_dir: st
 
 
 def _client(
-    mode: str, url: str, name: str, sampler: str, seed: int, trials: int, run_dir: str, barrier: Any, out: Any
+    mode: str,
+    url: str,
+    name: str,
+    sampler: str,
+    sync: str,
+    seed: int,
+    trials: int,
+    run_dir: str,
+    barrier: Any,
+    out: Any,
 ) -> None:
     logging.disable(logging.INFO)
     warnings.simplefilter("ignore")
@@ -215,7 +232,7 @@ def _client(
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     one = (
-        _optuna_client(url, name, sampler, seed)
+        _optuna_client(url, name, sampler, seed, sync)
         if mode == "optuna"
         else _lightstudy_client(url, name, sampler, seed, run_dir)
     )
@@ -233,7 +250,9 @@ def _client(
     out.put((first, rows))
 
 
-def run_config(mode: str, url: str, sampler: str, size: int, clients: int, measured: int, work: Path) -> dict[str, Any]:
+def run_config(
+    mode: str, url: str, sampler: str, size: int, clients: int, measured: int, work: Path, sync: str = "on"
+) -> dict[str, Any]:
     """Fill a fresh study to ``size`` trials, run ``clients`` processes, return the row."""
     import optuna
 
@@ -242,7 +261,7 @@ def run_config(mode: str, url: str, sampler: str, size: int, clients: int, measu
     from lightstudy.storage import open_storage
     from lightstudy.study import create_study
 
-    name = f"{mode}-{sampler}-{size}-{clients}"
+    name = f"{mode}-{sampler}-{size}-{clients}-{sync}"
     if mode == "optuna":
         storage = open_storage(url)
         optuna.create_study(storage=storage, study_name=name, direction="maximize")
@@ -255,6 +274,8 @@ def run_config(mode: str, url: str, sampler: str, size: int, clients: int, measu
             sampler={"name": "TPESampler" if sampler == "tpe" else "RandomSampler"},
             pruner={"name": "MedianPruner"},
         )
+        if sync != "on":
+            doc["study"]["storage_options"] = {"synchronous_commit": sync}
         storage = create_study(spec_from_dict(doc, source="bench"), url)._storage._backend
         storage.engine.dispose()
     fill(url, name, size, seed=size)
@@ -264,7 +285,7 @@ def run_config(mode: str, url: str, sampler: str, size: int, clients: int, measu
     procs = [
         ctx.Process(
             target=_client,
-            args=(mode, url, name, sampler, 1000 * i + 1, share, str(work / name), barrier, out),
+            args=(mode, url, name, sampler, sync, 1000 * i + 1, share, str(work / name), barrier, out),
         )
         for i in range(clients)
     ]
@@ -297,6 +318,13 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", help="concurrent client processes (default 1 8)")
     p.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
     p.add_argument("--samplers", nargs="+", default=["random", "tpe"], choices=["random", "tpe"])
+    p.add_argument(
+        "--synchronous-commit",
+        nargs="+",
+        default=["on"],
+        choices=["on", "off"],
+        help="PostgreSQL: the clients' synchronous_commit (lightstudy's study.storage_options; raw Optuna the same)",
+    )
     args = p.parse_args()
     sizes, client_counts, measured = ((50, 200), (1, 2), 6) if args.quick else ((100, 1000, 10_000), (1, 8), 32)
     sizes, client_counts = args.sizes or sizes, args.clients or client_counts
@@ -320,16 +348,18 @@ def main() -> None:
                     else nullcontext(f"sqlite:///{work / f'{sampler}.db'}")
                 )
                 with db as url:
-                    for size in sizes:
-                        for clients in client_counts:
-                            for mode in ("optuna", "lightstudy"):
-                                row = run_config(mode, url, sampler, size, clients, measured, work)
-                                rows.append({"backend": backend, **row})
-                                print(
-                                    f"{backend} {sampler} {size} trials, {clients} clients, {mode}: "
-                                    f"median {row['median_ms']} ms, p95 {row['p95_ms']} ms",
-                                    flush=True,
-                                )
+                    for sync in args.synchronous_commit if backend == "postgresql" else ["on"]:
+                        for size in sizes:
+                            for clients in client_counts:
+                                for mode in ("optuna", "lightstudy"):
+                                    row = run_config(mode, url, sampler, size, clients, measured, work, sync)
+                                    rows.append({"backend": backend, "synchronous_commit": sync, **row})
+                                    print(
+                                        f"{backend} {sampler} {size} trials, {clients} clients, "
+                                        f"synchronous_commit {sync}, {mode}: "
+                                        f"median {row['median_ms']} ms, p95 {row['p95_ms']} ms",
+                                        flush=True,
+                                    )
     _print(rows)
     write_jsonl(args.out, "storage", rows, quick=args.quick, epochs=EPOCHS)
 
@@ -337,11 +367,13 @@ def main() -> None:
 def _print(rows: list[dict[str, Any]]) -> None:
     pairs: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
     for r in rows:
-        pairs.setdefault((r["backend"], r["sampler"], r["trials"], r["clients"]), {})[r["mode"]] = r
+        key = (r["backend"], r.get("synchronous_commit", "on"), r["sampler"], r["trials"], r["clients"])
+        pairs.setdefault(key, {})[r["mode"]] = r
     table(
         "storage: ms per trial (claim + params + 10 x report/should_prune + tell), median / p95",
         [
             "backend",
+            "synchronous_commit",
             "sampler",
             "trials",
             "clients",
@@ -365,10 +397,11 @@ def _print(rows: list[dict[str, Any]]) -> None:
     )
     table(
         "storage: where a trial's time goes (median ms per phase)",
-        ["backend", "sampler", "trials", "clients", "mode", *PHASES, "first trial"],
+        ["backend", "sync commit", "sampler", "trials", "clients", "mode", *PHASES, "first trial"],
         [
             [
                 r["backend"],
+                r.get("synchronous_commit", "on"),
                 r["sampler"],
                 r["trials"],
                 r["clients"],

@@ -24,4 +24,5 @@ def test_quick_scaling_rows_and_checks(tmp_path: Path) -> None:
         assert r["running_at_end"] == r["duplicate_numbers"] == r["lost"] == r["storage_errors"] == 0
         assert r["wall_s"]["median"] > r["startup_s"]["median"] > 0
         assert r["trials_per_hour"] > 0 and r["efficiency"] > 0
+        assert 0 < r["storage_share"] < 1  # the workers' storage time over their steady time
     assert sum(r.get("target", "").startswith("efficiency") for r in rows) == 1  # one per backend

@@ -29,4 +29,14 @@ def test_quick_run_writes_one_row_per_configuration(tmp_path: Path) -> None:
         assert 0 < row["median_ms"] <= row["p95_ms"]
         assert all(row[f"{phase}_ms"] >= 0 for phase in PHASES)
         assert row["check_ms"] > 0
+        assert row["synchronous_commit"] == "on"  # the default
     assert "where a trial's time goes" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_synchronous_commit_off_is_measured_for_both_paths(tmp_path: Path) -> None:
+    out = tmp_path / "storage.jsonl"
+    args = ("--backends", "postgresql", "--samplers", "random", "--sizes", "50", "--clients", "1")
+    _, rows = run_bench("storage.py", out, *args, "--synchronous-commit", "off")
+    assert {(r["synchronous_commit"], r["mode"]) for r in rows} == {("off", "optuna"), ("off", "lightstudy")}

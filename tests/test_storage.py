@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -282,3 +283,194 @@ def test_only_an_absent_database_server_is_waited_for(said: str, outage: bool) -
 
     assert _is_outage(sqlalchemy.exc.OperationalError("connect", {}, Exception(said))) is outage
     assert not _is_outage(ValueError(said))  # not a connection error at all
+
+
+# --- study.storage_options: synchronous_commit for the workers' sessions ---------------------
+
+
+def _show_synchronous_commit(db: object) -> str:
+    import sqlalchemy
+
+    with db.rdb.engine.connect() as conn:  # type: ignore[attr-defined]
+        return str(conn.execute(sqlalchemy.text("SHOW synchronous_commit")).scalar_one())
+
+
+@pytest.mark.postgres
+def test_synchronous_commit_off_applies_to_the_workers_sessions_only(pg_url: str, tmp_path: Path) -> None:
+    from conftest import tiny_spec
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.storage.boundary import storage_of
+    from lightstudy.study import create_study, load_study
+    from lightstudy.worker import Worker
+
+    spec = spec_from_dict(tiny_spec(storage_options={"synchronous_commit": False}))  # YAML's bare `off`
+    assert spec.study.storage_options.synchronous_commit == "off"
+    create_study(spec, pg_url)
+    worker = Worker(pg_url, "tiny", run_dir=tmp_path)
+    assert _show_synchronous_commit(worker.db) == "off"
+    study, _ = load_study(pg_url, "tiny")  # a reader (best, report, the CLI's own session) keeps the default
+    assert _show_synchronous_commit(storage_of(study)) == "on"
+
+
+@pytest.mark.postgres
+def test_synchronous_commit_is_on_unless_the_spec_says_off(pg_url: str, tmp_path: Path) -> None:
+    from conftest import tiny_spec
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.study import create_study
+    from lightstudy.worker import Worker
+
+    spec = spec_from_dict(tiny_spec())
+    assert "storage_options" not in spec.to_dict()["study"]  # the default leaves old fingerprints alone
+    create_study(spec, pg_url)
+    assert _show_synchronous_commit(Worker(pg_url, "tiny", run_dir=tmp_path).db) == "on"
+
+
+def test_storage_options_round_trip_through_the_stored_spec() -> None:
+    from conftest import tiny_spec
+    from lightstudy.spec import spec_from_dict
+
+    spec = spec_from_dict(tiny_spec(storage_options={"synchronous_commit": "off"}))
+    assert spec.to_dict()["study"]["storage_options"] == {"synchronous_commit": "off"}
+    assert spec_from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ("{synchronous_commit: maybe}", "study.storage_options.synchronous_commit: must be on or off, but got 'maybe'"),
+        ("{sync: off}", "study.storage_options.sync: is not a key of storage_options"),
+        ("off", "study.storage_options: must be a mapping"),
+    ],
+    ids=["value", "key", "not-a-mapping"],
+)
+def test_bad_storage_options_exit_2_in_one_line(tmp_path: Path, options: str, said: str) -> None:
+    import yaml
+
+    from conftest import cli, tiny_spec
+
+    text = yaml.safe_dump(tiny_spec(), sort_keys=False)
+    text = text.replace("study:\n", f"study:\n  storage_options: {options}\n", 1)
+    (tmp_path / "s.yaml").write_text(text)
+    result = cli("validate", "s.yaml", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0] and "fix:" in lines[0], lines
+
+
+# --- an epoch's report and pruning check: one transaction ------------------------------------
+
+
+def _pruned_study(url: str, pruner: Any) -> Any:
+    import optuna
+
+    from lightstudy.storage import open_storage
+
+    study = optuna.create_study(storage=open_storage(url), study_name="epochs", pruner=pruner, direction="maximize")
+    for k in range(3):  # finished trials the pruner compares with
+        done = study.ask()
+        for step in range(3):
+            done.report(float(k), step)
+        study.tell(done, float(k))
+    return study
+
+
+def _transactions(engine: Any) -> dict[str, int]:
+    """Transactions begun and committed on ``engine`` from now on (reads begin one too)."""
+    import sqlalchemy
+
+    seen = {"begin": 0, "commit": 0}
+    for event in seen:
+        sqlalchemy.event.listen(engine, event, lambda conn, event=event: seen.__setitem__(event, seen[event] + 1))
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_an_epochs_report_and_pruning_check_are_one_transaction(backend: str, request: pytest.FixtureRequest) -> None:
+    import lightstudy.pruners
+    from lightstudy.storage.boundary import storage_of, trial_id
+    from lightstudy.trial import Report, ShouldPrune
+    from lightstudy.worker import _answer
+
+    url = request.getfixturevalue("pg_url" if backend == "postgresql" else "sqlite_url")
+    study = _pruned_study(url, lightstudy.pruners.CachedMedianPruner(n_startup_trials=1, n_warmup_steps=2))
+    db = storage_of(study)
+    trial = study.ask()
+    answer = _answer(db, trial)
+    transactions = _transactions(db.rdb.engine)  # type: ignore[attr-defined]
+    verdicts = []
+    for step, value in enumerate([0.1, 0.2, 0.5]):
+        answer(Report(value, step))
+        verdicts.append(answer(ShouldPrune()))
+    # Below the median (1.0) throughout; only step 2 is past the warm-up: True says the check saw it.
+    assert verdicts == [False, False, True]
+    assert transactions == {"begin": 3, "commit": 3}, "one transaction per epoch (report + pruning check)"
+    assert db.trial(trial_id(trial)).intermediate_values == {0: 0.1, 1: 0.2, 2: 0.5}
+
+
+def test_a_report_whose_pruning_check_never_comes_is_written_by_flush(sqlite_url: str) -> None:
+    import optuna
+
+    from lightstudy.storage.boundary import storage_of, trial_id
+    from lightstudy.trial import RecordAttr, Report
+    from lightstudy.worker import _answer
+
+    study = _pruned_study(sqlite_url, optuna.pruners.MedianPruner())
+    db = storage_of(study)
+    trial = study.ask()
+    answer = _answer(db, trial)
+    answer(Report(0.5, 0))
+    answer(RecordAttr("note", "x"))  # another message writes the waiting report first
+    answer(Report(0.7, 1))
+    assert db.trial(trial_id(trial)).intermediate_values == {0: 0.5}
+    answer.flush()  # the trial process died before asking
+    assert db.trial(trial_id(trial)).intermediate_values == {0: 0.5, 1: 0.7}
+
+
+def test_a_report_on_a_finished_trial_is_refused_as_optuna_refuses_it(sqlite_url: str) -> None:
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    import lightstudy.pruners
+    from lightstudy.storage.boundary import storage_of
+
+    study = _pruned_study(sqlite_url, lightstudy.pruners.CachedMedianPruner())
+    trial = study.ask()
+    study.tell(trial, 1.0)
+    with pytest.raises(UpdateFinishedTrialError):
+        storage_of(study).report_and_prune(trial, 0.5, 0)
+    assert 0 not in trial._cached_frozen_trial.intermediate_values  # not written, not remembered
+
+
+@pytest.mark.postgres
+def test_a_connection_the_server_dropped_is_replaced_without_an_error(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections are pinged only after sitting idle (not on every checkout, a round trip per
+    query); an idle one the server dropped is replaced on checkout, and one dropped within the
+    idle time fails on use, which retry_db repeats on a new connection."""
+    import optuna
+    import psycopg
+    import sqlalchemy
+
+    import lightstudy.storage
+    from conftest import PG_BASE
+    from lightstudy.storage.boundary import wrap
+
+    storage = open_storage(pg_url)
+    study = optuna.create_study(storage=storage, study_name="drop")
+    trial = study.ask()
+    db = wrap(storage)
+    admin = PG_BASE.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+
+    database = pg_url.rsplit("/", 1)[1]
+
+    def drop_pooled() -> None:  # as a server restart would: every connection of this process
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
+
+    monkeypatch.setattr(lightstudy.storage, "PING_IDLE_SECONDS", 0.0)  # every pooled one is "idle"
+    drop_pooled()
+    with storage.engine.connect() as conn:  # pinged, found dead, replaced: no error
+        assert conn.execute(sqlalchemy.text("SELECT 1")).scalar_one() == 1
+    monkeypatch.setattr(lightstudy.storage, "PING_IDLE_SECONDS", 3600.0)  # none is pinged
+    drop_pooled()
+    assert db.state(trial._trial_id).name == "RUNNING"  # failed on use, retried by retry_db

@@ -336,6 +336,7 @@ def test_a_nop_pruner_by_class_path_asks_no_pruning_question(
             asked.append(type(message).__name__)
             return handle(message)
 
+        recorded.flush = handle.flush  # type: ignore[attr-defined]
         return recorded
 
     monkeypatch.setattr(worker_module, "_answer", counting)

@@ -275,15 +275,15 @@ class Asha:
         """
         groups = _group(trials, "rung")
         worst = -math.inf if self.direction == "maximize" else math.inf
-        ranked: list[list[TrialView]] = []
-        for k, epochs in enumerate(self.rungs):
-            scored = []
-            for (_, rung), group in groups.items():
-                _, trial = _status(group)
-                if rung == k and trial is not None:
-                    s = trial.score(epochs)
-                    scored.append((s if s is not None and math.isfinite(s) else worst, trial))
-            ranked.append(_ordered(self.direction, scored))
+        scored: list[list[tuple[float, TrialView]]] = [[] for _ in self.rungs]
+        for (_, rung), group in groups.items():  # one pass: the decision runs under the claim lock
+            if not 0 <= rung < len(self.rungs):
+                continue  # a rung of other settings is not scheduled
+            _, trial = _status(group)
+            if trial is not None:
+                s = trial.score(self.rungs[rung])
+                scored[rung].append((s if s is not None and math.isfinite(s) else worst, trial))
+        ranked = [_ordered(self.direction, rung_scores) for rung_scores in scored]
         configurations = len({lineage for lineage, rung in groups if rung == 0})
         return ranked, set(groups), configurations
 

@@ -72,6 +72,10 @@ class StudySpec:
             checkpoints=s.checkpoints.to_dict(),
             enqueue=[dict(e) for e in s.enqueue],
         )
+        if s.storage_options == type(s.storage_options)():  # the default: as specs before the key
+            del study["storage_options"]
+        else:
+            study["storage_options"] = s.storage_options.to_dict()
         if one:
             del study["directions"], study["metrics"]
         return {

@@ -25,6 +25,7 @@ __all__ = [
     "Component",
     "PbtSettings",
     "SchedulerSettings",
+    "StorageOptions",
     "StudySettings",
     "parse_component",
     "parse_study",
@@ -127,6 +128,34 @@ class CheckpointSettings:
         if self.endpoint_url is not None:
             out["endpoint_url"] = self.endpoint_url
         return out
+
+
+def _on_off(raw: Any) -> Any:
+    """YAML 1.1 reads a bare ``off``/``on`` as false/true: both spellings mean the same here."""
+    if isinstance(raw, bool):
+        return "on" if raw else "off"
+    return raw.lower() if isinstance(raw, str) else raw
+
+
+@dataclass(frozen=True, config=CONFIG)
+class StorageOptions:
+    """Settings of the workers' database sessions (PostgreSQL; other databases ignore them)."""
+
+    # off: a worker's commit returns before PostgreSQL has flushed it to disk (see README, Storage)
+    synchronous_commit: Annotated[
+        Literal["on", "off"],
+        BeforeValidator(_on_off),
+        rule("must be on or off", "set synchronous_commit: off (or on, the default)"),
+    ] = "on"
+
+    @validator(mode="before")
+    @classmethod
+    def _keys(cls, data: Any) -> Any:
+        fix = "e.g. storage_options: {synchronous_commit: off}"
+        return known_keys(data, cls, what="must be a mapping", fix=fix, noun="storage_options")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"synchronous_commit": self.synchronous_commit}
 
 
 Epochs = Annotated[int, Strict(), Ge(1), rule("must be a whole number of epochs >= 1", "e.g. {field}: 12")]
@@ -281,6 +310,8 @@ class StudySettings:
         ]
         | None
     ) = None
+    # the workers' database sessions: {synchronous_commit: off} trades the last commits for speed
+    storage_options: Annotated[StorageOptions, BeforeValidator(lambda v: {} if v is None else v)] = StorageOptions()
     n_trials: Positive | None = None  # study-wide, across all workers and machines
     timeout: Seconds | None = None  # seconds from the study's first trial, study-wide
     seed: (

@@ -120,6 +120,7 @@ class Worker:
         storage = open_storage(url, create=False, wait=True)  # a restarting database is waited for
         self.db = wrap(storage)  # the storage boundary: every trial-state read and write goes here
         self.study, self.spec = load_study(url, study_name, storage=storage)
+        self.db.set_session_options(self.spec.study.storage_options.synchronous_commit)  # workers' sessions only
         self.run_dir = Path(run_dir or self.spec.run_dir).resolve()
         self._signals = 0
         self._children: list[Any] = []  # the running trial's processes (one per rank)
@@ -269,16 +270,20 @@ class Worker:
     def _run_child(self, job: TrialJob) -> tuple[TrialOutcome | None, str | None]:
         """Run the trial's process(es) to the end; (rank 0's outcome, None) or (None, why it died)."""
         threads = max(1, self.threads // self.world_size) if self.threads else None
-        return run_processes(
-            self._context(),
-            job,
-            self.world_size,
-            threads,
-            self.spec.study.trial_timeout,
-            self._children,
-            _answer(self.db, self._trial),
-            stopping=lambda: self._signals > 0,
-        )
+        answer = _answer(self.db, self._trial)
+        try:
+            return run_processes(
+                self._context(),
+                job,
+                self.world_size,
+                threads,
+                self.spec.study.trial_timeout,
+                self._children,
+                answer,
+                stopping=lambda: self._signals > 0,
+            )
+        finally:
+            answer.flush()  # a report whose pruning check never came (the process died or stopped)
 
     # --- telling Optuna ---------------------------------------------------------------------
 
@@ -321,8 +326,7 @@ class Worker:
                 attrs[RETRIED_ALONE_ATTR] = True  # (said before the tell: the retry is queued after it)
         retried = False
         try:
-            self._set_attrs(trial, attrs)
-            self._tell(trial, TrialState[told], values)
+            self._tell(trial, TrialState[told], values, attrs)  # the attrs in the tell's transaction
             if retry is not None:
                 max_retry = self.spec.study.max_retry if retry == "max_retry" else None
                 retried = self._retry(trial, max_retry=max_retry, alone=why if retry == "alone" else None)
@@ -386,8 +390,10 @@ class Worker:
             self.report.failed += 1
             _log.warning("trial %d failed%s: %s", trial.number, " (will be retried)" if retried else "", why)
 
-    def _tell(self, trial: optuna.Trial, state: Any, values: list[float] | None = None) -> None:
-        """``study.tell``, riding out a database restart.
+    def _tell(
+        self, trial: optuna.Trial, state: Any, values: list[float] | None = None, attrs: dict[str, Any] | None = None
+    ) -> None:
+        """``study.tell`` with the attempt's ``attrs``, riding out a database restart.
 
         A tell whose commit reached the database just before the connection broke is not told
         twice (``skip_if_finished``); a trial that someone else finished meanwhile (failed as
@@ -396,11 +402,13 @@ class Worker:
         from optuna.exceptions import UpdateFinishedTrialError
 
         def stored() -> Any:
-            return self.db.trial(trial_id(trial)).state
+            return self.db.state(trial_id(trial))
 
         if (before := stored()).is_finished():
+            if attrs:
+                self._set_attrs(trial, attrs)  # what this attempt measured, on the trial it ran
             raise UpdateFinishedTrialError(f"trial {trial.number} is already {before.name}")
-        self.db.tell(self.study, trial, values, state)
+        self.db.tell(self.study, trial, values, state, attrs)
         if (after := stored()) != state:
             raise UpdateFinishedTrialError(f"trial {trial.number} is already {after.name}")
 
@@ -524,19 +532,50 @@ class _Heartbeat:
                 _log.warning("heartbeat of trial id %d failed (%s); will try again", self._trial, db_error_text(e))
 
 
-def _answer(db: StudyStorage, trial: optuna.Trial) -> Any:
+def _answer(db: StudyStorage, trial: optuna.Trial) -> _Answer:
     """What the worker does for the trial process: report, decide pruning, record attrs."""
+    return _Answer(db, trial)
 
-    def handle(message: Message) -> Any:
+
+class _Answer:
+    """Answers the trial process's messages through the storage boundary.
+
+    Optuna's pruning callback reports an epoch's value, then asks ``should_prune``: where the
+    study prunes, the report waits (microseconds, in this process) for that question and both
+    go in one transaction (:meth:`StudyStorage.report_and_prune`). Any other message, and
+    :meth:`flush` when the trial process is gone, write a waiting report first, so nothing the
+    process sent is dropped and the order is kept.
+    """
+
+    def __init__(self, db: StudyStorage, trial: optuna.Trial) -> None:
+        from optuna.pruners import NopPruner
+
+        self.db = db
+        self.trial = trial
+        self.batches = not isinstance(trial.study.pruner, NopPruner)  # a pruning check follows each report
+        self.waiting: Report | None = None
+
+    def __call__(self, message: Message) -> Any:
+        if isinstance(message, ShouldPrune):
+            report, self.waiting = self.waiting, None
+            if report is not None:
+                return self.db.report_and_prune(self.trial, report.value, report.step)
+            return self.db.should_prune(self.trial)
+        self.flush()
         if isinstance(message, Report):
-            db.report(trial, message.value, message.step)
-        elif isinstance(message, ShouldPrune):
-            return db.should_prune(trial)
+            if self.batches:
+                self.waiting = message
+            else:
+                self.db.report(self.trial, message.value, message.step)
         elif isinstance(message, RecordAttr):
-            db.record(trial, message.key, message.value, system=message.system)
+            self.db.record(self.trial, message.key, message.value, system=message.system)
         return None
 
-    return handle
+    def flush(self) -> None:
+        """Write the report that waits for its pruning check (the trial process is gone)."""
+        report, self.waiting = self.waiting, None
+        if report is not None:
+            self.db.report(self.trial, report.value, report.step)
 
 
 def _short(params: dict[str, Any]) -> str:

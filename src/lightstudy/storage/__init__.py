@@ -9,8 +9,9 @@ trial's attrs in one transaction, reaping, the checkpoint list, the pruner's rea
 :mod:`lightstudy.storage.server`: the proxy's gRPC server.
 
 SQLite (the embedded default) gets WAL and a busy timeout so several local workers share one
-file; PostgreSQL gets pre-ping and small bounded pools so many workers on many machines do not
-exhaust the server. Importing this module imports no Optuna (the CLI's ``--help`` stays instant).
+file; PostgreSQL gets a ping of connections idle for a second or more (not of every checkout)
+and small bounded pools so many workers on many machines do not exhaust the server. Importing
+this module imports no Optuna (the CLI's ``--help`` stays instant).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ PROXY_WAIT_SECONDS = 30.0  # seconds a client waits for `lightstudy proxy` to an
 POOL_SIZE = 2  # connections a process keeps open to PostgreSQL (workers need 1-2)
 POOL_OVERFLOW = 4  # extra connections a burst may open, closed when returned
 POOL_RECYCLE = 1800  # seconds before a pooled connection is replaced
+PING_IDLE_SECONDS = 1.0  # a pooled PostgreSQL connection idle this long is pinged before use
 
 # What the database says when the fault is the URL's or the account's, not an outage: a
 # worker does not wait for these (psycopg reports them as connection errors too).
@@ -238,7 +240,7 @@ def open_storage(url: str, *, create: bool = True, wait: bool = False) -> Any:
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT}
     elif url.startswith("postgresql"):
         engine_kwargs.update(
-            pool_pre_ping=True,
+            pool_pre_ping=False,  # _ping_idle: only a connection idle for a while is pinged
             pool_size=POOL_SIZE,
             max_overflow=POOL_OVERFLOW,
             pool_recycle=POOL_RECYCLE,
@@ -275,7 +277,38 @@ def open_storage(url: str, *, create: bool = True, wait: bool = False) -> Any:
                 fix="check that the database server is running and the URL is right",
             ) from e
     check_schema(url, version)
+    if url.startswith("postgresql"):
+        _ping_idle(rdb.engine)
     return rdb
+
+
+def _ping_idle(engine: Any) -> None:
+    """Pessimistic disconnect handling for connections that sat in the pool: one idle for
+    ``PING_IDLE_SECONDS`` or more is pinged on checkout and replaced if the server is gone
+    (SQLAlchemy's ``pool_pre_ping`` pings every checkout: a round trip per query, a third of a
+    trial's). A connection used within that time that the server dropped meanwhile fails on use;
+    SQLAlchemy then invalidates the pool and :func:`retry_db` repeats the call on a new one."""
+    import sqlalchemy.exc
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "checkin")
+    def _used(dbapi_conn: Any, record: Any) -> None:
+        record.info["lightstudy_used"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        used = record.info.get("lightstudy_used")
+        if used is None or time.monotonic() - used < PING_IDLE_SECONDS:
+            return  # just opened, or used a moment ago
+        try:
+            cursor = dbapi_conn.cursor()
+            try:
+                cursor.execute("SELECT 1")
+            finally:
+                cursor.close()
+            dbapi_conn.rollback()
+        except Exception as e:
+            raise sqlalchemy.exc.DisconnectionError(str(e)) from e  # the pool opens a new one
 
 
 def _is_outage(error: BaseException) -> bool:

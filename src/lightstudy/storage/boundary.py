@@ -21,6 +21,7 @@ import copy
 import datetime
 import json
 import logging
+import threading
 import time
 import warnings
 import zlib
@@ -84,6 +85,7 @@ ATTEMPT_ATTRS = frozenset(
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
+_OPEN = threading.local()  # conns: engine id -> this thread's open transaction (DatabaseStorage._transaction)
 
 
 # --- riding out database restarts ------------------------------------------------------------
@@ -218,8 +220,20 @@ class StudyStorage:
     def ask(self, study: optuna.Study) -> optuna.Trial:
         return retry_db(study.ask, what="claim a trial")
 
-    def tell(self, study: optuna.Study, trial: optuna.Trial, values: list[float] | None, state: TrialState) -> None:
-        """``study.tell`` outside ``Study.optimize``, as lightstudy's workers tell.
+    def state(self, trial_id: int) -> TrialState:
+        """The trial's state as stored now."""
+        return self.trial(trial_id).state
+
+    def tell(
+        self,
+        study: optuna.Study,
+        trial: optuna.Trial,
+        values: list[float] | None,
+        state: TrialState,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``study.tell`` outside ``Study.optimize``, as lightstudy's workers tell, with the
+        attempt's user ``attrs`` recorded first (in a database: in the same transaction).
 
         A sampler may call ``study.stop()`` from ``after_trial`` (GridSampler does when its grid
         is used up), which raises outside ``optimize``; stopping means nothing here (the budget,
@@ -227,21 +241,28 @@ class StudyStorage:
         whose commit reached the database before the connection broke is not told twice.
         """
 
-        def told() -> None:
-            stop = study.stop
-            study.stop = lambda: None  # type: ignore[method-assign]
-            try:
-                study.tell(trial, values, state=state, skip_if_finished=True)
-            finally:
-                study.stop = stop  # type: ignore[method-assign]
+        if attrs:
+            self.set_trial_attrs(trial_id(trial), attrs)
+        retry_db(lambda: self._told(study, trial, values, state), what="tell")
 
-        retry_db(told, what="tell")
+    def _told(self, study: optuna.Study, trial: optuna.Trial, values: list[float] | None, state: TrialState) -> None:
+        stop = study.stop
+        study.stop = lambda: None  # type: ignore[method-assign]
+        try:
+            study.tell(trial, values, state=state, skip_if_finished=True)
+        finally:
+            study.stop = stop  # type: ignore[method-assign]
 
     def report(self, trial: optuna.Trial, value: float, step: int) -> None:
         retry_db(lambda: trial.report(value, step), what="report")
 
     def should_prune(self, trial: optuna.Trial) -> bool:
         return retry_db(trial.should_prune, what="ask the pruner")
+
+    def report_and_prune(self, trial: optuna.Trial, value: float, step: int) -> bool:
+        """An epoch's report, then the pruner's verdict on it (one transaction in a database)."""
+        self.report(trial, value, step)
+        return self.should_prune(trial)
 
     def record(self, trial: optuna.Trial, key: str, value: Any, *, system: bool = False) -> None:
         """A user attr of ``trial``, or with ``system`` a system attr (which optuna-dashboard does
@@ -263,6 +284,9 @@ class StudyStorage:
 
     def beat(self, trial_id: int) -> None:
         """Record a running trial's heartbeat (nothing where the storage keeps none)."""
+
+    def set_session_options(self, synchronous_commit: str) -> None:
+        """Settings of this process's database sessions (``study.storage_options``): nothing here."""
 
     def requeue(self, study: optuna.Study, frozen: FrozenTrial, max_retry: int | None) -> None:
         """Queue a WAITING copy of the failed trial ``frozen`` (same params and user attrs, the
@@ -337,6 +361,172 @@ class DatabaseStorage(StudyStorage):
         super().__init__(storage)
         self.rdb = rdb
 
+    # --- one transaction for what belongs together ------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        """A connection in a transaction, committed at the end; the reads of this class made in
+        this thread meanwhile (:meth:`_reading`: the pruner's) run in it too. Nested: the outer one."""
+        conns = _OPEN.__dict__.setdefault("conns", {})
+        key = id(self.rdb.engine)
+        if key in conns:
+            yield conns[key]
+            return
+        with self.rdb.engine.begin() as conn:
+            conns[key] = conn
+            try:
+                yield conn
+            finally:
+                del conns[key]
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[Any]:
+        """This thread's open transaction (:meth:`_transaction`) if there is one, else a connection."""
+        conn = _OPEN.__dict__.get("conns", {}).get(id(self.rdb.engine))
+        if conn is not None:
+            yield conn
+            return
+        with self.rdb.engine.connect() as conn:
+            yield conn
+
+    def state(self, trial_id: int) -> TrialState:
+        """One column of one row (a whole trial is six queries)."""
+        import sqlalchemy
+        from optuna.storages._rdb.models import TrialModel
+
+        trials = TrialModel.__table__
+
+        def read() -> TrialState:
+            with self._reading() as conn:
+                found = conn.execute(
+                    sqlalchemy.select(trials.c.state).where(trials.c.trial_id == trial_id)
+                ).scalar_one_or_none()
+            if found is None:
+                raise KeyError(f"No trial with trial_id {trial_id} exists.")
+            return found
+
+        return retry_db(read, what="read the trial")
+
+    def tell(
+        self,
+        study: optuna.Study,
+        trial: optuna.Trial,
+        values: list[float] | None,
+        state: TrialState,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Optuna's tell (its checks, the sampler's ``after_trial``), whose one write, the state
+        and values, also records ``attrs``: one transaction, one commit, where a commit is the
+        cost (2-8 ms on a busy PostgreSQL). Repeating it after a broken connection is safe: the
+        attrs are upserts, and a tell that reached the database is skipped (``skip_if_finished``)."""
+        if not attrs:
+            return super().tell(study, trial, values, state)
+        rdb = self.rdb
+
+        def told() -> None:
+            def state_and_attrs(trial_id: int, state: TrialState, values: Any = None) -> bool:
+                return self._set_state_with_attrs(trial_id, state, values, attrs)
+
+            rdb.set_trial_state_values = state_and_attrs  # type: ignore[method-assign]
+            try:
+                self._told(study, trial, values, state)
+            finally:
+                del rdb.set_trial_state_values  # the class's method again
+
+        retry_db(told, what="tell")
+
+    def _set_state_with_attrs(self, trial_id: int, state: TrialState, values: Any, attrs: Mapping[str, Any]) -> bool:
+        """``RDBStorage.set_trial_state_values`` (Optuna 5.1's body) with the user attrs set in its session."""
+        import sqlalchemy.exc
+        from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from optuna.trial import TrialState
+
+        rdb = self.rdb
+        try:
+            with _create_scoped_session(rdb.scoped_session) as session:
+                model = TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+                rdb.check_trial_is_updatable(trial_id, model.state)
+                for key, value in attrs.items():
+                    rdb._set_trial_attr_without_commit(session, TrialUserAttributeModel, trial_id, key, value)
+                if values is not None:
+                    for objective, v in enumerate(values):
+                        rdb._set_trial_value_without_commit(session, model, objective, v)
+                if state == TrialState.RUNNING and model.state != TrialState.WAITING:
+                    return False
+                model.state = state
+                if state == TrialState.RUNNING:
+                    model.datetime_start = datetime.datetime.now()
+                if state.is_finished():
+                    model.datetime_complete = datetime.datetime.now()
+        except sqlalchemy.exc.IntegrityError:
+            return False
+        return True
+
+    def report(self, trial: optuna.Trial, value: float, step: int) -> None:
+        """``trial.report``: the trial row locked, the value upserted, one commit."""
+        retry_db(lambda: self._report_then(trial, value, step, None), what="report")
+
+    def report_and_prune(self, trial: optuna.Trial, value: float, step: int) -> bool:
+        """One transaction: the epoch's value is written and the pruner decides on it, its reads
+        (lightstudy's cached pruners read through this class) in the same transaction, one commit.
+        A pruner that writes (SuccessiveHalving, Hyperband record their rungs through Optuna's own
+        sessions) would wait on the trial row this transaction locks: it gets two."""
+        if not getattr(trial.study.pruner, "reads_through_boundary", False):
+            return super().report_and_prune(trial, value, step)
+        verdict = retry_db(lambda: self._report_then(trial, value, step, trial.should_prune), what="report")
+        return bool(verdict)
+
+    def _report_then(self, trial: optuna.Trial, value: float, step: int, then: Callable[[], T] | None) -> T | None:
+        """Optuna's ``Trial.report`` (its checks, its warning for a step reported twice), then
+        ``then()`` (the pruning check, which sees the new value), in one transaction."""
+        if len(trial.study.directions) > 1:
+            raise NotImplementedError("Trial.report is not supported for multi-objective optimization.")
+        value, step = float(value), int(step)
+        if step < 0:
+            raise ValueError(f"`step={step}` must be non-negative.")
+        known = trial._cached_frozen_trial.intermediate_values
+        if step in known:
+            warnings.warn(f"The reported value is ignored because this `{step=}` is already reported.", stacklevel=3)
+            with self._transaction():
+                return then() if then is not None else None
+        try:
+            with self._transaction() as conn:
+                self._write_intermediate(conn, trial_id(trial), step, value)
+                known[step] = value  # the pruner reads the trial's own values from here
+                return then() if then is not None else None
+        except BaseException:
+            known.pop(step, None)  # not committed: a retry writes it again
+            raise
+
+    def _write_intermediate(self, conn: Any, trial_id: int, step: int, value: float) -> None:
+        import sqlalchemy
+        from optuna.storages._rdb.models import TrialIntermediateValueModel, TrialModel
+
+        trials, table = TrialModel.__table__, TrialIntermediateValueModel.__table__
+        state = conn.execute(
+            sqlalchemy.select(trials.c.state).where(trials.c.trial_id == trial_id).with_for_update()
+        ).scalar_one_or_none()
+        if state is None:
+            raise KeyError(f"No trial with trial_id {trial_id} exists.")
+        self.rdb.check_trial_is_updatable(trial_id, state)  # UpdateFinishedTrialError, as Optuna
+        stored, kind = TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
+        values = {"intermediate_value": stored, "intermediate_value_type": kind}
+        dialect = conn.dialect.name
+        if dialect in ("postgresql", "sqlite"):
+            from sqlalchemy.dialects import postgresql, sqlite
+
+            insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+            conn.execute(
+                insert.values(trial_id=trial_id, step=step, **values).on_conflict_do_update(
+                    index_elements=[table.c.trial_id, table.c.step], set_=values
+                )
+            )
+            return
+        mine = (table.c.trial_id == trial_id) & (table.c.step == step)
+        if not conn.execute(sqlalchemy.update(table).where(mine).values(**values)).rowcount:
+            conn.execute(sqlalchemy.insert(table).values(trial_id=trial_id, step=step, **values))
+
     def set_trial_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
         """One transaction: each commit costs SQLite 5-15 ms, and a trial has 8 attrs."""
         from optuna.storages._rdb.models import TrialUserAttributeModel
@@ -351,6 +541,28 @@ class DatabaseStorage(StudyStorage):
 
     def beat(self, trial_id: int) -> None:
         self.rdb.record_heartbeat(trial_id)
+
+    def set_session_options(self, synchronous_commit: str) -> None:
+        """PostgreSQL: every session this process opens from now on runs with
+        ``synchronous_commit`` (``off``: a commit returns before its WAL record is flushed, so a
+        crash of the database server, not of this process, can lose the last few hundred
+        milliseconds of commits; see README, Storage). Set at connection start (libpq
+        ``options``), so no transaction can undo it; the pool's open connections are replaced.
+        Other databases: nothing (SQLite's durability is the file's ``synchronous`` pragma)."""
+        import sqlalchemy
+
+        engine = self.rdb.engine
+        if engine.dialect.name != "postgresql" or getattr(engine, "_lightstudy_commit", "on") == synchronous_commit:
+            return
+        if not hasattr(engine, "_lightstudy_commit"):
+
+            @sqlalchemy.event.listens_for(engine, "do_connect")
+            def _options(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+                setting = f"-c synchronous_commit={engine._lightstudy_commit}"  # type: ignore[attr-defined]
+                cparams["options"] = f"{cparams['options']} {setting}" if cparams.get("options") else setting
+
+        engine._lightstudy_commit = synchronous_commit  # type: ignore[attr-defined]
+        engine.dispose()  # connections opened before run with the server's default
 
     @contextlib.contextmanager
     def claim_lock(self, study_name: str) -> Iterator[None]:
@@ -490,7 +702,7 @@ class DatabaseStorage(StudyStorage):
             trials.c.study_id == study_id,
             sqlalchemy.or_(trials.c.trial_id > above, trials.c.trial_id.in_(sorted(among))),
         )
-        with self.rdb.engine.connect() as conn:
+        with self._reading() as conn:
             return [(int(i), state) for i, state in conn.execute(query)]
 
     def complete_ids(self, study_id: int) -> set[int]:
@@ -502,7 +714,7 @@ class DatabaseStorage(StudyStorage):
         query = sqlalchemy.select(trials.c.trial_id).where(
             trials.c.study_id == study_id, trials.c.state == TrialState.COMPLETE
         )
-        with self.rdb.engine.connect() as conn:
+        with self._reading() as conn:
             return {int(row[0]) for row in conn.execute(query)}
 
     def intermediate_values(self, trial_ids: list[int]) -> dict[int, dict[int, float]]:
@@ -512,7 +724,7 @@ class DatabaseStorage(StudyStorage):
 
         table = Model.__table__
         out: dict[int, dict[int, float]] = {i: {} for i in trial_ids}
-        with self.rdb.engine.connect() as conn:
+        with self._reading() as conn:
             for start in range(0, len(trial_ids), _CHUNK):
                 chunk = trial_ids[start : start + _CHUNK]
                 query = sqlalchemy.select(
