@@ -286,14 +286,19 @@ def run(
     """
     from lightstudy.launcher import Launcher, plan_slots
     from lightstudy.ranks import check_devices
-    from lightstudy.spec import trial_world_size
+    from lightstudy.spec import load_spec, trial_world_size, with_overrides
+    from lightstudy.study import create_study
+    from lightstudy.warmserver import start_warm
 
     if gpus is not None and not isinstance(gpus, str):
         gpus = ",".join(str(g) for g in gpus)
-    created = create(
-        file, storage=storage, update_spec=update_spec, n_trials=n_trials, timeout=timeout, run_dir=run_dir
+    # The spec's schema here; its classes, config and search space in the warm process, which
+    # imports torch for the trials anyway (this process never does): the errors are validate's.
+    use_project_folder(file)
+    spec = with_overrides(
+        _runnable(load_spec(file)), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None
     )
-    spec, url = created.spec, created.url
+    url = storage_url(storage, spec=spec)
     per_trial = gpus_per_trial or trial_world_size(spec.config)
     if per_trial > 1 and not url.startswith(("sqlite", "postgresql", "mysql")):
         check_devices(spec, per_trial, url)
@@ -301,15 +306,22 @@ def run(
     slots = plan_slots(gpus, workers, trials_per_gpu, gpus_per_trial=per_trial if gpu_trials else 1)
     if gpus and gpus != "auto" and gpu_trials and len(gpus.split(",")) % per_trial:
         log.warning("%d GPU(s) left idle: a trial runs on %d", len(gpus.split(",")) % per_trial, per_trial)
-    out = console if console is not None else _console()
-    from lightstudy.storage import redact
+    warm = start_warm(spec, check=True, log=spec.run_dir / "workers" / "warm.log")
+    try:
+        warm.ready()  # the spec checked, torch and the study's classes imported, once for every worker
+        updating = update_spec or n_trials is not None or timeout is not None
+        created = Study(create_study(spec, url, update_spec=updating), spec, url)
+        out = console if console is not None else _console()
+        from lightstudy.storage import redact
 
-    where = ", ".join(f"GPU {s.gpu}" if s.gpu is not None else "CPU" for s in slots)
-    out.print(
-        f"study [bold]{spec.study.name}[/bold] in {redact(url)}: {len(slots)} worker(s) "
-        f"({where}); logs in {spec.run_dir / 'workers'}"
-    )
-    result = Launcher(url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial).run()
+        where = ", ".join(f"GPU {s.gpu}" if s.gpu is not None else "CPU" for s in slots)
+        out.print(
+            f"study [bold]{spec.study.name}[/bold] in {redact(url)}: {len(slots)} worker(s) "
+            f"({where}); logs in {spec.run_dir / 'workers'}"
+        )
+        result = Launcher(url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial, warm=warm).run()
+    finally:
+        warm.stop()
     failed = [i for i, code in enumerate(result.exit_codes) if code not in (0, None)]
     if failed and not result.interrupted:
         raise WorkersFailed(

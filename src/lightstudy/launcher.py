@@ -1,9 +1,12 @@
 """``lightstudy run``: start local workers (one per GPU slot, or CPU workers) and watch the study.
 
 Workers are separate ``lightstudy worker`` processes, each in its own session so that a Ctrl-C
-reaches the launcher once and is forwarded as one SIGTERM per worker. A worker's output goes to
-``<run dir>/workers/worker-<i>.log``; the launcher reads progress from the database, so what it
-shows is what every other client sees.
+reaches the launcher once and is forwarded as one SIGTERM per worker. They share one warm
+process (:mod:`lightstudy.warmserver`, started by :func:`lightstudy.api.run`; its address in
+``$LIGHTSTUDY_WARM``) that has torch, Lightning and the study's classes imported and forks
+every worker's trial processes, so N workers start in the time of one. A worker's output goes
+to ``<run dir>/workers/worker-<i>.log`` (the warm process's to ``warm.log``); the launcher reads
+progress from the database, so what it shows is what every other client sees.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from lightstudy.spec import StudySpec
+    from lightstudy.warmserver import WarmServer
 
 __all__ = ["Launcher", "Slot", "detect_gpus", "plan_slots"]
 
@@ -139,8 +142,10 @@ class Launcher:
         run_dir: Path,
         console: Console,
         gpus_per_trial: int | None = None,
+        warm: WarmServer | None = None,
     ) -> None:
         self.gpus_per_trial = gpus_per_trial
+        self.warm = warm  # the warm process the workers share (None: each starts its own)
         self.url = url
         self.spec = spec
         self.slots = slots
@@ -156,6 +161,10 @@ class Launcher:
         base = dict(os.environ)
         base[ENV_VAR] = self.url  # not in argv: a password would show in `ps`
         base.setdefault("PYTHONUNBUFFERED", "1")
+        if self.warm is not None:
+            from lightstudy.warmserver import ADDRESS_VAR
+
+            base[ADDRESS_VAR] = self.warm.address
         for slot in self.slots:
             cmd = [
                 sys.executable,
@@ -240,7 +249,12 @@ class Launcher:
                 )
                 if not alive:
                     break
-                time.sleep(REFRESH)
+                # Until the next refresh, or at once when the worker waited on exits (the last one
+                # ends the run: no second lost to a sleep).
+                running = next((p for p in self.processes if p.poll() is None), None)
+                if running is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        running.wait(REFRESH)
 
     def _line(self, t: Any, spec: StudySpec, retried: bool) -> str:
         from lightstudy.summary import format_value

@@ -97,12 +97,12 @@ class WarmContext:
         self.address = address
 
     @staticmethod
-    def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:  # noqa: N802 (multiprocessing's name)
+    def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:
         from multiprocessing import Pipe
 
         return Pipe(duplex)
 
-    def Process(self, target: Any, args: tuple[Any, ...] = (), name: str | None = None) -> WarmProcess:  # noqa: N802
+    def Process(self, target: Any, args: tuple[Any, ...] = (), name: str | None = None) -> WarmProcess:
         return WarmProcess(self.address, target, args, name)
 
 
@@ -244,7 +244,11 @@ class WarmServer:
             verdict = None
         if not isinstance(verdict, dict):
             code = self.process.wait()
-            tail = self._early_log.read_text(errors="replace").strip().splitlines()[-5:] if self._early_log.exists() else []
+            tail = (
+                self._early_log.read_text(errors="replace").strip().splitlines()[-5:]
+                if self._early_log.exists()
+                else []
+            )
             raise LightstudyError(
                 f"the warm process exited with code {code} before it was ready: {' | '.join(tail) or 'no output'}",
                 fix="run `lightstudy validate` on the spec to see what fails",

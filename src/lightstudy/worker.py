@@ -39,8 +39,8 @@ from lightstudy.spec import trial_world_size
 from lightstudy.storage import db_error_text, open_storage, retry_db
 from lightstudy.storage.boundary import StudyStorage, trial_id, wrap
 from lightstudy.study import load_study
-from lightstudy.warmserver import ADDRESS_VAR, WarmContext, start_warm
 from lightstudy.trial import Message, Outcome, RecordAttr, Report, ShouldPrune, TrialJob, TrialOutcome, trial_dir_name
+from lightstudy.warmserver import ADDRESS_VAR, WarmContext, start_warm
 
 if TYPE_CHECKING:
     import optuna
