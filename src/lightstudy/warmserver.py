@@ -58,6 +58,7 @@ __all__ = ["ADDRESS_VAR", "Setup", "WarmContext", "WarmProcess", "WarmServer", "
 ADDRESS_VAR = "LIGHTSTUDY_WARM"  # the launcher's warm process, for its workers (unset: a worker starts its own)
 GONE = 255  # a trial process's exit code when the warm process vanished before reporting it
 _INT = struct.Struct("!q")
+_EARLY_LOG = "start.log"  # beside the socket: the warm process's output until it is ready
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _log = logging.getLogger(__name__)
 
@@ -290,10 +291,10 @@ def start_warm(
     once it is ready (None: this process's stderr from the start).
     """
     folder = Path(tempfile.mkdtemp(prefix="lightstudy-warm-"))
-    early_log = folder / "start.log"
+    early_log = folder / _EARLY_LOG
     run_env = dict(os.environ if env is None else env)
     run_env.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # "is there a GPU?" without initializing CUDA
-    verbose = os.environ.get("LIGHTSTUDY_VERBOSE", "") not in ("", "0")
+    verbose = run_env.get("LIGHTSTUDY_VERBOSE", "") not in ("", "0")
     setup = Setup(spec, check=check, log=str(log) if log is not None else None, verbose=verbose)
     stderr: Any = None
     if log is not None:
@@ -495,9 +496,12 @@ def main(address: str) -> int:
         seconds["check"] = time.perf_counter() - start
     else:
         _warm.warm_stage("study config", lambda: _warm.parse_study_config(setup.spec), seconds)
-    if setup.log is not None:  # from here its output goes to the run's log
+    if setup.log is not None:  # from here its output goes to the run's log, what it wrote so far first
         Path(setup.log).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(setup.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        early = Path(address).parent / _EARLY_LOG
+        if early.exists():
+            os.write(fd, early.read_bytes())
         os.dup2(fd, 2)
         os.close(fd)
     _verdict(status, ok=True, seconds=seconds, pid=os.getpid())
