@@ -117,11 +117,14 @@ def run_tiny_trial() -> None:
 
 
 def parse_study_config(spec: StudySpec) -> None:
-    """The study's own config through its own ``cli:`` class (its links included), as a trial parses it."""
-    from lightstudy.lightning_config import lightning_namespace, parse_config
+    """The study's own config through its own ``cli:`` class (its links included), as a trial
+    parses it: the parser every trial reuses is built here, and the versions a trial records read."""
+    from lightstudy.lightning_config import lightning_namespace, warm_parser
+    from lightstudy.trial import _versions
 
     config = spec.lightning_config()
-    parse_config(config, lightning_namespace(config), spec.cli)
+    warm_parser(config, spec.cli)
+    _versions(lightning_namespace(config))
 
 
 @contextlib.contextmanager

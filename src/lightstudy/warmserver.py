@@ -494,8 +494,7 @@ def main(address: str) -> int:
             _verdict(status, ok=False, message=e.message, fix=e.fix)
             return 2
         seconds["check"] = time.perf_counter() - start
-    else:
-        _warm.warm_stage("study config", lambda: _warm.parse_study_config(setup.spec), seconds)
+    _warm.warm_stage("study config", lambda: _warm.parse_study_config(setup.spec), seconds)
     if setup.log is not None:  # from here its output goes to the run's log, what it wrote so far first
         Path(setup.log).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(setup.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
