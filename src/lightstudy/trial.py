@@ -427,7 +427,7 @@ def _versions(namespace: str) -> dict[str, str]:
 
 @functools.cache
 def _cached_versions(namespace: str) -> dict[str, str]:
-    # Reading dist-info metadata costs tens of ms a package: the forkserver's warm-up reads it once.
+    # Reading dist-info metadata costs tens of ms a package: the warm process reads it once.
     from importlib import metadata
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
@@ -479,7 +479,7 @@ def _die_with_worker(conn: Any) -> None:
     """Never train on as an orphan: die as soon as nobody can read this trial's result.
 
     The worker holds the only read end of ``conn``; when it dies (even by SIGKILL) the write end
-    reports POLLERR. (PR_SET_PDEATHSIG would watch the forkserver, which outlives the worker.)
+    reports POLLERR. (PR_SET_PDEATHSIG would watch the warm process, which outlives the worker.)
     """
     import select
     import signal
