@@ -217,8 +217,8 @@ def _reusing_cli(namespace: str, cli: str | None = None) -> type:
     Building the parser (every Trainer, LightningModule and LightningDataModule argument, from
     their signatures) is a quarter of what LightningCLI costs a trial; the warm process builds
     it (:func:`warm_parser`), and every trial process forked from it only parses and
-    instantiates. The parser does not depend on the trial: callbacks are added at instantiation and the seed is passed in
-    the config (``seed_everything``), never as parser defaults.
+    instantiates. The parser does not depend on the trial: callbacks are added at instantiation
+    and the seed is passed in the config (``seed_everything``), never as parser defaults.
     """
     base, _ = _cli_classes(namespace, cli)
 
