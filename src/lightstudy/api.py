@@ -14,6 +14,7 @@ Every function finds the database by the one rule of the CLI (:func:`lightstudy.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -293,7 +294,7 @@ def run(
     if gpus is not None and not isinstance(gpus, str):
         gpus = ",".join(str(g) for g in gpus)
     # The spec's schema here; its classes, config and search space in the warm process, which
-    # imports torch for the trials anyway (this process never does): the errors are validate's.
+    # imports torch for the trials anyway (the CLI never does): the errors are validate's.
     use_project_folder(file)
     spec = with_overrides(
         _runnable(load_spec(file)), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None
@@ -306,7 +307,13 @@ def run(
     slots = plan_slots(gpus, workers, trials_per_gpu, gpus_per_trial=per_trial if gpu_trials else 1)
     if gpus and gpus != "auto" and gpu_trials and len(gpus.split(",")) % per_trial:
         log.warning("%d GPU(s) left idle: a trial runs on %d", len(gpus.split(",")) % per_trial, per_trial)
-    warm = start_warm(spec, check=True, log=spec.run_dir / "workers" / "warm.log")
+    # A process that has torch already (a notebook, a test) checks here, at no import's cost.
+    checked_here = "torch" in sys.modules
+    if checked_here:
+        from lightstudy.lightning_config import check_spec
+
+        check_spec(spec)
+    warm = start_warm(spec, check=not checked_here, log=spec.run_dir / "workers" / "warm.log")
     try:
         warm.ready()  # the spec checked, torch and the study's classes imported, once for every worker
         updating = update_spec or n_trials is not None or timeout is not None
