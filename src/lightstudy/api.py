@@ -313,12 +313,16 @@ def run(
         from lightstudy.lightning_config import check_spec
 
         check_spec(spec)
+    made = not spec.run_dir.exists()
     warm = start_warm(spec, check=not checked_here, log=spec.run_dir / "workers" / "warm.log")
+    out = console if console is not None else _console()
+    launcher = Launcher(url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial, warm=warm)
+    going = False
     try:
+        launcher.start()  # the workers import while the warm process does, then wait for the study
         warm.ready()  # the spec checked, torch and the study's classes imported, once for every worker
         updating = update_spec or n_trials is not None or timeout is not None
         created = Study(create_study(spec, url, update_spec=updating), spec, url)
-        out = console if console is not None else _console()
         from lightstudy.storage import redact
 
         where = ", ".join(f"GPU {s.gpu}" if s.gpu is not None else "CPU" for s in slots)
@@ -326,9 +330,16 @@ def run(
             f"study [bold]{spec.study.name}[/bold] in {redact(url)}: {len(slots)} worker(s) "
             f"({where}); logs in {spec.run_dir / 'workers'}"
         )
-        result = Launcher(url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial, warm=warm).run()
+        going = True
+        result = launcher.run()
     finally:
+        if not going:
+            launcher.cancel()
         warm.stop()
+        if not going and made:  # a spec refused (or an interrupt) leaves no run folder behind
+            import shutil
+
+            shutil.rmtree(spec.run_dir, ignore_errors=True)
     failed = [i for i, code in enumerate(result.exit_codes) if code not in (0, None)]
     if failed and not result.interrupted:
         raise WorkersFailed(

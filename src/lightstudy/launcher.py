@@ -155,7 +155,9 @@ class Launcher:
         self._signals = 0
         self._warned: set[str] = set()
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start the workers: each imports what a worker needs (Optuna, SQLAlchemy) while the warm
+        process imports torch, then waits for :meth:`go` (the study exists) or :meth:`cancel`."""
         logs = self.run_dir / "workers"
         logs.mkdir(parents=True, exist_ok=True)
         base = dict(os.environ)
@@ -169,8 +171,7 @@ class Launcher:
             cmd = [
                 sys.executable,
                 "-m",
-                "lightstudy",
-                "worker",
+                "lightstudy.launcher",  # worker_main: `lightstudy worker` once the launcher says go
                 "--study",
                 self.spec.study.name,
                 "--run-dir",
@@ -183,9 +184,36 @@ class Launcher:
             ]
             log = open(logs / f"worker-{slot.index}.log", "ab")  # noqa: SIM115 (kept for the process)
             self.processes.append(
-                subprocess.Popen(cmd, env=slot.env(base), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                subprocess.Popen(
+                    cmd,
+                    env=slot.env(base),
+                    stdin=subprocess.PIPE,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             )
             log.close()
+
+    def go(self) -> None:
+        """The study exists: the waiting workers start claiming trials."""
+        self._tell_workers(b"go\n")
+
+    def cancel(self) -> None:
+        """The run will not go (a bad spec, an interrupt): the waiting workers exit without a word."""
+        self._tell_workers(b"")
+        for proc in self.processes:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def _tell_workers(self, line: bytes) -> None:
+        for proc in self.processes:
+            if proc.stdin is not None and not proc.stdin.closed:
+                with contextlib.suppress(OSError):
+                    proc.stdin.write(line)
+                    proc.stdin.close()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
@@ -202,7 +230,9 @@ class Launcher:
         study, spec = load_study(self.url, self.spec.study.name, storage=storage)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self._start()
+            if not self.processes:
+                self.start()
+            self.go()
             self._watch(study, spec)
         finally:
             for s, h in previous.items():
@@ -280,6 +310,18 @@ class Launcher:
         return text
 
 
+def worker_main(argv: list[str]) -> int:
+    """A worker of the launcher's (``python -m lightstudy.launcher ARGS``): the imports of a worker
+    first, then a line on stdin: ``go`` runs ``lightstudy worker ARGS``; its end (the launcher
+    cancelled, or is gone) exits 0 at once."""
+    import lightstudy.worker  # noqa: F401 (Optuna, SQLAlchemy: the bulk of a worker's start)
+    from lightstudy.cli import main
+
+    if sys.stdin.readline().strip() != "go":
+        return 0
+    return int(main(["worker", *argv]) or 0)
+
+
 def _best_value(study: Any, spec: StudySpec) -> Any:
     if spec.study.is_multi_objective:
         return None
@@ -287,3 +329,9 @@ def _best_value(study: Any, spec: StudySpec) -> Any:
         return study.best_value
     except ValueError:
         return None
+
+
+if __name__ == "__main__":  # run as lightstudy.launcher (its classes, once)
+    from lightstudy.launcher import worker_main as _worker_main
+
+    sys.exit(_worker_main(sys.argv[1:]))
