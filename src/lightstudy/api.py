@@ -313,7 +313,7 @@ def run(
         from lightstudy.lightning_config import check_spec
 
         check_spec(spec)
-    made = not spec.run_dir.exists()
+    made = next((p for p in reversed([spec.run_dir, *spec.run_dir.parents]) if not p.exists()), None)
     warm = start_warm(spec, check=not checked_here, log=spec.run_dir / "workers" / "warm.log")
     out = console if console is not None else _console()
     launcher = Launcher(url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial, warm=warm)
@@ -336,10 +336,10 @@ def run(
         if not going:
             launcher.cancel()
         warm.stop()
-        if not going and made:  # a spec refused (or an interrupt) leaves no run folder behind
+        if not going and made is not None:  # a spec refused (or an interrupt) leaves no run folder
             import shutil
 
-            shutil.rmtree(spec.run_dir, ignore_errors=True)
+            shutil.rmtree(made, ignore_errors=True)
     failed = [i for i, code in enumerate(result.exit_codes) if code not in (0, None)]
     if failed and not result.interrupted:
         raise WorkersFailed(
