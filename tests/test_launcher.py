@@ -75,7 +75,7 @@ def _parents(run_dir: Path) -> dict[int, int]:
     out = {}
     for log in sorted(run_dir.glob("trials/*/trial.log")):
         for line in log.read_text().splitlines():
-            if m := re.match(r"trial (\d+) of study .*, pid \d+ \(parent (\d+)\)", line):
+            if m := re.match(r"trial (\d+) of study .*, pid \d+, parent (\d+)", line):
                 out[int(m.group(1))] = int(m.group(2))
     return out
 

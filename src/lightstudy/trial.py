@@ -214,7 +214,7 @@ def run_trial(job: TrialJob, conn: Any = None) -> TrialOutcome:
     timings = {"start": time.time() - job.started}
     rank = f", rank {job.rank} of {job.world_size}" if job.world_size > 1 else ""
     print(
-        f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()} (parent {os.getppid()}){rank}, "
+        f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()}{rank}, parent {os.getppid()}, "
         f"params {job.params}",
         flush=True,
     )
