@@ -93,3 +93,47 @@ class WorseningNet(ConvNet):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val_acc", 0.9 - 0.1 * self.current_epoch)
+
+
+class LrNet(ConvNet):
+    """Logs ``val_acc = lr``: a test orders its trials' values by the learning rates it enqueues."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_acc", float(self.hparams.lr))
+
+
+class WeightsNet(ConvNet):
+    """Prints a checksum of its weights when training starts and after each epoch (to trial.log),
+    so a test can tell a trial that continues another's weights from a fresh start."""
+
+    def _checksum(self) -> float:
+        return float(sum(p.detach().double().sum() for p in self.parameters()))
+
+    def on_train_start(self) -> None:
+        print(f"weights at start: {self._checksum()!r}", flush=True)
+
+    def on_train_epoch_end(self) -> None:
+        print(f"weights after epoch {self.current_epoch}: {self._checksum()!r}", flush=True)
+
+
+class HoldNet(WeightsNet):
+    """In the first validation batch of epoch ``hold_epoch`` it writes the file ``hold`` and
+    waits (up to 120 s) for the test to kill it; when the file is already there (a retry) it
+    goes on: a test kills a worker exactly mid-trial, once."""
+
+    def __init__(self, hold: str = "", hold_epoch: int = 1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.hold = hold
+        self.hold_epoch = hold_epoch
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        from pathlib import Path
+
+        if not self.trainer.sanity_checking and self.current_epoch == self.hold_epoch and batch_idx == 0:
+            path = Path(self.hold)
+            if not path.exists():
+                path.write_text(str(self.current_epoch))
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:  # the test kills the worker (and so this process)
+                    time.sleep(0.01)
+        return super().validation_step(batch, batch_idx)

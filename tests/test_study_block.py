@@ -150,16 +150,16 @@ def test_scheduler_rules(raw: dict, key: str, rule: str) -> None:
     assert "\n" not in str(info.value)
 
 
-def test_validate_accepts_a_scheduler_and_run_refuses_it_until_workers_run_it(tmp_path: Path) -> None:
+def test_validate_and_create_accept_a_scheduler(tmp_path: Path) -> None:
     doc = yaml.safe_load((REPO / "studies" / "digits.yaml").read_text())
     doc["study"].update(pruner=None, scheduler={"name": "ASHA", "max_resource": 12}, storage=None)
     doc["study"]["run_dir"] = str(tmp_path / "run")
     path = tmp_path / "asha.yaml"
     path.write_text(yaml.safe_dump(doc))
     assert run_cli("validate", str(path)).returncode == 0
-    for command in (["run", str(path), "--workers", "1"], ["create", str(path)]):
-        done = run_cli(*command, cwd=tmp_path)
-        assert done.returncode == 2, done.stdout + done.stderr
-        assert "study.scheduler: ASHA is not run by workers yet" in done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "run").exists()  # refused before any database or folder was made
+    done = run_cli("create", str(path), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc["study"]["pruner"] = "MedianPruner"  # still one or the other
+    path.write_text(yaml.safe_dump(doc))
+    done = run_cli("validate", str(path))
+    assert done.returncode == 2 and "cannot be given with study.pruner" in done.stderr, done.stderr

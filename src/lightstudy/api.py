@@ -67,11 +67,11 @@ class Study:
     @property
     def best_trials(self) -> list[FrozenTrial]:
         """Complete trials best first (one objective), or the Pareto front (several), as ``best`` lists them."""
-        from lightstudy.ranking import best_first, pareto_front
+        from lightstudy.ranking import pareto_front, ranked
 
         if self.spec.study.is_multi_objective:
             return pareto_front(self.trials, self.spec.study.directions)
-        return best_first(self.trials, self.spec.study.directions)
+        return ranked(self.trials, self.spec)
 
     @property
     def best_trial(self) -> FrozenTrial:
@@ -98,17 +98,7 @@ class Study:
         return dict(self.best_trial.params)
 
     def trials_dataframe(self, **kwargs: Any) -> pd.DataFrame:
-        """Optuna's ``trials_dataframe``, one row per trial (needs pandas, as in any notebook).
-
-        Raises:
-            LightstudyError: pandas is not installed.
-        """
-        try:
-            import pandas  # noqa: F401
-        except ImportError as e:
-            raise LightstudyError(
-                "trials_dataframe needs pandas, which is not installed", fix="pip install pandas"
-            ) from e
+        """Optuna's ``trials_dataframe``: one row per trial (``kwargs`` as Optuna's)."""
         return self._study.trials_dataframe(**kwargs)
 
     def trial(self, *, rank: int | None = None, number: int | None = None) -> FrozenTrial:
@@ -213,16 +203,7 @@ def validate(file: str | Path) -> StudySpec:
 
 
 def _runnable(spec: StudySpec) -> StudySpec:
-    """Refuse a spec whose ``scheduler:`` the workers do not run yet, rather than ignore it."""
-    from lightstudy.errors import SpecError
-
-    if spec.study.scheduler is not None:
-        raise SpecError(
-            spec.source,
-            "study.scheduler",
-            f"{spec.study.scheduler.name} is not run by workers yet (issue 13); `validate` checks it",
-            fix="use a pruner: for now (e.g. pruner: HyperbandPruner), and remove scheduler:",
-        )
+    """The spec as workers run it (a ``scheduler:`` included: :mod:`lightstudy.scheduler`)."""
     return spec
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "TrialInterrupted",
     "checkpoint_callback",
     "guard_callback",
+    "hyperparameters_callback",
     "last_checkpoint_callback",
     "pruning_callback",
     "request_stop",
@@ -323,3 +324,36 @@ def checkpoint_callback(namespace: str, dirpath: Path, monitor: str | None, mode
         save_last=False,
         auto_insert_metric_name=False,
     )
+
+
+@functools.cache
+def _hyperparameters_class(namespace: str) -> type:
+    class KeepHyperparameters(pl_module(namespace).Callback):  # type: ignore[misc]
+        """Restored optimizers keep their state but take this trial's hyperparameters: each param
+        group's values (all but ``params``) as ``configure_optimizers`` built them, read in
+        ``on_fit_start`` (before the checkpoint's optimizer state is loaded) and put back in
+        ``on_train_start`` (after). A PBT exploit's explored ``lr`` then takes effect."""
+
+        def __init__(self) -> None:
+            self.groups: list[list[dict[str, Any]]] = []
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            self.groups = [
+                [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in trainer.optimizers
+            ]
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            for opt, groups in zip(trainer.optimizers, self.groups):
+                for group, fresh in zip(opt.param_groups, groups):
+                    group.update(fresh)
+            for config in trainer.lr_scheduler_configs:  # a scheduler restarts from the new values
+                scheduler = config.scheduler
+                if hasattr(scheduler, "base_lrs"):
+                    scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in scheduler.optimizer.param_groups]
+
+    return KeepHyperparameters
+
+
+def hyperparameters_callback(namespace: str) -> Any:
+    """A callback that gives restored optimizers this trial's hyperparameters (see its class)."""
+    return _hyperparameters_class(namespace)()

@@ -8,8 +8,12 @@ a trial that ranks in the top k of some view of the study ranks in the top k of 
 view that holds it, so no pass removes what another pass keeps, and a trial outside the top k
 when it finishes can never enter it later.
 
-Local files (``<run dir>/trials/trial-NNNN/checkpoints``) only serve a retry: once a trial's
-lineage is finished they are deleted.
+With a scheduler the same holds among the lineages' furthest trials (the highest rung reached, or
+the most epochs trained: :func:`lightstudy.scheduler.finals`): such a set only grows until a
+higher level replaces it for good.
+
+Local files (``<run dir>/trials/trial-NNNN/checkpoints``) serve a retry, and with a scheduler
+the trials that start from them (:func:`needed_trials`): once nothing can need them they are deleted.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ __all__ = [
     "kept_trials",
     "lineage_root",
     "load_checkpoint",
+    "needed_trials",
     "pareto_front",
     "remove_local",
     "sweep_local",
@@ -75,10 +80,13 @@ def _with_checkpoint(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def kept_trials(trials: Sequence[FrozenTrial], spec: StudySpec) -> list[FrozenTrial]:
-    """The trials whose checkpoints the study keeps, best first (several objectives: by number)."""
+    """The trials whose checkpoints the study keeps, best first (several objectives: by number);
+    with a scheduler, among the lineages' furthest trials (:func:`lightstudy.ranking.candidates`)."""
+    from lightstudy import ranking
+
     if spec.study.checkpoints.keep == 0:
         return []
-    return _rank(_with_checkpoint(trials), spec)
+    return _rank(_with_checkpoint(ranking.candidates(trials, spec)), spec)
 
 
 class _Candidate:
@@ -128,8 +136,24 @@ def remove_local(run_dir: Path, trial_dir: str) -> None:
 RETRY_SETTLE = 600.0
 
 
-def sweep_local(study: optuna.Study, run_dir: Path, *, settle: float = RETRY_SETTLE) -> None:
+def needed_trials(trials: Sequence[FrozenTrial], spec: StudySpec) -> set[int]:
+    """Trials whose local checkpoint a scheduler still needs (:meth:`lightstudy.scheduler.Asha.needed_checkpoints`,
+    :meth:`lightstudy.scheduler.Pbt.needed_checkpoints`): a running trial starts from it, or a
+    rung may still promote it, or a member may still continue or copy it. None without a scheduler."""
+    from lightstudy.scheduler import scheduler_of, views
+
+    plan = scheduler_of(spec)
+    return set() if plan is None else plan.needed_checkpoints(views(trials))
+
+
+def sweep_local(
+    study: optuna.Study, run_dir: Path, *, settle: float = RETRY_SETTLE, spec: StudySpec | None = None
+) -> None:
     """Delete local checkpoint files of lineages that nothing continues, nor is about to.
+
+    With ``spec`` (a study with a scheduler), the folders of :func:`needed_trials` stay too,
+    counted from the same read of the trials: a trial that completes between two reads would be
+    neither running in one nor needed in the other.
 
     A lineage stays while a trial of it runs or waits, and while a trial of it failed less than
     ``settle`` seconds ago (its retry may not be queued yet; once a retry finished, its worker
@@ -142,11 +166,16 @@ def sweep_local(study: optuna.Study, run_dir: Path, *, settle: float = RETRY_SET
 
     states = (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)
     cutoff = dt.datetime.now() - dt.timedelta(seconds=settle)
+    trials = study.get_trials(deepcopy=False)
     live = {
         lineage_root(t)
-        for t in study.get_trials(deepcopy=False, states=states)
-        if t.state != TrialState.FAIL or t.datetime_complete is None or t.datetime_complete > cutoff
+        for t in trials
+        if t.state in states
+        and (t.state != TrialState.FAIL or t.datetime_complete is None or t.datetime_complete > cutoff)
     }
+    if spec is not None and spec.study.scheduler is not None:
+        needed = needed_trials(trials, spec)
+        live |= {lineage_root(t) for t in trials if t.number in needed}
     for folder in (run_dir / "trials").glob("trial-*"):
         try:
             root = int(folder.name.split("-", 1)[1])

@@ -13,10 +13,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightstudy import ranking
 from lightstudy.artifacts import CheckpointRef, describe_store, download, make_store
 from lightstudy.checkpoints import load_checkpoint
 from lightstudy.errors import CheckpointError, LightstudyError
-from lightstudy.ranking import best_first, kept
+from lightstudy.ranking import kept
 from lightstudy.summary import TEST_ATTR_PREFIX, recorded_config, stored_test_metrics
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ def select_trial(
                 fix="pick a complete trial (lightstudy status shows them)",
             )
         return trials[0]
-    ranked = best_first(study.get_trials(deepcopy=False), spec.study.directions)
+    ranked = ranking.ranked(study.get_trials(deepcopy=False), spec)
     if not ranked:
         raise LightstudyError(
             f"study {spec.study.name!r} has no complete trial yet",

@@ -8,6 +8,10 @@
 - **The kept set** (``checkpoints.keep``): the first k of that order among the trials with a
   stored checkpoint (several objectives: the whole front).
 
+- **With a scheduler** (``study.scheduler``): only the lineages' furthest trials rank (see
+  :func:`lightstudy.scheduler.finals`): the trials at the highest rung reached (ASHA), or with the
+  most epochs trained (PBT: the final members). A lower rung's value came from fewer epochs.
+
 Every command that shows, picks or keeps "the best" asks this module: ``best``/``export``,
 ``test``, ``predict``, ``status``, ``report``, and the worker deciding whether a finished trial's
 checkpoint is kept.
@@ -29,7 +33,7 @@ if TYPE_CHECKING:
 
     Direction = str | StudyDirection  # "maximize"/"minimize", as a spec says, or Optuna's enum
 
-__all__ = ["best_first", "has_value", "kept", "pareto_front", "top_k", "would_keep"]
+__all__ = ["best_first", "candidates", "has_value", "kept", "pareto_front", "ranked", "top_k", "would_keep"]
 
 
 def has_value(trial: FrozenTrial) -> bool:
@@ -49,6 +53,18 @@ def best_first(trials: Sequence[FrozenTrial], directions: Sequence[Direction]) -
     sign = -1.0 if _maximize(directions[0]) else 1.0
     ranked = sorted(valued, key=lambda t: (sign * float(t.values[0]), t.number))
     return ranked + sorted((t for t in done if not has_value(t)), key=lambda t: t.number)
+
+
+def candidates(trials: Sequence[FrozenTrial], spec: StudySpec) -> list[FrozenTrial]:
+    """The trials that may rank: every one, or with a scheduler its lineages' furthest."""
+    from lightstudy.scheduler import finals
+
+    return finals(trials, spec.study.scheduler)
+
+
+def ranked(trials: Sequence[FrozenTrial], spec: StudySpec) -> list[FrozenTrial]:
+    """:func:`best_first` over the study's :func:`candidates`: what ``best`` and the rest show."""
+    return best_first(candidates(trials, spec), spec.study.directions)
 
 
 def pareto_front(trials: Sequence[FrozenTrial], directions: Sequence[Direction]) -> list[FrozenTrial]:
@@ -94,7 +110,7 @@ def top_k(trials: Sequence[FrozenTrial], directions: Sequence[Direction], k: int
 
 def kept(trials: Sequence[FrozenTrial], spec: StudySpec) -> list[FrozenTrial]:
     """The trials whose checkpoints the study keeps, best first (several objectives: by number)."""
-    return top_k(_with_checkpoint(trials), spec.study.directions, spec.study.checkpoints.keep)
+    return top_k(_with_checkpoint(candidates(trials, spec)), spec.study.directions, spec.study.checkpoints.keep)
 
 
 def would_keep(trials: Sequence[FrozenTrial], spec: StudySpec, number: int, values: Sequence[float]) -> bool:
@@ -103,6 +119,15 @@ def would_keep(trials: Sequence[FrozenTrial], spec: StudySpec, number: int, valu
     Ties go to the lower number, so a trial that ties the last kept one does not displace it.
     """
     candidate = _complete(number, values)
+    if spec.study.scheduler is not None:  # it ranks among its level's trials, if it reached the highest
+        own = next((t for t in trials if t.number == number), None)
+        if own is not None:
+            candidate.user_attrs = dict(own.user_attrs)
+            candidate.intermediate_values = dict(own.intermediate_values)
+        pool = candidates([*(t for t in trials if t.number != number), candidate], spec)
+        if not any(t is candidate for t in pool):
+            return False
+        trials = [t for t in pool if t is not candidate]
     others = [t for t in _with_checkpoint(trials) if t.number != number]
     return any(t is candidate for t in top_k([*others, candidate], spec.study.directions, spec.study.checkpoints.keep))
 

@@ -69,7 +69,7 @@ def render_report(study: optuna.Study, spec: StudySpec, run_dir: Path) -> str:
     """
     from optuna.trial import TrialState
 
-    from lightstudy.summary import best_records, counts, format_value, stored_test_metrics
+    from lightstudy.summary import best_records, counts, format_value, lineages, stored_test_metrics
 
     trials = study.get_trials(deepcopy=False)
     if not any(t.state == TrialState.COMPLETE for t in trials):
@@ -123,6 +123,11 @@ def render_report(study: optuna.Study, spec: StudySpec, run_dir: Path) -> str:
         f"{', '.join(spec.study.metrics)}."
     )
     now = datetime.datetime.now().isoformat(timespec="seconds")
+    lines = lineages(trials, spec)
+    if lines:  # a scheduler's lineages (PBT: each member's parameter schedule over epochs)
+        kind = spec.study.scheduler.name if spec.study.scheduler is not None else ""
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+        table += f'<h2>Lineages ({html.escape(kind)})</h2><ul class="lineages">{items}</ul>'
     return _PAGE.format(
         name=html.escape(spec.study.name),
         summary=html.escape(summary),

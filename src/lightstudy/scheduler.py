@@ -83,6 +83,8 @@ __all__ = [
     "claimed",
     "explore",
     "make_scheduler",
+    "scheduler_of",
+    "views",
 ]
 
 UNFINISHED = (TrialState.RUNNING, TrialState.WAITING)
@@ -482,3 +484,53 @@ def make_scheduler(
     if settings.name == "ASHA":
         return Asha.of(settings, n_trials=n_trials, direction=direction)
     return Pbt.of(settings, distributions=distributions, direction=direction, seed=seed)
+
+
+# --- what the workers and the result commands use (the classes above stay pure) -------------
+
+EPOCHS_ATTR = "epochs"  # user attr: the epochs in all a scheduled trial trains until (its job's ``epochs``)
+
+
+def views(trials: Iterable[FrozenTrial]) -> list[TrialView]:
+    """The scheduler's view of a study's trials."""
+    return [TrialView.of(t) for t in trials]
+
+
+def scheduler_of(spec: Any) -> Asha | Pbt | None:
+    """The scheduler of a :class:`lightstudy.spec.StudySpec` (None: it has none)."""
+    settings = spec.study.scheduler
+    if settings is None:
+        return None
+    return make_scheduler(
+        settings,
+        n_trials=spec.study.n_trials,
+        direction=spec.study.direction,
+        distributions={p.path: p.distribution() for p in spec.search_space},
+        seed=spec.study.seed,
+    )
+
+
+def level(trial: FrozenTrial, settings: AshaSettings | PbtSettings) -> int | None:
+    """How far a scheduled trial got: its rung (ASHA) or the epochs it trained (PBT); None: not scheduled."""
+    attrs = trial.user_attrs
+    if settings.name == "ASHA":
+        rung = attrs.get("rung")
+        return None if rung is None else int(rung)
+    if attrs.get("generation") is None:
+        return None
+    return max(trial.intermediate_values) + 1 if trial.intermediate_values else 0
+
+
+def finals(trials: Sequence[FrozenTrial], settings: AshaSettings | PbtSettings | None) -> list[FrozenTrial]:
+    """The complete trials the results rank: those at the highest rung any complete trial reached
+    (ASHA), or the members' trials with the most epochs trained (PBT: the final members once
+    the population has trained ``max_resource`` epochs). Without a scheduler: ``trials``.
+
+    The set only grows until a trial reaches a higher level, then it is replaced for good, so a
+    trial outside the top k when it completes never enters it later (retention needs no lock).
+    """
+    if settings is None:
+        return list(trials)
+    done = [(lv, t) for t in trials if t.state == TrialState.COMPLETE and (lv := level(t, settings)) is not None]
+    top = max((lv for lv, _ in done), default=None)
+    return [t for lv, t in done if lv == top]

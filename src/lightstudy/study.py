@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from lightstudy.errors import LightstudyError, StudyNotFoundError
 from lightstudy.spec import StudySpec, spec_from_dict
 from lightstudy.storage import open_storage, redact, retry_db
-from lightstudy.storage.boundary import storage_of, trial_id, wrap
+from lightstudy.storage.boundary import ProxyClientStorage, storage_of, trial_id, wrap
 
 if TYPE_CHECKING:
     import optuna
@@ -85,20 +85,25 @@ def create_study(spec: StudySpec, url: str, *, update_spec: bool = False) -> opt
             enqueue(study, spec, spec.study.enqueue)
             _log.info("updated the stored spec of study %s", name)
         return study
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        study = optuna.create_study(
-            storage=storage,
-            study_name=name,
-            directions=[d for d in spec.study.directions],  # type: ignore[misc]
-            sampler=build_sampler(spec),
-            pruner=build_pruner(spec),
-            load_if_exists=True,  # a worker elsewhere may create it at the same moment
-        )
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))  # not "A new study created in RDB"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # set_metric_names is experimental
+            study = optuna.create_study(
+                storage=storage,
+                study_name=name,
+                directions=[d for d in spec.study.directions],  # type: ignore[misc]
+                sampler=build_sampler(spec),
+                pruner=build_pruner(spec),
+                load_if_exists=True,  # a worker elsewhere may create it at the same moment
+            )
+            study.set_metric_names(list(spec.study.metrics))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     study.set_user_attr(SPEC_ATTR, stored)
     study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())
     study.set_user_attr(VERSION_ATTR, __version__)
-    study.set_metric_names(list(spec.study.metrics))
     enqueue(study, spec, spec.study.enqueue)
     return study
 
@@ -226,14 +231,22 @@ def budget(trials: Sequence[FrozenTrial], spec: StudySpec, now: datetime.datetim
     retried = retried_numbers(trials)
     running = sum(t.state == TrialState.RUNNING for t in trials)
     waiting = sum(t.state == TrialState.WAITING for t in trials)
+    # With a scheduler, n_trials counts configurations: a promotion or a PBT step is no new one.
+    first = [t for t in trials if spec.study.scheduler is None or _new_configuration(t)]
     used = sum(
         t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
         or (t.state == TrialState.FAIL and t.number not in retried)
-        for t in trials
+        for t in first
     )
     starts = [t.datetime_start for t in trials if t.datetime_start is not None]
     grid = {t.system_attrs[GRID_ATTR] for t in trials if GRID_ATTR in t.system_attrs}
     return _budget(spec, used, running, waiting, min(starts, default=None), now, grid_started=len(grid))
+
+
+def _new_configuration(trial: FrozenTrial) -> bool:
+    """A scheduled trial that samples a configuration (rung 0 / generation 0), or one not marked yet."""
+    attrs = trial.user_attrs
+    return "parent_trial" not in attrs and not attrs.get("rung") and not attrs.get("generation")
 
 
 def _budget(
@@ -279,9 +292,17 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
     from lightstudy.search_space import suggest_params
 
     store = storage_of(study)
+    if spec.study.scheduler is not None and isinstance(store, ProxyClientStorage):
+        # the proxy does not serialize claims: a promotion or a PBT step could start twice
+        raise LightstudyError(
+            f"study {spec.study.name!r} has a scheduler, and lightstudy proxy does not serialize its claims",
+            fix="run the workers of a scheduled study with the database URL (--storage postgresql+psycopg://...)",
+        )
     with store.claim_lock(spec.study.name):
         store.reap(study, spec.study.grace_period)
         state, offset = count_budget(study, spec)
+        if spec.study.scheduler is not None:
+            return _claim_scheduled(study, spec, state, offset)
         if not state.may_claim:
             return None, state
         if not store.serializes_claims:  # claims elsewhere may sample at once: their own streams
@@ -304,6 +325,100 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
                 _abandon(study, trial, spec.study.max_retry)
                 raise
         return trial, state
+
+
+def _claim_scheduled(
+    study: optuna.Study, spec: StudySpec, state: Budget, offset: int
+) -> tuple[optuna.Trial | None, Budget]:
+    """:func:`claim_trial` for a study with a ``scheduler:`` (under the claim lock).
+
+    A WAITING trial goes first: a retry (Optuna's retry copies user attrs, so it stays its job) or
+    a queued configuration (``enqueue:``), which becomes a new configuration (rung 0 /
+    generation 0). Otherwise the scheduler's job decides: Sample asks the sampler for a new
+    configuration; Promote/Exploit/Continue queue a trial with the job's parameters and user attrs
+    and claim it at once (it is the only WAITING trial), so the next worker's view holds it and
+    no configuration is promoted twice; Wait and Done claim nothing (``Budget.done`` says which).
+    ``n_trials`` counts configurations (the scheduler's rule), ``timeout`` holds as always.
+    """
+    from optuna.trial import TrialState
+
+    from lightstudy import scheduler as sched
+
+    store = storage_of(study)
+    plan = sched.scheduler_of(spec)
+    assert plan is not None
+    if state.timed_out:
+        return None, state
+    trials = store.trials(study)
+    views = sched.views(trials)
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    job: sched.Job
+    if waiting:
+        first = min(waiting, key=lambda t: t.number)  # Optuna's ask takes the oldest
+        trial = _ask(study, spec, offset)
+        if trial is not None and sched.EPOCHS_ATTR not in first.user_attrs:
+            _mark(study, trial, _first_job(plan))  # a queued configuration: a new one
+        return trial, state
+    job = plan.next_job(views)
+    running = sum(v.state == TrialState.RUNNING for v in views)
+    if isinstance(job, (sched.Wait, sched.Done)):
+        # Wait: others' trials decide what comes next (the worker polls); Done: the study is.
+        return None, Budget(state.used, running if isinstance(job, sched.Wait) else 0, 0, False, True)
+    if not isinstance(job, sched.Sample):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            study.enqueue_trial(
+                dict(job.params),
+                user_attrs={**sched.attrs(job, -1), sched.EPOCHS_ATTR: job.epochs},
+                skip_if_exists=False,
+            )
+    trial = _ask(study, spec, offset)
+    if trial is not None and isinstance(job, sched.Sample):
+        _mark(study, trial, job)
+    return trial, state
+
+
+def _first_job(plan: Any) -> Any:
+    from lightstudy import scheduler as sched
+
+    if isinstance(plan, sched.Asha):
+        return sched.Sample(plan.rungs[0], rung=0)
+    return sched.Sample(min(plan.interval, plan.max_resource), generation=0)
+
+
+def _mark(study: optuna.Study, trial: optuna.Trial, job: Any) -> None:
+    """The user attrs of a new configuration's trial (its lineage is its own number)."""
+    from lightstudy import scheduler as sched
+
+    attrs = {**sched.attrs(job, trial.number), sched.EPOCHS_ATTR: job.epochs}
+    storage_of(study).set_trial_attrs(trial_id(trial), attrs)
+
+
+def _ask(study: optuna.Study, spec: StudySpec, offset: int) -> optuna.Trial | None:
+    """Ask for a trial (the oldest WAITING one, else a sampled one), its heartbeat and parameters
+    recorded; None: the proxy counted the budget spent."""
+    from lightstudy.components import build_sampler
+    from lightstudy.search_space import suggest_params
+
+    store = storage_of(study)
+    if not store.serializes_claims:  # claims elsewhere may sample at once: their own streams
+        offset += 7919 * (os.getpid() % 100003)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study.sampler = build_sampler(spec, seed_offset=offset)
+        try:
+            trial = store.ask(study)
+        except Exception as e:
+            if store.budget_spent(e):
+                return None
+            raise
+        try:
+            store.beat(trial_id(trial))
+            suggest_params(trial, spec.search_space)
+        except Exception:
+            _abandon(study, trial, spec.study.max_retry)
+            raise
+    return trial
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None, state: Any) -> None:

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightstudy import ranking
 from lightstudy.artifacts import CheckpointRef, location
 from lightstudy.errors import LightstudyError
-from lightstudy.ranking import best_first, kept
+from lightstudy.ranking import kept
 
 if TYPE_CHECKING:
     import optuna
@@ -28,6 +29,7 @@ __all__ = [
     "config_summary",
     "counts",
     "format_value",
+    "lineages",
     "recorded_config",
     "stored_test_metrics",
     "trial_record",
@@ -123,7 +125,7 @@ def best_records(study: optuna.Study, spec: StudySpec, run_dir: Path) -> list[Tr
         LightstudyError: the study has no complete trial yet.
     """
     trials = study.get_trials(deepcopy=False)
-    ranked = best_first(trials, spec.study.directions)
+    ranked = ranking.ranked(trials, spec)  # with a scheduler: the lineages' furthest trials
     if not ranked:
         c = counts(trials)
         raise LightstudyError(
@@ -158,3 +160,56 @@ def format_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(format_value(v) for v in value)
     return str(value)
+
+
+def lineages(trials: Sequence[FrozenTrial], spec: StudySpec, *, limit: int | None = None) -> list[str]:
+    """One line per lineage of a scheduled study (none without a scheduler), best-reaching first.
+
+    ASHA: its trials rung by rung, each with the epochs trained in all and the value at its last
+    epoch (what the rung ranks). PBT: the member's parameter schedule over epochs: each trial's
+    epochs, the parameters that changed, and the member it copied on an exploit.
+    """
+    from optuna.trial import TrialState
+
+    from lightstudy.scheduler import TrialView
+
+    settings = spec.study.scheduler
+    if settings is None:
+        return []
+    pbt = settings.name == "PBT"
+    groups: dict[int, list[TrialView]] = {}
+    by_number = {}
+    for t in trials:
+        view = TrialView.of(t)
+        by_number[t.number] = view
+        if (view.generation if pbt else view.rung) is not None:
+            groups.setdefault(view.lineage, []).append(view)
+    short = {p.path: p.path.rsplit(".", 1)[-1] for p in spec.search_space}
+    mark = {TrialState.RUNNING: " running", TrialState.WAITING: " waiting", TrialState.FAIL: " failed"}
+    lines = []
+    for lineage, group in groups.items():
+        group.sort(key=lambda v: v.number)
+        parts, previous, start = [], None, 0
+        for v in group:
+            score = v.score()
+            value = format_value(score) if score is not None else "-"
+            state = mark.get(v.state, "")
+            parent = by_number.get(v.parent) if v.parent is not None else None
+            if pbt:
+                first = parent.epochs if parent is not None else 0
+                changed = {k: x for k, x in v.params.items() if previous is None or previous.get(k) != x}
+                text = ", ".join(f"{short.get(k, k)}={format_value(x)}" for k, x in changed.items())
+                copied = f" from {parent.number}" if parent is not None and parent.lineage != lineage else ""
+                what = f"{copied} {text}" if text else copied
+                last = str(v.epochs) if v.epochs > first else ""
+                parts.append(f"#{v.number} ep {first + 1}-{last}{what}: {value}{state}")
+                if v.state == TrialState.COMPLETE:
+                    previous = dict(v.params)
+            else:
+                parts.append(f"#{v.number} r{v.rung} {v.epochs} ep: {value}{state}")
+            start = max(start, v.epochs)
+        name = "member" if pbt else "lineage"
+        lines.append((start, lineage, f"{name} {lineage}: " + " → ".join(parts)))
+    lines.sort(key=lambda x: (-x[0], x[1]))
+    out = [text for _, _, text in lines]
+    return out if limit is None else out[:limit]

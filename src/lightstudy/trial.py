@@ -67,6 +67,11 @@ class TrialJob:
     world_size: int = 1  # processes of the trial; > 1: one per device, launched by the worker
     master_port: int | None = None  # rendezvous port of a DDP trial (on 127.0.0.1)
     prunes: bool = True  # False: the study's pruner is a NopPruner (never ask the worker)
+    # A scheduler's trial (lightstudy.scheduler): train until this many epochs in all (trainer.max_epochs)
+    max_epochs: int | None = None
+    # It resumes a checkpoint trained with other parameters (a PBT exploit): the optimizers keep
+    # their restored state, but their hyperparameters (lr, weight_decay, ...) are this trial's
+    new_hyperparameters: bool = False
 
 
 class Outcome(str, Enum):
@@ -282,6 +287,7 @@ def fit_config(
     resume: str | None = None,
     on_built: Callable[[Any], None] | None = None,
     cli: str | None = None,
+    new_hyperparameters: bool = False,
 ) -> Fitted:
     """Build the config with LightningCLI and fit it with lightstudy's callbacks.
 
@@ -294,6 +300,8 @@ def fit_config(
         resume: A checkpoint to continue from (loaded with ``weights_only=True``).
         on_built: Called with the built objects before training starts.
         cli: The study's LightningCLI subclass (``cli:``) to parse and instantiate through.
+        new_hyperparameters: ``resume`` was trained with other parameters: its optimizer state is
+            restored but each param group's hyperparameters are the ones this config builds.
 
     Raises:
         TrialError: no validation score for the metric was recorded.
@@ -317,6 +325,10 @@ def fit_config(
     checkpoint = checkpoint_callback(namespace, ckpt_dir, monitor, mode)
     guard = guard_callback(namespace, metrics, last, list(settings.directions))
     callbacks = [guard, checkpoint, last_checkpoint_callback(namespace, last)]
+    if new_hyperparameters and resume is not None:
+        from lightstudy.callbacks import hyperparameters_callback
+
+        callbacks.append(hyperparameters_callback(namespace))
     pruning = None
     if trial is not None and not settings.is_multi_objective:
         pruning = pruning_callback(namespace, trial, settings.metric)
@@ -358,6 +370,8 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
     run_dir = Path(job.run_dir)
     config = apply_params(spec.lightning_config(), job.params)
     _add_trial_defaults(config, lightning_namespace(config), run_dir, job.trial_dir)
+    if job.max_epochs is not None:
+        config["trainer"]["max_epochs"] = job.max_epochs
     if job.world_size > 1 and config["trainer"].get("strategy", "auto") == "auto":
         config["trainer"]["strategy"] = "ddp"  # the worker launched one process per device
 
@@ -388,6 +402,7 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
         resume=job.resume,
         on_built=record,
         cli=spec.cli,
+        new_hyperparameters=job.new_hyperparameters,
     )
     timings["fit"] = time.time() - t - timings["setup"]
     timings["save"] = fitted.save_seconds

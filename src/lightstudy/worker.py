@@ -30,11 +30,13 @@ from lightstudy.checkpoints import (
     TRIAL_DIR_ATTR,
     enforce_retention,
     lineage_root,
+    needed_trials,
     remove_local,
     sweep_local,
     would_keep,
 )
 from lightstudy.ranks import check_devices, run_processes
+from lightstudy.scheduler import EPOCHS_ATTR
 from lightstudy.spec import trial_world_size
 from lightstudy.storage import db_error_text, open_storage, retry_db
 from lightstudy.storage.boundary import StudyStorage, trial_id, wrap
@@ -157,6 +159,14 @@ class Worker:
                 history = frozen.system_attrs.get("retry_history") or []
                 last = self.run_dir / trial_dir / "checkpoints" / "last.ckpt"
                 resume, resumed_trial = (str(last), history[-1]) if history and last.exists() else (None, None)
+                # a scheduled trial: its epochs in all, and a promotion/PBT step starts from its parent
+                epochs, parent = frozen.user_attrs.get(EPOCHS_ATTR), frozen.user_attrs.get("parent_trial")
+                if resume is None and parent is not None:
+                    resume, missing = self._link_parent(int(parent), last)
+                    resumed_trial = int(parent) if resume else None
+                    if missing:
+                        self._finish(trial, TrialOutcome(Outcome.FAILED, reason=missing), None, trial_dir, 0.0)
+                        continue
                 seed = frozen.user_attrs.get("seed")
                 if seed is None and self.spec.study.seed is not None:
                     seed = (self.spec.study.seed + root) % 2**31
@@ -177,8 +187,12 @@ class Worker:
                     resumed_trial=resumed_trial,
                     threads=self.threads,
                     prunes=not isinstance(self.study.pruner, NopPruner),  # by name or by class path
+                    max_epochs=None if epochs is None else int(epochs),
+                    new_hyperparameters=parent is not None and self._explores(frozen, int(parent)),
                 )
                 retry_of = f" (retry of {resumed_trial}, resuming)" if resume else ""
+                if resume and not history:
+                    retry_of = f" (from trial {resumed_trial}'s checkpoint, until epoch {epochs})"
                 _log.info("trial %d started%s: %s", trial.number, retry_of, _short(job.params))
                 # 3. run: rank 0's outcome, or None and why the process died
                 start, self._trial = time.time(), trial
@@ -192,6 +206,39 @@ class Worker:
             self._restore_signal_handlers(previous)
             self._stop_warm()
         return self.report
+
+    # --- a scheduled trial's start: its parent's checkpoint ------------------------------------
+
+    def _parent(self, number: int) -> Any:
+        return next(t for t in self.db.trials(self.study) if t.number == number)
+
+    def _link_parent(self, number: int, last: Path) -> tuple[str | None, str | None]:
+        """Hard-link (else copy) trial ``number``'s last.ckpt to ``last``, this trial's own, so a
+        retry resumes from it too; (the path, None) or (None, why it is missing).
+
+        The parent's file stays while any trial needs it (:func:`lightstudy.checkpoints.sweep_local`);
+        a checkpoint is replaced by rename, never written in place, so the link is never changed."""
+        import shutil
+
+        parent = self._parent(number)
+        folder = parent.user_attrs.get(TRIAL_DIR_ATTR)
+        source = self.run_dir / folder / "checkpoints" / "last.ckpt" if folder else None
+        if source is None or not source.exists():
+            return None, (
+                f"the checkpoint of parent trial {number} ({source}) is missing: a scheduler's trials "
+                "start from their parent's, so every worker must share the run folder"
+            )
+        last.parent.mkdir(parents=True, exist_ok=True)
+        last.unlink(missing_ok=True)
+        try:
+            os.link(source, last)
+        except OSError:  # another file system: copy
+            shutil.copy2(source, last)
+        return str(last), None
+
+    def _explores(self, frozen: Any, parent: int) -> bool:
+        """Whether a trial starts from a checkpoint trained with other parameters (a PBT exploit)."""
+        return dict(self._parent(parent).params) != dict(frozen.params)
 
     # --- the trial process ------------------------------------------------------------------
 
@@ -273,7 +320,7 @@ class Worker:
             self._tell(trial, TrialState[told], values)
             if retry is not None:
                 retried = self._retry(trial, max_retry=self.spec.study.max_retry if retry == "max_retry" else None)
-            self._write_note(trial)
+            self._write_note(trial.number)
         except UpdateFinishedTrialError:
             # The database was away longer than the grace period and another worker failed the
             # trial as stale (and retried it); its outcome here is lost, the study is not.
@@ -281,20 +328,26 @@ class Worker:
             retried = True
         self._count(trial, state, values, why, seconds, retried)
         if ref is not None:  # only a checkpoint that entered the top k can push one out
-            retry_db(lambda: enforce_retention(self.study, self.spec, self.store), what="retention")
-        if not retried:  # no retry resumes from its last.ckpt: the trial's local files go
+            removed = retry_db(lambda: enforce_retention(self.study, self.spec, self.store), what="retention")
+            for number in removed:  # their notes said "kept"
+                self._write_note(number)
+        # with a scheduler, what a promotion or a PBT step may still start from stays
+        needed: set[int] = set()
+        if self.spec.study.scheduler is not None:
+            needed = retry_db(lambda: needed_trials(self.db.trials(self.study), self.spec), what="read the trials")
+        if not retried and trial.number not in needed:  # no retry resumes from its last.ckpt
             remove_local(self.run_dir, trial_dir)
-        retry_db(lambda: sweep_local(self.study, self.run_dir), what="sweep checkpoints")
+        retry_db(lambda: sweep_local(self.study, self.run_dir, spec=self.spec), what="sweep checkpoints")
         self.report.trials.append(trial.number)
 
-    def _write_note(self, trial: optuna.Trial) -> None:
-        """The trial's note in optuna-dashboard (outcome, reason, params, checkpoint); a failure is logged."""
+    def _write_note(self, number: int) -> None:
+        """Trial ``number``'s note in optuna-dashboard (outcome, reason, params, checkpoint); a failure is logged."""
         from lightstudy.dashboard import write_trial_note
 
         try:
-            retry_db(lambda: write_trial_note(self.study, self.spec, trial.number), what="trial note")
+            retry_db(lambda: write_trial_note(self.study, self.spec, number), what="trial note")
         except Exception as e:  # the note is for people reading the dashboard: the trial counts without it
-            _log.warning("trial %d: could not write its dashboard note (%s)", trial.number, db_error_text(e))
+            _log.warning("trial %d: could not write its dashboard note (%s)", number, db_error_text(e))
 
     def _attempt_attrs(self, trial: optuna.Trial, outcome: TrialOutcome | None) -> dict[str, Any]:
         """What the trial process measured and warned about, as the trial's user attrs."""

@@ -43,10 +43,10 @@ def status(
     """
     from rich.table import Table
 
-    from lightstudy.ranking import best_first, has_value, kept
+    from lightstudy.ranking import best_first, has_value, kept, ranked
     from lightstudy.storage import open_storage, redact
     from lightstudy.study import budget, load_study
-    from lightstudy.summary import counts, format_value, stored_test_metrics
+    from lightstudy.summary import counts, format_value, lineages, stored_test_metrics
 
     out = console()
     if name is None:
@@ -60,8 +60,8 @@ def status(
                 s = optuna.load_study(study_name=summary.study_name, storage=st)
                 every = s.get_trials(deepcopy=False)
                 c = counts(every)
-                ranked = best_first(every, s.directions) if len(s.directions) == 1 else []
-                best = ranked[0].values[0] if ranked and has_value(ranked[0]) else None
+                order = _ranked_of(s, every, best_first, ranked) if len(s.directions) == 1 else []
+                best = order[0].values[0] if order and has_value(order[0]) else None
                 table.add_row(
                     summary.study_name,
                     redact(url),
@@ -88,6 +88,7 @@ def status(
         "kept",
         *test_keys,
         "time",
+        *(["lineage"] if spec.study.scheduler is not None else []),
         "note",
         title=f"{name} ({redact(url)})",
     )
@@ -102,9 +103,16 @@ def status(
             "✓" if t.number in kept_numbers else "",
             *[format_value(tests.get(t.number, {}).get(k)) for k in test_keys],
             f"{seconds:.1f}s" if seconds is not None else "-",
+            *([_lineage(t)] if spec.study.scheduler is not None else []),
             _note(t),
         )
     out.print(table)
+    lines = lineages(trials, spec)
+    if lines:
+        kind = spec.study.scheduler.name if spec.study.scheduler else ""
+        out.print(f"lineages ({kind}; #trial, value at its last epoch):")
+        for line in lines:
+            out.print(f"  {line}", highlight=False, soft_wrap=True)
     b = budget(trials, spec)
     c = counts(trials)
     total = spec.study.n_trials or "∞"
@@ -113,6 +121,30 @@ def status(
         f"{c['pruned']} pruned, {c['fail']} failed, {c['running']} running, {c['waiting']} waiting"
         + (" — study done" if b.done else "")
     )
+
+
+def _ranked_of(study: Any, trials: Any, best_first: Any, ranked: Any) -> Any:
+    """A listed study's order: a lightstudy study's own (a scheduler ranks its lineages' furthest)."""
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.study import SPEC_ATTR
+
+    doc = study.user_attrs.get(SPEC_ATTR)
+    if isinstance(doc, dict):
+        try:
+            return ranked(trials, spec_from_dict(doc, source=f"study {study.study_name!r}"))
+        except Exception:  # a spec of another lightstudy version: the plain order
+            pass
+    return best_first(trials, study.directions)
+
+
+def _lineage(trial: Any) -> str:
+    """A scheduled trial's lineage, rung (r) or generation (g), and the trial it starts from."""
+    attrs = trial.user_attrs
+    if attrs.get("lineage") is None:
+        return ""
+    level = f"r{attrs['rung']}" if attrs.get("rung") is not None else f"g{attrs.get('generation', '?')}"
+    parent = f" ←{attrs['parent_trial']}" if attrs.get("parent_trial") is not None else ""
+    return f"{attrs['lineage']} {level}{parent}"
 
 
 def _note(trial: Any) -> str:
