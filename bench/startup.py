@@ -17,6 +17,8 @@ is met. Repetitions alternate the commands, so a loaded machine slows both sides
 
     python bench/startup.py              # 12 configurations x 12 epochs; about 6 minutes on 2 cores
     python bench/startup.py --quick      # 2 configurations x 1 epoch, one repetition
+    python bench/startup.py --before ../main/src   # also each lightstudy side on another checkout's
+                                                   # source, alternated with this one's: before/after
 """
 
 from __future__ import annotations
@@ -77,17 +79,23 @@ def learning_rates(n: int) -> list[float]:
     return [LR_LOW * (LR_HIGH / LR_LOW) ** ((i + 0.5) / n) for i in range(n)]
 
 
-def timed(cmd: list[str], cwd: Path) -> tuple[float, subprocess.CompletedProcess[str]]:
-    """Wall seconds from launch to exit of ``cmd``; raises with its output when it fails."""
+def timed(cmd: list[str], cwd: Path, src: str | None = None) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """Wall seconds from launch to exit of ``cmd`` (lightstudy imported from ``src`` when given);
+    raises with its output when it fails."""
+    env = {**os.environ, **ENV}
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=cwd, env={**os.environ, **ENV}, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     return wall, done
 
 
-def lightstudy_run(work: Path, name: str, lrs: list[float], epochs: int, tiny: bool, workers: int) -> float:
+def lightstudy_run(
+    work: Path, name: str, lrs: list[float], epochs: int, tiny: bool, workers: int, src: str | None = None
+) -> float:
     """``lightstudy run`` of a fresh study of the enqueued ``lrs``; checks every trial completed."""
     import optuna
     import yaml
@@ -100,7 +108,7 @@ def lightstudy_run(work: Path, name: str, lrs: list[float], epochs: int, tiny: b
     doc["study"]["run_dir"] = str(folder)
     spec = folder / "study.yaml"
     spec.write_text(yaml.safe_dump(doc))
-    wall, _ = timed([sys.executable, "-m", "lightstudy", "run", str(spec), "--workers", str(workers)], work)
+    wall, _ = timed([sys.executable, "-m", "lightstudy", "run", str(spec), "--workers", str(workers)], work, src)
     trials = optuna.load_study(study_name=name, storage=doc["study"]["storage"]).trials
     states = sorted(t.state.name for t in trials)
     if states != ["COMPLETE"] * len(lrs):
@@ -132,25 +140,46 @@ def in_process_loop(work: Path, name: str, lrs: list[float], epochs: int, tiny: 
 
 
 def comparisons(quick: bool) -> dict[str, dict[str, Any]]:
-    """Per comparison: its two sides (a name and a function of (work folder, tag) -> wall seconds)."""
+    """Per comparison: its two sides, each (a name, a function of (work folder, tag, lightstudy's
+    source or None) -> wall seconds, whether lightstudy's source matters to it)."""
     n, epochs = (2, 1) if quick else (12, 12)
     lrs = learning_rates(n)
     trivial = learning_rates(4)
     return {
         "loop": {
             "what": f"{n} configurations x {epochs} epochs",
-            "ours": ("lightstudy run --workers 1", lambda w, t: lightstudy_run(w, f"loop-{t}", lrs, epochs, False, 1)),
-            "base": ("in-process study.optimize", lambda w, t: in_process_loop(w, f"inproc-{t}", lrs, epochs, False)),
+            "ours": (
+                "lightstudy run --workers 1",
+                lambda w, t, s: lightstudy_run(w, f"loop-{t}", lrs, epochs, False, 1, s),
+                True,
+            ),
+            "base": (
+                "in-process study.optimize",
+                lambda w, t, s: in_process_loop(w, f"inproc-{t}", lrs, epochs, False),
+                False,
+            ),
         },
         "first": {
             "what": "1 trial of 1 batch",
-            "ours": ("lightstudy run, 1 trial", lambda w, t: lightstudy_run(w, f"first-{t}", trivial[:1], 1, True, 1)),
-            "base": ("python -c 'import ...'", lambda w, t: timed([sys.executable, "-c", IMPORTS], w)[0]),
+            "ours": (
+                "lightstudy run, 1 trial",
+                lambda w, t, s: lightstudy_run(w, f"first-{t}", trivial[:1], 1, True, 1, s),
+                True,
+            ),
+            "base": ("python -c 'import ...'", lambda w, t, s: timed([sys.executable, "-c", IMPORTS], w)[0], False),
         },
         "workers": {
             "what": "trivial trials, 1 per worker",
-            "ours": ("4 workers x 1 trial", lambda w, t: lightstudy_run(w, f"four-{t}", trivial, 1, True, 4)),
-            "base": ("1 worker x 1 trial", lambda w, t: lightstudy_run(w, f"one-{t}", trivial[:1], 1, True, 1)),
+            "ours": (
+                "4 workers x 1 trial",
+                lambda w, t, s: lightstudy_run(w, f"four-{t}", trivial, 1, True, 4, s),
+                True,
+            ),
+            "base": (
+                "1 worker x 1 trial",
+                lambda w, t, s: lightstudy_run(w, f"one-{t}", trivial[:1], 1, True, 1, s),
+                True,
+            ),
         },
     }
 
@@ -158,36 +187,57 @@ def comparisons(quick: bool) -> dict[str, dict[str, Any]]:
 def main() -> None:
     p = parser("startup", __doc__)
     p.add_argument("--only", choices=sorted(TARGETS), action="append", help="run only these comparisons")
+    p.add_argument(
+        "--before",
+        default=None,
+        help="a src folder of another lightstudy checkout: each lightstudy side runs on it too, alternated",
+    )
     args = p.parse_args()
     reps = args.reps or (1 if args.quick else 3)
+    before = str(Path(args.before).resolve()) if args.before else None
     chosen = {k: v for k, v in comparisons(args.quick).items() if not args.only or k in args.only}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ls-startup-") as tmp:
         work = Path(tmp)
         for key, comp in chosen.items():
-            walls: dict[str, list[float]] = {"ours": [], "base": []}
+            # (side, source): this checkout's source (None), and --before's where it matters
+            runs = [("ours", None), ("base", None)]
+            if before is not None:
+                runs += [(side, before) for side in ("ours", "base") if comp[side][2]]
+            walls: dict[tuple[str, str | None], list[float]] = {r: [] for r in runs}
             for rep in range(reps):
-                # alternate which side goes first, so drift on a shared machine hits both alike
-                for side in ("ours", "base") if rep % 2 == 0 else ("base", "ours"):
-                    walls[side].append(comp[side][1](work, f"{side}{rep}"))
-            ours, base = stats(walls["ours"]), stats(walls["base"])
-            ratio = ours["median"] / base["median"]
-            rows.append(
-                {
-                    "comparison": key,
-                    "what": comp["what"],
-                    "ours": comp["ours"][0],
-                    "base": comp["base"][0],
-                    "ours_s": ours,
-                    "base_s": base,
-                    "ratio": ratio,
-                    "target": TARGETS[key],
-                    "met": ratio <= TARGETS[key],
-                }
-            )
+                # alternate the order, so drift on a shared machine hits every side alike
+                for side, src in runs if rep % 2 == 0 else runs[::-1]:
+                    tag = f"{side}{'b' if src else ''}{rep}"
+                    walls[side, src].append(comp[side][1](work, tag, src))
+            ours, base = stats(walls["ours", None]), stats(walls["base", None])
+            row = {
+                "comparison": key,
+                "what": comp["what"],
+                "ours": comp["ours"][0],
+                "base": comp["base"][0],
+                "ours_s": ours,
+                "base_s": base,
+                "ratio": ours["median"] / base["median"],
+                "target": TARGETS[key],
+            }
+            row["met"] = row["ratio"] <= TARGETS[key]
+            if before is not None:
+                ours_before = stats(walls["ours", before])
+                base_before = stats(walls["base", before]) if comp["base"][2] else base
+                row.update(
+                    before=before,
+                    ours_before_s=ours_before,
+                    base_before_s=base_before,
+                    ratio_before=ours_before["median"] / base_before["median"],
+                )
+            rows.append(row)
+    head = ["comparison", "workload", "lightstudy", "s", "baseline", "s", "ratio", "target"]
+    if before is not None:
+        head += ["before: s", "baseline s", "ratio"]
     table(
         "whole process, command to exit (median of repetitions, seconds)",
-        ["comparison", "workload", "lightstudy", "s", "baseline", "s", "ratio", "target"],
+        head,
         [
             [
                 r["comparison"],
@@ -198,11 +248,20 @@ def main() -> None:
                 f"{r['base_s']['median']:.1f}",
                 f"{r['ratio']:.2f}",
                 f"<= {r['target']} {'met' if r['met'] else 'missed'}",
+                *(
+                    [
+                        f"{r['ours_before_s']['median']:.1f}",
+                        f"{r['base_before_s']['median']:.1f}",
+                        f"{r['ratio_before']:.2f}",
+                    ]
+                    if before is not None
+                    else []
+                ),
             ]
             for r in rows
         ],
     )
-    write_jsonl(args.out, "startup", rows, quick=args.quick, reps=reps, repo=str(REPO))
+    write_jsonl(args.out, "startup", rows, quick=args.quick, reps=reps, repo=str(REPO), before=before)
 
 
 if __name__ == "__main__":

@@ -30,3 +30,7 @@ def test_quick_overhead_writes_every_method(tmp_path: Path) -> None:
     assert {"claim", "start", "setup", "fit", "checkpoint", "other"} <= set(breakdown["parts_s"])
     assert breakdown["start_s"] > 0
     assert any(r["method"] == "target" for r in rows)
+    # what a user waits for: lightstudy run and the in-process loop script, command to exit
+    whole = next(r for r in rows if r["method"] == "whole process")
+    assert whole["lightstudy_s"] > 0 and whole["script_s"] > 0
+    assert whole["ratio"] == pytest.approx(whole["lightstudy_s"] / whole["script_s"])

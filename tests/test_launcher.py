@@ -1,9 +1,23 @@
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
 import pytest
 
+from conftest import cli, tiny_spec, write_spec
 from lightstudy.errors import LightstudyError
 from lightstudy.launcher import Slot, detect_gpus, plan_slots
+
+TESTS = str(Path(__file__).parent)
+# The tests folder first (its test models, and this module for the warm process's targets).
+ENV = {"PYTHONPATH": os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p)}
 
 
 def test_one_worker_per_gpu_pinned() -> None:
@@ -51,3 +65,160 @@ def test_detect_respects_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -
     assert detect_gpus() == ["3", "5"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert detect_gpus() == []
+
+
+# --- the warm process the workers of one `lightstudy run` share -------------------------------
+
+
+def _parents(run_dir: Path) -> dict[int, int]:
+    """Trial number -> the parent pid its trial.log reports (the warm process that forked it)."""
+    out = {}
+    for log in sorted(run_dir.glob("trials/*/trial.log")):
+        for line in log.read_text().splitlines():
+            if m := re.match(r"trial (\d+) of study .*, pid \d+, parent (\d+)", line):
+                out[int(m.group(1))] = int(m.group(2))
+    return out
+
+
+def _quick(doc: dict[str, Any]) -> dict[str, Any]:
+    doc["trainer"].update(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    return doc
+
+
+def test_the_workers_of_a_run_share_one_warm_process(tmp_path: Path) -> None:
+    import optuna
+
+    spec = write_spec(tmp_path / "s.yaml", _quick(tiny_spec("shared", n_trials=4)))
+    done = cli("run", str(spec), "--workers", "2", cwd=tmp_path, env=ENV)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_dir = tmp_path / "runs" / "shared"
+    trials = optuna.load_study(study_name="shared", storage=f"sqlite:///{run_dir / 'study.db'}").trials
+    assert sorted(t.state.name for t in trials) == ["COMPLETE"] * 4
+    workers = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials}
+    assert len(workers) == 2, workers  # both workers ran trials...
+    parents = set(_parents(run_dir).values())
+    assert len(parents) == 1, parents  # ...all forked by one process
+    assert not parents & workers  # the warm process, not a worker
+    assert (run_dir / "workers" / "warm.log").exists()
+    with pytest.raises(ProcessLookupError):  # stopped with the run
+        os.kill(parents.pop(), 0)
+
+
+def test_run_checks_the_spec_in_the_warm_process_with_validates_error_and_no_torch_here(tmp_path: Path) -> None:
+    doc = tiny_spec("bad")
+    doc["model"]["init_args"]["no_such_arg"] = 1
+    spec = write_spec(tmp_path / "bad.yaml", doc)
+    probe = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr))\n"
+        "from lightstudy.cli import main\n"
+        "sys.argv = ['lightstudy', *sys.argv[1:]]\n"
+        "raise SystemExit(main())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "run", str(spec), "--workers", "1"],
+        cwd=tmp_path,
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "torch imported: False" in done.stderr, done.stderr
+    validated = cli("validate", str(spec), cwd=tmp_path, env=ENV)
+    assert validated.returncode == 2
+    error = [line for line in validated.stderr.splitlines() if "no_such_arg" in line]
+    assert error and error[0] in done.stderr, (validated.stderr, done.stderr)
+    assert not (tmp_path / "runs" / "bad").exists()  # nothing created for a spec that fails
+
+
+def _tell_parent(conn: Any) -> None:
+    conn.send(os.getppid())
+
+
+def test_a_crashing_trial_process_leaves_the_warm_process_serving(tmp_path: Path) -> None:
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.warmserver import WarmContext, start_warm
+
+    warm = start_warm(spec_from_dict(tiny_spec("crash")), env={**os.environ, **ENV})
+    try:
+        warm.ready()
+        ctx = WarmContext(warm.address)
+        crash = ctx.Process(target=os.abort)
+        crash.start()
+        crash.join(60)
+        assert crash.exitcode == -signal.SIGABRT
+        exits = ctx.Process(target=os._exit, args=(3,))
+        exits.start()
+        exits.join(60)
+        assert exits.exitcode == 3
+        ours, theirs = ctx.Pipe()
+        child = ctx.Process(target=_tell_parent, args=(theirs,))
+        child.start()
+        theirs.close()
+        assert ours.poll(60)
+        assert ours.recv() == warm.pid  # forked by the warm process, which outlived the crashes
+        child.join(60)
+        assert child.exitcode == 0 and warm.alive()
+        for p in (crash, exits, child):
+            p.close()
+    finally:
+        assert warm.stop() == 0
+    assert not Path(warm.address).exists()
+
+
+def test_a_worker_on_its_own_starts_and_stops_its_own_warm_process(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "s.yaml", _quick(tiny_spec("alone", n_trials=1)))
+    assert cli("create", str(spec), cwd=tmp_path, env=ENV).returncode == 0
+    done = cli("worker", "--study", "alone", "--run-dir", "runs/alone", cwd=tmp_path, env=ENV)
+    assert done.returncode == 0, done.stderr
+    parents = _parents(tmp_path / "runs" / "alone")
+    assert list(parents) == [0]
+    with pytest.raises(ProcessLookupError):
+        os.kill(parents[0], 0)
+
+
+def test_sigterm_of_the_launcher_hands_the_trials_back_and_stops_everything(tmp_path: Path) -> None:
+    import optuna
+
+    doc = tiny_spec("stopped", n_trials=4, max_epochs=50)
+    doc["model"]["class_path"] = "lightstudy_testing_models.SlowNet"
+    doc["model"]["init_args"]["step_sleep"] = 0.05
+    spec = write_spec(tmp_path / "s.yaml", doc)
+    run_dir = tmp_path / "runs" / "stopped"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "lightstudy", "run", str(spec), "--workers", "2"],
+        cwd=tmp_path,
+        env={**os.environ, **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        run_dir.mkdir(parents=True)
+        # both trials training: each reported an epoch (through its worker, into the database)
+        while time.monotonic() < deadline and launcher.poll() is None:
+            try:
+                trials = optuna.load_study(study_name="stopped", storage=f"sqlite:///{run_dir / 'study.db'}").trials
+            except KeyError:  # the database is there before the study is
+                trials = []
+            if sum(1 for t in trials if t.intermediate_values) >= 2:
+                break
+            time.sleep(0.2)
+        assert launcher.poll() is None, launcher.communicate()[0]
+        parents = set(_parents(run_dir).values())
+        launcher.send_signal(signal.SIGTERM)
+        out, _ = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, out
+    trials = optuna.load_study(study_name="stopped", storage=f"sqlite:///{run_dir / 'study.db'}").trials
+    handed = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert len(handed) == 2, [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials]
+    assert sum(1 for t in trials if t.state.name == "WAITING") == 2  # queued for the next run
+    assert len(parents) == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(parents.pop(), 0)
+    assert not any(t.state.name == "RUNNING" for t in trials)

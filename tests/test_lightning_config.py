@@ -111,3 +111,26 @@ def test_a_cli_that_is_not_a_lightning_cli_is_refused(tmp_path) -> None:
     doc["cli"] = "nowhere_at_all.MyCLI"
     with pytest.raises(SpecError, match=r"cli: does not import \(No module named 'nowhere_at_all'; looked in"):
         check_spec(spec_from_dict(doc))
+
+
+def test_the_warm_processs_parser_is_the_one_every_build_reuses(tmp_path, monkeypatch) -> None:
+    """warm_parser (the warm process) builds the parser the trials forked from it reuse, for the
+    study's own cli: class too, and what they build is unchanged."""
+    from lightstudy.lightning_config import _reusing_cli, warm_parser
+
+    (tmp_path / "warm_cli.py").write_text(LINKING_CLI)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    doc = tiny_spec("warmed")
+    doc["cli"] = "warm_cli.LinkingCLI"
+    doc["model"]["init_args"].pop("hidden")
+    doc["trainer"]["logger"] = False
+    spec = spec_from_dict(doc)
+    config = spec.lightning_config()
+    reusing = _reusing_cli("lightning.pytorch", spec.cli)
+    assert reusing._reused_parser is None  # a cli: class no test built before
+    warm_parser(config, spec.cli)
+    parser = reusing._reused_parser
+    assert parser is not None
+    built = build(config, callbacks=[], seed=3, cli=spec.cli)
+    assert reusing._reused_parser is parser
+    assert built.model.hparams.hidden == 64 and built.config["seed_everything"] == 3

@@ -428,11 +428,10 @@ class MarkingCLI(LightningCLI):
 """
 
 
-def test_forkserver_warm_up_logs_its_stages_and_parses_with_the_study_cli(tmp_path: Path) -> None:
-    """What the worker's forkserver runs on preloading lightstudy._warm: one logged, explicit call."""
-    import json
-    import subprocess
-    import sys
+def test_the_warm_process_logs_its_stages_and_parses_with_the_study_cli(tmp_path: Path) -> None:
+    """What a warm process does before it forks trials: imports, the study's config through its
+    own cli: class (before it says it is ready), then the warm-up trial once idle; all logged."""
+    from lightstudy.warmserver import start_warm
 
     (tmp_path / "my_cli.py").write_text(MARKING_CLI)
     doc = tiny_spec("warmed")
@@ -442,26 +441,28 @@ def test_forkserver_warm_up_logs_its_stages_and_parses_with_the_study_cli(tmp_pa
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join((str(tmp_path), PYTHONPATH)),
-        "LIGHTSTUDY_WARM_SPEC": json.dumps(doc),
         "LIGHTSTUDY_VERBOSE": "1",
         "MARK": str(mark),
     }
-    done = subprocess.run(
-        [sys.executable, "-c", "import lightstudy._warm"], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    assert mark.read_text() == "parsed"  # the study's own cli: class parsed its config
-    line = next(x for x in done.stderr.splitlines() if "forkserver warm-up: imported" in x)
-    assert "lightning.pytorch" in line and "lightstudy.trial" in line
-    assert "import " in line and "trial path " in line and "study config " in line, line
-    assert "failed" not in done.stderr, done.stderr
-    # A study config that cannot be parsed is a logged warning, never a failed forkserver.
-    env["LIGHTSTUDY_WARM_SPEC"] = json.dumps({**doc, "cli": "my_cli.NoSuchCLI"})
-    done = subprocess.run(
-        [sys.executable, "-c", "import lightstudy._warm"], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    assert "forkserver warm-up: the study config failed, trials start cold" in done.stderr, done.stderr
+    log = tmp_path / "warm.log"
+    warm = start_warm(spec_from_dict(doc), log=log, env=env)
+    try:
+        seconds = warm.ready()
+        assert mark.read_text() == "parsed"  # the study's own cli: class parsed its config
+        assert set(seconds) == {"import", "study config"}, seconds
+        _when(lambda: "warm-up: trial path" in log.read_text())  # idle: the warm-up trial ran
+        text = log.read_text()
+        assert f"warm process {warm.pid} ready" in text and "failed" not in text, text
+    finally:
+        assert warm.stop() == 0
+    # A study config that cannot be parsed is a logged warning, never a failed warm process.
+    log = tmp_path / "warm2.log"
+    warm = start_warm(spec_from_dict({**doc, "cli": "my_cli.NoSuchCLI"}), log=log, env=env)
+    try:
+        assert "study config" not in warm.ready()
+        assert "warm-up: the study config failed, trials start cold" in log.read_text()
+    finally:
+        warm.stop()
 
 
 def test_each_told_trial_gets_its_dashboard_note_and_a_failed_note_fails_nothing(

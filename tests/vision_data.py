@@ -98,7 +98,7 @@ def run_one_trial(tmp_path: Path, doc: dict[str, Any]) -> tuple[TrialOutcome, An
         study_name=spec.study.name,
         trial_id=trial._trial_id,
         number=trial.number,
-        spec=spec.to_dict(),
+        spec=spec,
         params=dict(trial.params),
         seed=7,
         run_dir=str(tmp_path / "run"),

@@ -1,12 +1,14 @@
-"""Imported once by each worker's forkserver, so every trial process starts with these loaded.
+"""What the warm process (:mod:`lightstudy.warmserver`) does to itself before it forks trials.
 
 Importing is only half of a warm start: a process's first ``LightningCLI`` parse of a class, first
 ``Trainer`` set-up, TensorBoard logger and training step fill jsonargparse's and Lightning's
 caches and initialize torch's kernels and allocator, which costs a fresh process about a second.
-So the forkserver also runs lightstudy's own trial path once on the CPU (the bundled digits, one
-step, into a temporary folder) and parses the study's own config (``LIGHTSTUDY_WARM_SPEC``, set by
-the worker) before it forks any trial. It never touches CUDA: the trial processes forked from it
-may still use the GPU.
+So the warm process imports :data:`PRELOAD` and the study's classes, parses the study's own
+config through its own ``cli:`` class (or checks the whole spec, for ``lightstudy run``), and,
+once it is idle, runs lightstudy's trial path once on the CPU (the bundled digits, one step,
+into a temporary folder). It never touches CUDA: the trial processes forked from it may still
+use the GPU. Each stage is logged with its seconds; a failed warm-up stage costs speed, never a
+trial's result.
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
-import json
 import logging
-import os
 import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-WARM_SPEC_VAR = "LIGHTSTUDY_WARM_SPEC"  # the study's spec (JSON) the worker passes to its forkserver
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+if TYPE_CHECKING:
+    from lightstudy.spec import StudySpec
+
+__all__ = ["PRELOAD", "import_preload", "parse_study_config", "run_tiny_trial", "user_modules", "warm_stage"]
+
 _LIGHTNING = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning")
 _log = logging.getLogger(__name__)
 
@@ -59,46 +63,44 @@ PRELOAD = (
 )
 
 
-def warm_forkserver(study_spec: str | None) -> dict[str, float]:
-    """Warm this process (the worker's forkserver) for the trial processes it will fork; log it.
+def user_modules(spec: StudySpec) -> list[str]:
+    """The modules of the study's model and data classes (imported once, by the warm process)."""
+    modules = []
+    for section in ("model", "data"):
+        value = spec.config.get(section)
+        if isinstance(value, dict) and isinstance(value.get("class_path"), str):
+            modules.append(value["class_path"].rpartition(".")[0])
+    return modules
 
-    Imports :data:`PRELOAD`, runs lightstudy's trial path once on the bundled digits (CPU, one
-    step) and parses ``study_spec`` (the study's spec as JSON, or None) with the study's own
-    ``cli:`` class. Logs what it imported and the seconds each stage took (INFO), or why a stage
-    failed (WARNING): a failed warm-up costs the first trial's start, never its result.
-    Returns the seconds per stage.
-    """
-    if not logging.getLogger().handlers:  # a fresh forkserver: its log goes to the worker's stderr
-        verbose = os.environ.get("LIGHTSTUDY_VERBOSE", "") not in ("", "0")
-        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=_LOG_FORMAT)
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
+
+def import_preload(spec: StudySpec | None = None) -> None:
+    """Import :data:`PRELOAD` (and the study's modules: one that fails to import is left to the
+    trial, which reports it)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in PRELOAD:
             importlib.import_module(name)
-    seconds["import"] = time.perf_counter() - start
-    stages = [("trial path", _run_tiny_trial)]
-    if study_spec:
-        stages.append(("study config", lambda: _parse_study_config(study_spec)))
-    for stage, run in stages:
-        start = time.perf_counter()
-        try:
-            with _quiet_lightning():
-                run()
-        except Exception as e:  # a warm-up that fails costs the first trial's speed, nothing else
-            _log.warning("forkserver warm-up: the %s failed, trials start cold (%s: %s)", stage, type(e).__name__, e)
-        else:
-            seconds[stage] = time.perf_counter() - start
-    _log.info(
-        "forkserver warm-up: imported %s; %s",
-        ", ".join(PRELOAD),
-        ", ".join(f"{name} {value:.2f}s" for name, value in seconds.items()),
-    )
-    return seconds
+        for name in user_modules(spec) if spec is not None else []:
+            try:
+                importlib.import_module(name)
+            except Exception as e:
+                _log.warning("warm process: could not import %s (%s: %s)", name, type(e).__name__, e)
 
 
-def _run_tiny_trial() -> None:
+def warm_stage(name: str, run: Any, seconds: dict[str, float]) -> None:
+    """Run one warm-up stage quietly; its seconds go to ``seconds``, a failure to the log (WARNING)."""
+    start = time.perf_counter()
+    try:
+        with quiet_lightning():
+            run()
+    except Exception as e:  # a warm-up that fails costs the trials' speed, nothing else
+        _log.warning("warm-up: the %s failed, trials start cold (%s: %s)", name, type(e).__name__, e)
+    else:
+        seconds[name] = time.perf_counter() - start
+
+
+def run_tiny_trial() -> None:
+    """lightstudy's own trial path once: the bundled digits, one step on the CPU, a temporary folder."""
     import torch
 
     # One thread: a forked child inherits no OpenMP pool to rebuild (each trial sets its own).
@@ -114,18 +116,19 @@ def _run_tiny_trial() -> None:
     _versions("lightning.pytorch")
 
 
-def _parse_study_config(study_spec: str) -> None:
-    """The study's own config through its own ``cli:`` class (its links included), as a trial parses it."""
-    from lightstudy.lightning_config import lightning_namespace, parse_config
-    from lightstudy.spec import spec_from_dict
+def parse_study_config(spec: StudySpec) -> None:
+    """The study's own config through its own ``cli:`` class (its links included), as a trial
+    parses it: the parser every trial reuses is built here, and the versions a trial records read."""
+    from lightstudy.lightning_config import lightning_namespace, warm_parser
+    from lightstudy.trial import _versions
 
-    spec = spec_from_dict(json.loads(study_spec))
     config = spec.lightning_config()
-    parse_config(config, lightning_namespace(config), spec.cli)
+    warm_parser(config, spec.cli)
+    _versions(lightning_namespace(config))
 
 
 @contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
+def quiet_lightning() -> Iterator[None]:
     """Lightning's loggers at ERROR and stdout/stderr swallowed while the warm-up trains."""
     loggers = [logging.getLogger(n) for n in _LIGHTNING]
     levels = [log.level for log in loggers]
@@ -137,8 +140,3 @@ def _quiet_lightning() -> Iterator[None]:
     finally:
         for log, level in zip(loggers, levels):
             log.setLevel(level)
-
-
-# The worker preloads this module into its forkserver (Worker._context, with the study's spec in
-# LIGHTSTUDY_WARM_SPEC): importing it there is the call.
-warm_forkserver(os.environ.get(WARM_SPEC_VAR))

@@ -14,6 +14,7 @@ Every function finds the database by the one rule of the CLI (:func:`lightstudy.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,11 +202,6 @@ def validate(file: str | Path) -> StudySpec:
     return spec
 
 
-def _runnable(spec: StudySpec) -> StudySpec:
-    """The spec as workers run it (a ``scheduler:`` included: :mod:`lightstudy.scheduler`)."""
-    return spec
-
-
 def create(
     file: str | Path,
     *,
@@ -220,9 +216,7 @@ def create(
     from lightstudy.spec import with_overrides
     from lightstudy.study import create_study
 
-    spec = with_overrides(
-        _runnable(validate(file)), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None
-    )
+    spec = with_overrides(validate(file), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None)
     url = storage_url(storage, spec=spec)
     study = create_study(spec, url, update_spec=update_spec or n_trials is not None or timeout is not None)
     return Study(study, spec, url)
@@ -269,15 +263,20 @@ def run(
     """
     from lightstudy.launcher import Launcher, plan_slots, trials_per_gpu_count
     from lightstudy.ranks import check_devices
-    from lightstudy.spec import trial_world_size
+    from lightstudy.spec import load_spec, trial_world_size, with_overrides
+    from lightstudy.study import create_study
+    from lightstudy.warmserver import start_warm
 
     if gpus is not None and not isinstance(gpus, str):
         gpus = ",".join(str(g) for g in gpus)
     auto = trials_per_gpu_count(trials_per_gpu) is None  # a bad value: one line, before the study is made
-    created = create(
-        file, storage=storage, update_spec=update_spec, n_trials=n_trials, timeout=timeout, run_dir=run_dir
+    # The spec's schema here; its classes, config and search space in the warm process, which
+    # imports torch for the trials anyway (the CLI never does): the errors are validate's.
+    use_project_folder(file)
+    spec = with_overrides(
+        load_spec(file), n_trials=n_trials, timeout=timeout, run_dir=str(run_dir) if run_dir else None
     )
-    spec, url = created.spec, created.url
+    url = storage_url(storage, spec=spec)
     per_trial = gpus_per_trial or trial_world_size(spec.config)
     if per_trial > 1 and not url.startswith(("sqlite", "postgresql", "mysql")):
         check_devices(spec, per_trial, url)
@@ -285,16 +284,40 @@ def run(
     slots = plan_slots(gpus, workers, trials_per_gpu, gpus_per_trial=per_trial if gpu_trials else 1)
     if gpus and gpus != "auto" and gpu_trials and len(gpus.split(",")) % per_trial:
         log.warning("%d GPU(s) left idle: a trial runs on %d", len(gpus.split(",")) % per_trial, per_trial)
-    out = console if console is not None else _console()
-    from lightstudy.storage import redact
+    # A process that has torch already (a notebook, a test) checks here, at no import's cost.
+    checked_here = "torch" in sys.modules
+    if checked_here:
+        from lightstudy.lightning_config import check_spec
 
-    where = ", ".join(f"GPU {s.gpu}" if s.gpu is not None else "CPU" for s in slots)
-    out.print(
-        f"study [bold]{spec.study.name}[/bold] in {redact(url)}: {len(slots)} worker(s) "
-        f"({where}); logs in {spec.run_dir / 'workers'}"
-    )
+        check_spec(spec)
+    made = next((p for p in reversed([spec.run_dir, *spec.run_dir.parents]) if not p.exists()), None)
+    warm = start_warm(spec, check=not checked_here, log=spec.run_dir / "workers" / "warm.log")
+    out = console if console is not None else _console()
     auto = auto and any(s.gpu is not None for s in slots)
-    result = Launcher(url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial, packing=auto).run()
+    launcher = Launcher(url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial, packing=auto, warm=warm)
+    going = False
+    try:
+        launcher.start()  # the workers import while the warm process does, then wait for the study
+        warm.ready()  # the spec checked, torch and the study's classes imported, once for every worker
+        updating = update_spec or n_trials is not None or timeout is not None
+        created = Study(create_study(spec, url, update_spec=updating), spec, url)
+        from lightstudy.storage import redact
+
+        where = ", ".join(f"GPU {s.gpu}" if s.gpu is not None else "CPU" for s in slots)
+        out.print(
+            f"study [bold]{spec.study.name}[/bold] in {redact(url)}: {len(slots)} worker(s) "
+            f"({where}); logs in {spec.run_dir / 'workers'}"
+        )
+        going = True
+        result = launcher.run()
+    finally:
+        if not going:
+            launcher.cancel()
+        warm.stop()
+        if not going and made is not None:  # a spec refused (or an interrupt) leaves no run folder
+            import shutil
+
+            shutil.rmtree(made, ignore_errors=True)
     failed = [i for i, code in enumerate(result.exit_codes) if code not in (0, None)]
     if failed and not result.interrupted:
         raise WorkersFailed(

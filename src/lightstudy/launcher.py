@@ -1,9 +1,12 @@
 """``lightstudy run``: start local workers (one per GPU slot, or CPU workers) and watch the study.
 
 Workers are separate ``lightstudy worker`` processes, each in its own session so that a Ctrl-C
-reaches the launcher once and is forwarded as one SIGTERM per worker. A worker's output goes to
-``<run dir>/workers/worker-<i>.log``; the launcher reads progress from the database, so what it
-shows is what every other client sees.
+reaches the launcher once and is forwarded as one SIGTERM per worker. They share one warm
+process (:mod:`lightstudy.warmserver`, started by :func:`lightstudy.api.run`; its address in
+``$LIGHTSTUDY_WARM``) that has torch, Lightning and the study's classes imported and forks
+every worker's trial processes, so N workers start in the time of one. A worker's output goes
+to ``<run dir>/workers/worker-<i>.log`` (the warm process's to ``warm.log``); the launcher reads
+progress from the database, so what it shows is what every other client sees.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from lightstudy.spec import StudySpec
+    from lightstudy.warmserver import WarmServer
 
 __all__ = ["Launcher", "Slot", "detect_gpus", "plan_slots"]
 
@@ -152,10 +155,12 @@ class Launcher:
         console: Console,
         gpus_per_trial: int | None = None,
         packing: bool = False,
+        warm: WarmServer | None = None,
     ) -> None:
         self.gpus_per_trial = gpus_per_trial
         self.packing = packing  # --trials-per-gpu auto: add workers per GPU as measured (_pack)
         self._planned: dict[str, Any] = {}  # GPU -> its packing.Plan, once made
+        self.warm = warm  # the warm process the workers share (None: each starts its own)
         self.url = url
         self.spec = spec
         self.slots = slots
@@ -165,18 +170,23 @@ class Launcher:
         self._signals = 0
         self._warned: set[str] = set()
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start the workers: each imports what a worker needs (Optuna, SQLAlchemy) while the warm
+        process imports torch, then waits for :meth:`go` (the study exists) or :meth:`cancel`."""
         logs = self.run_dir / "workers"
         logs.mkdir(parents=True, exist_ok=True)
         base = dict(os.environ)
         base[ENV_VAR] = self.url  # not in argv: a password would show in `ps`
         base.setdefault("PYTHONUNBUFFERED", "1")
+        if self.warm is not None:
+            from lightstudy.warmserver import ADDRESS_VAR
+
+            base[ADDRESS_VAR] = self.warm.address
         for slot in self.slots:
             cmd = [
                 sys.executable,
                 "-m",
-                "lightstudy",
-                "worker",
+                "lightstudy.launcher",  # worker_main: `lightstudy worker` once the launcher says go
                 "--study",
                 self.spec.study.name,
                 "--run-dir",
@@ -189,9 +199,36 @@ class Launcher:
             ]
             log = open(logs / f"worker-{slot.index}.log", "ab")  # noqa: SIM115 (kept for the process)
             self.processes.append(
-                subprocess.Popen(cmd, env=slot.env(base), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                subprocess.Popen(
+                    cmd,
+                    env=slot.env(base),
+                    stdin=subprocess.PIPE,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             )
             log.close()
+
+    def go(self) -> None:
+        """The study exists: the waiting workers start claiming trials."""
+        self._tell_workers(b"go\n")
+
+    def cancel(self) -> None:
+        """The run will not go (a bad spec, an interrupt): the waiting workers exit without a word."""
+        self._tell_workers(b"")
+        for proc in self.processes:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def _tell_workers(self, line: bytes) -> None:
+        for proc in self.processes:
+            if proc.stdin is not None and not proc.stdin.closed:
+                with contextlib.suppress(OSError):
+                    proc.stdin.write(line)
+                    proc.stdin.close()
 
     # --- GPU packing (lightstudy.packing) ------------------------------------------------------
 
@@ -241,9 +278,10 @@ class Launcher:
         added = [Slot(len(self.slots) + i, gpu, threads) for i in range(n)]
         before, self.slots = self.slots, added
         try:
-            self._start()  # starts self.slots: only the added ones
+            self.start()  # starts self.slots: only the added ones
         finally:
             self.slots = before + added
+        self.go()  # only the added ones still wait for the word
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
@@ -261,7 +299,9 @@ class Launcher:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._share_gpus()
-            self._start()
+            if not self.processes:
+                self.start()
+            self.go()
             self._watch(study, spec)
         finally:
             for s, h in previous.items():
@@ -311,7 +351,12 @@ class Launcher:
                 )
                 if not alive:
                     break
-                time.sleep(REFRESH)
+                # Until the next refresh, or at once when the worker waited on exits (the last one
+                # ends the run: no second lost to a sleep).
+                running = next((p for p in self.processes if p.poll() is None), None)
+                if running is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        running.wait(REFRESH)
 
     def _line(self, t: Any, spec: StudySpec, retried: bool) -> str:
         from lightstudy.summary import format_value
@@ -339,6 +384,18 @@ class Launcher:
         return text
 
 
+def worker_main(argv: list[str]) -> int:
+    """A worker of the launcher's (``python -m lightstudy.launcher ARGS``): the imports of a worker
+    first, then a line on stdin: ``go`` runs ``lightstudy worker ARGS``; its end (the launcher
+    cancelled, or is gone) exits 0 at once."""
+    import lightstudy.worker  # noqa: F401 (Optuna, SQLAlchemy: the bulk of a worker's start)
+    from lightstudy.cli import main
+
+    if sys.stdin.readline().strip() != "go":
+        return 0
+    return int(main(["worker", *argv]) or 0)
+
+
 def _live_bar(console: Console) -> bool:
     """A live progress bar in a terminal, and in Jupyter where ipywidgets renders it (rich's
     Jupyter display is an ipywidgets Output); elsewhere, and without ipywidgets, a line per trial."""
@@ -358,3 +415,9 @@ def _best_value(study: Any, spec: StudySpec) -> Any:
         return study.best_value
     except ValueError:
         return None
+
+
+if __name__ == "__main__":  # run as lightstudy.launcher (its classes, once)
+    from lightstudy.launcher import worker_main as _worker_main
+
+    sys.exit(_worker_main(sys.argv[1:]))

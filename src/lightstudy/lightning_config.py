@@ -215,25 +215,44 @@ def _reusing_cli(namespace: str, cli: str | None = None) -> type:
     per process and reuses it.
 
     Building the parser (every Trainer, LightningModule and LightningDataModule argument, from
-    their signatures) is a quarter of what LightningCLI costs a trial; the forkserver's warm-up
-    builds it, and every trial process forked from it only parses and instantiates. The parser
-    does not depend on the trial: callbacks are added at instantiation and the seed is passed in
-    the config (``seed_everything``), never as parser defaults.
+    their signatures) is a quarter of what LightningCLI costs a trial; the warm process builds
+    it (:func:`warm_parser`), and every trial process forked from it only parses and
+    instantiates. The parser does not depend on the trial: callbacks are added at instantiation
+    and the seed is passed in the config (``seed_everything``), never as parser defaults.
     """
     base, _ = _cli_classes(namespace, cli)
 
     class ReusingCLI(base):  # type: ignore[misc, valid-type]
-        _reused_parser: Any = None
+        _reused_parser: Any = None  # on this class, also when a subclass built it (warm_parser)
 
         def setup_parser(self, add_subcommands: bool, main_kwargs: Any, subparser_kwargs: Any) -> None:
-            if add_subcommands or type(self)._reused_parser is None:
+            if add_subcommands or ReusingCLI._reused_parser is None:
                 super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
                 if not add_subcommands:
-                    type(self)._reused_parser = self.parser  # type: ignore[has-type]
+                    ReusingCLI._reused_parser = self.parser  # type: ignore[has-type]
             else:
-                self.parser = type(self)._reused_parser
+                self.parser = ReusingCLI._reused_parser
 
     return ReusingCLI
+
+
+def warm_parser(config: Mapping[str, Any], cli: str | None = None) -> None:
+    """Build (and keep) the parser :func:`build` reuses for this config's namespace and ``cli``,
+    parsing ``config`` once and instantiating nothing: the warm process does it for its trials."""
+    namespace = lightning_namespace(config)
+
+    class ParseOnly(_reusing_cli(namespace, cli)):  # type: ignore[misc]
+        def instantiate_classes(self) -> None:
+            pass
+
+    with _quiet(), _own_argv():
+        ParseOnly(
+            args=dict(config),
+            run=False,
+            save_config_callback=None,
+            seed_everything_default=False,
+            parser_kwargs={"exit_on_error": False},
+        )
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""A trial's processes: one per device, launched from the worker's forkserver, watched together.
+"""A trial's processes: one per device, forked by the warm process, watched together.
 
 A multi-device (DDP) trial runs one process per device, each told its rank through the
 environment Lightning reads (``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``PORT``), as
@@ -127,7 +127,8 @@ def run_processes(
     handle: Callable[[Message], Any],
     stopping: Callable[[], bool] = lambda: False,
 ) -> tuple[TrialOutcome | None, str | None]:
-    """Run a trial's ``world`` processes (from the forkserver ``ctx``) to the end.
+    """Run a trial's ``world`` processes (from ``ctx``: a :class:`~lightstudy.warmserver.WarmContext`,
+    or a multiprocessing context) to the end.
 
     ``handle`` answers what a process asks the worker (see :class:`lightstudy.trial.WorkerTrial`).
     Returns (rank 0's outcome, None), a TIMED_OUT one past ``limit``, or (None, why the trial
@@ -193,6 +194,9 @@ def run_processes(
         running.clear()
     if outcome is None and reason is None:
         reason = ranks[0].why(world)
+    for r in ranks:
+        with contextlib.suppress(ValueError):  # a process that would not exit keeps its handle
+            r.process.close()
     return outcome, reason
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lightstudy.spec import StudySettings
+    from lightstudy.spec import StudySettings, StudySpec
 
 __all__ = [
     "Finished",
@@ -54,7 +54,7 @@ class TrialJob:
     study_name: str
     trial_id: int
     number: int
-    spec: dict[str, Any]  # StudySpec.to_dict()
+    spec: StudySpec  # parsed by the worker; pickled to the trial process, never validated again
     params: dict[str, Any]
     seed: int | None
     run_dir: str
@@ -219,7 +219,11 @@ def run_trial(job: TrialJob, conn: Any = None) -> TrialOutcome:
 
     timings = {"start": time.time() - job.started}
     rank = f", rank {job.rank} of {job.world_size}" if job.world_size > 1 else ""
-    print(f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()}{rank}, params {job.params}", flush=True)
+    print(
+        f"trial {job.number} of study {job.study_name!r}, pid {os.getpid()}{rank}, parent {os.getppid()}, "
+        f"params {job.params}",
+        flush=True,
+    )
     t = time.time()
     if conn is not None and job.world_size == 1:
         trial: Any = WorkerTrial(conn, job.number, job.params, prunes=job.prunes)
@@ -262,16 +266,14 @@ def _open_trial(job: TrialJob) -> Any:
     import optuna
 
     from lightstudy.components import build_pruner
-    from lightstudy.spec import spec_from_dict
     from lightstudy.storage import open_storage
 
-    spec = spec_from_dict(job.spec, source=f"study {job.study_name!r}")
     storage = open_storage(job.storage_url, create=False)
     study = optuna.load_study(
         study_name=job.study_name,
         storage=storage,
         sampler=optuna.samplers.RandomSampler(),  # parameters were sampled by the worker
-        pruner=build_pruner(spec),
+        pruner=build_pruner(job.spec),
     )
     return optuna.Trial(study, job.trial_id)
 
@@ -370,14 +372,13 @@ def _train(job: TrialJob, trial: Any, timings: dict[str, float]) -> TrialOutcome
 
     from lightstudy.lightning_config import lightning_namespace
     from lightstudy.search_space import apply_params
-    from lightstudy.spec import spec_from_dict
     from lightstudy.storage import record_attr
     from lightstudy.summary import CONFIG_ATTR, config_summary
 
     t = time.time()
     if job.threads:
         torch.set_num_threads(job.threads)
-    spec = spec_from_dict(job.spec, source=f"study {job.study_name!r}")
+    spec = job.spec
     run_dir = Path(job.run_dir)
     config = apply_params(spec.lightning_config(), job.params)
     _add_trial_defaults(config, lightning_namespace(config), run_dir, job.trial_dir)
@@ -453,7 +454,7 @@ def _versions(namespace: str) -> dict[str, str]:
 
 @functools.cache
 def _cached_versions(namespace: str) -> dict[str, str]:
-    # Reading dist-info metadata costs tens of ms a package: the forkserver's warm-up reads it once.
+    # Reading dist-info metadata costs tens of ms a package: the warm process reads it once.
     from importlib import metadata
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
@@ -505,7 +506,7 @@ def _die_with_worker(conn: Any) -> None:
     """Never train on as an orphan: die as soon as nobody can read this trial's result.
 
     The worker holds the only read end of ``conn``; when it dies (even by SIGKILL) the write end
-    reports POLLERR. (PR_SET_PDEATHSIG would watch the forkserver, which outlives the worker.)
+    reports POLLERR. (PR_SET_PDEATHSIG would watch the warm process, which outlives the worker.)
     """
     import select
     import signal

@@ -1,6 +1,7 @@
 """The worker: a long-lived process that claims trials and runs each in its own child process.
 
-Children start from a forkserver that has torch, Lightning and the user's modules imported, so
+Children are forked by a warm process (:mod:`lightstudy.warmserver`: the launcher's, shared by
+its workers, or this worker's own) that has torch, Lightning and the user's modules imported, so
 a trial starts warm (tens of milliseconds) yet GPU memory, leaks and crashes stay with the trial.
 The worker itself never imports torch and never touches CUDA. It owns the trial's state in the
 database: it samples the parameters, sends heartbeats while the child trains, and tells Optuna
@@ -13,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
-import multiprocessing
 import os
 import signal
 import socket
@@ -45,13 +44,13 @@ from lightstudy.storage import db_error_text, open_storage, retry_db
 from lightstudy.storage.boundary import StudyStorage, trial_id, wrap
 from lightstudy.study import load_study
 from lightstudy.trial import Message, Outcome, RecordAttr, Report, ShouldPrune, TrialJob, TrialOutcome, trial_dir_name
+from lightstudy.warmserver import ADDRESS_VAR, WarmContext, start_warm
 
 if TYPE_CHECKING:
     import optuna
 
 __all__ = ["Worker", "WorkerReport"]
 
-WARM_SPEC_VAR = "LIGHTSTUDY_WARM_SPEC"  # lightstudy._warm's (it imports torch: the worker never does)
 POLL_INTERVAL = 2.0  # seconds between budget checks while other workers' trials run
 
 # How each outcome is recorded: (the trial's state in Optuna, its retry: None for none,
@@ -126,6 +125,7 @@ class Worker:
         self._children: list[Any] = []  # the running trial's processes (one per rank)
         self._trial: Any = None  # the running trial
         self._ctx: Any = None
+        self._warm: Any = None  # this worker's own warm process (none under the launcher's)
         self._store: Any = None
         self.world_size = gpus_per_trial or trial_world_size(self.spec.config)
         check_devices(self.spec, self.world_size, self.url)
@@ -145,6 +145,7 @@ class Worker:
 
         previous = self._install_signal_handlers()
         try:
+            self._start_warm()  # it imports torch while the first trial is claimed
             while not self._signals and (self.max_trials is None or self.report.total < self.max_trials):
                 # 1. claim
                 claimed = time.time()
@@ -182,7 +183,7 @@ class Worker:
                     study_name=self.study_name,
                     trial_id=trial_id(trial),
                     number=trial.number,
-                    spec=self.spec.to_dict(),
+                    spec=self.spec,  # parsed once: the trial process validates nothing again
                     params=dict(trial.params),
                     seed=seed,
                     run_dir=str(self.run_dir),
@@ -208,6 +209,7 @@ class Worker:
                 self._finish(trial, outcome, died, trial_dir, time.time() - start)
         finally:
             self._restore_signal_handlers(previous)
+            self._stop_warm()
         return self.report
 
     # --- a scheduled trial's start: its parent's checkpoint ------------------------------------
@@ -246,26 +248,27 @@ class Worker:
     # --- the trial process ------------------------------------------------------------------
 
     def _context(self) -> Any:
+        """Where trial processes come from: the launcher's warm process (``$LIGHTSTUDY_WARM``), or
+        this worker's own, started by :meth:`_start_warm` (see :mod:`lightstudy.warmserver`)."""
         if self._ctx is None:
-            # NVML answers "is there a GPU?" without initializing CUDA in the warm process.
-            os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-            # Preloading lightstudy._warm runs its warm_forkserver(study's spec) in the forkserver:
-            # imports, one tiny trial, this study's config through its own cli: class, all logged.
-            os.environ[WARM_SPEC_VAR] = json.dumps(self.spec.to_dict(with_storage=False))
-            ctx = multiprocessing.get_context("forkserver")
-            # (not "__main__": Python 3.11 never passes its path to the forkserver; the CLI
-            # script a child re-runs as its main module only imports lightstudy.cli, preloaded.)
-            ctx.set_forkserver_preload(["lightstudy._warm", "lightstudy.cli", *self._user_modules()])
-            self._ctx = ctx
+            address = os.environ.get(ADDRESS_VAR)
+            if not address:
+                warm = self._start_warm()
+                warm.ready()  # its import overlapped the first claim
+                address = warm.address
+            self._ctx = WarmContext(address)
         return self._ctx
 
-    def _user_modules(self) -> list[str]:
-        modules = []
-        for section in ("model", "data"):
-            value = self.spec.config.get(section)
-            if isinstance(value, dict) and isinstance(value.get("class_path"), str):
-                modules.append(value["class_path"].rpartition(".")[0])
-        return modules
+    def _start_warm(self) -> Any:
+        """A warm process of this worker's own, unless the launcher's is there; it imports at once."""
+        if self._warm is None and not os.environ.get(ADDRESS_VAR):
+            self._warm = start_warm(self.spec)
+        return self._warm
+
+    def _stop_warm(self) -> None:
+        if self._warm is not None:
+            self._warm.stop()
+            self._warm, self._ctx = None, None
 
     def _run_child(self, job: TrialJob) -> tuple[TrialOutcome | None, str | None]:
         """Run the trial's process(es) to the end; (rank 0's outcome, None) or (None, why it died)."""

@@ -1,0 +1,539 @@
+"""The warm process: imports torch, Lightning and the study's classes once, and forks every trial.
+
+``lightstudy run`` starts one for all its local workers (so N workers start in the time of one);
+a ``lightstudy worker`` started on its own starts its own. Each trial is still a process of its
+own, forked from the warm process: GPU memory, leaks and crashes stay with the trial. The warm
+process never touches CUDA (``PYTORCH_NVML_BASED_CUDA_CHECK=1``; a trial sees the GPUs of the
+worker that asked for it, whose environment it takes).
+
+How it talks (a unix socket in a folder only this user can open: requests are pickles):
+
+- start: ``python -m lightstudy.warmserver ADDRESS`` reads its :class:`Setup` (pickled, after
+  an 8-byte length) from stdin, binds ADDRESS, imports, then checks the whole spec
+  (``Setup.check``: ``lightstudy run``'s validation, paid here instead of in the CLI) or only
+  parses its config, and writes one JSON line on stdout: ``{"ok": true, ...}`` or ``{"ok":
+  false, "message": ..., "fix": ...}`` (the :class:`~lightstudy.errors.LightstudyError` the CLI
+  prints). When idle it runs the warm-up trial (:func:`lightstudy._warm.run_tiny_trial`), never
+  before a request that is already waiting. It exits when its stdin closes (whoever started it
+  is gone) or on SIGTERM.
+- a trial process: a worker connects and sends an 8-byte length with the file descriptors the
+  child gets (its pipe to the worker, the worker's stdout and stderr), then the pickled
+  :class:`_Request`. The warm process forks; it answers the child's pid (8 bytes), then, when
+  the child has exited, its exit code (8 bytes, signed: ``-N`` for signal N, as
+  ``multiprocessing`` reports it), and closes the connection.
+
+:class:`WarmContext` is the worker's side: the ``Pipe``/``Process`` pair that
+:func:`lightstudy.ranks.run_processes` takes from a multiprocessing context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pickle
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from lightstudy.errors import LightstudyError
+
+if TYPE_CHECKING:
+    from lightstudy.spec import StudySpec
+
+__all__ = ["ADDRESS_VAR", "Setup", "WarmContext", "WarmProcess", "WarmServer", "start_warm"]
+
+ADDRESS_VAR = "LIGHTSTUDY_WARM"  # the launcher's warm process, for its workers (unset: a worker starts its own)
+GONE = 255  # a trial process's exit code when the warm process vanished before reporting it
+_INT = struct.Struct("!q")
+_EARLY_LOG = "start.log"  # beside the socket: the warm process's output until it is ready
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the warm process is told at its start."""
+
+    spec: StudySpec
+    check: bool = False  # check the whole spec (lightning_config.check_spec) and report its error
+    log: str | None = None  # once ready, its output goes here (None: it keeps its stderr)
+    verbose: bool = False  # INFO lines in its log
+
+
+@dataclass(frozen=True)
+class _Request:
+    target: Any
+    args: tuple[Any, ...]
+    env: dict[str, str]
+    cwd: str
+
+
+@dataclass(frozen=True)
+class _Fd:
+    """Stands in a request's args for the connection passed as the request's ``index``-th fd."""
+
+    index: int
+
+
+# --- the worker's side ------------------------------------------------------------------------
+
+
+class WarmContext:
+    """A trial process from the warm process at ``address``, as ``ctx.Process`` of multiprocessing."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    @staticmethod
+    def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:
+        from multiprocessing import Pipe
+
+        return Pipe(duplex)
+
+    def Process(self, target: Any, args: tuple[Any, ...] = (), name: str | None = None) -> WarmProcess:
+        return WarmProcess(self.address, target, args, name)
+
+
+class WarmProcess:
+    """A process forked by the warm process: ``pid``, ``exitcode``, ``sentinel``, ``is_alive``,
+    ``join``, ``kill``, ``terminate`` and ``close`` as a ``multiprocessing.Process`` has them."""
+
+    def __init__(self, address: str, target: Any, args: tuple[Any, ...], name: str | None = None) -> None:
+        self.address = address
+        self.name = name
+        self._target = target
+        self._args = args
+        self.pid: int | None = None
+        self.exitcode: int | None = None
+        self._sock: socket.socket | None = None
+
+    def start(self) -> None:
+        """Ask the warm process for the child; returns once it is forked (its pid is known).
+
+        Raises:
+            LightstudyError: the warm process cannot be reached.
+        """
+        fds: list[int] = []
+        args: list[Any] = []
+        for arg in self._args:
+            if isinstance(arg, Connection):
+                args.append(_Fd(len(fds)))
+                fds.append(arg.fileno())
+            else:
+                args.append(arg)
+        fds += [1, 2]  # the child's output goes where the worker's does until it opens its trial.log
+        payload = pickle.dumps(_Request(self._target, tuple(args), dict(os.environ), os.getcwd()))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.address)
+            socket.send_fds(sock, [_INT.pack(len(payload))], fds)
+            sock.sendall(payload)
+            pid = _read_int(sock)
+        except OSError as e:
+            sock.close()
+            raise _gone(self.address, e) from e
+        if pid is None:
+            sock.close()
+            raise _gone(self.address, None)
+        self.pid, self._sock = pid, sock
+
+    @property
+    def sentinel(self) -> int:
+        """Readable once the child has exited (its exit code, or the warm process gone)."""
+        assert self._sock is not None, "not started"
+        return self._sock.fileno()
+
+    def _collect(self, timeout: float | None) -> None:
+        if self.exitcode is not None or self._sock is None:
+            return
+        ready, _, _ = select.select([self._sock], [], [], timeout)
+        if not ready:
+            return
+        code = _read_int(self._sock)
+        if code is None:  # the warm process is gone: so is the child's reaper; stop the child too
+            _log.error("the warm process at %s is gone; trial process %s stopped", self.address, self.pid)
+            self.kill()
+            code = GONE
+        self.exitcode = code
+
+    def is_alive(self) -> bool:
+        self._collect(0)
+        return self.pid is not None and self.exitcode is None
+
+    def join(self, timeout: float | None = None) -> None:
+        self._collect(timeout)
+
+    def _signal(self, signum: int) -> None:
+        if self.pid is not None and self.exitcode is None:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def _read_int(sock: socket.socket) -> int | None:
+    data = b""
+    while len(data) < _INT.size:
+        chunk = sock.recv(_INT.size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return int(_INT.unpack(data)[0])
+
+
+def _gone(address: str, error: OSError | None) -> LightstudyError:
+    why = f" ({error})" if error else ""
+    return LightstudyError(
+        f"the warm process at {address} that forks the trial processes is not answering{why}",
+        fix="see its log (<run dir>/workers/warm.log under `lightstudy run`), then start the run again",
+    )
+
+
+# --- starting and stopping one ------------------------------------------------------------------
+
+
+class WarmServer:
+    """A started warm process: :meth:`ready` waits for its verdict, :meth:`stop` ends it."""
+
+    def __init__(self, process: subprocess.Popen[bytes], folder: Path, early_log: Path) -> None:
+        self.process = process
+        self.folder = folder
+        self.address = str(folder / "warm.sock")
+        self._early_log = early_log
+        self.seconds: dict[str, float] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def ready(self) -> dict[str, float]:
+        """Wait until it has imported and checked the spec; returns its seconds per stage.
+
+        Raises:
+            LightstudyError: the spec's error, as ``lightstudy validate`` words it; or the warm
+                process exited first (with the end of its output).
+        """
+        if self.seconds is not None:
+            return self.seconds
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        try:
+            verdict = json.loads(line) if line else None
+        except ValueError:
+            verdict = None
+        if not isinstance(verdict, dict):
+            code = self.process.wait()
+            tail = (
+                self._early_log.read_text(errors="replace").strip().splitlines()[-5:]
+                if self._early_log.exists()
+                else []
+            )
+            raise LightstudyError(
+                f"the warm process exited with code {code} before it was ready: {' | '.join(tail) or 'no output'}",
+                fix="run `lightstudy validate` on the spec to see what fails",
+            )
+        if not verdict.get("ok"):
+            raise LightstudyError(str(verdict.get("message")), fix=verdict.get("fix"))
+        self.seconds = dict(verdict.get("seconds") or {})
+        return self.seconds
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """End it (its trial processes should be gone by then) and remove its folder; its exit code."""
+        if self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
+        if self.process.poll() is None:
+            with contextlib.suppress(OSError):
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return self.process.returncode
+
+
+def start_warm(
+    spec: StudySpec, *, check: bool = False, log: str | Path | None = None, env: dict[str, str] | None = None
+) -> WarmServer:
+    """Start a warm process for ``spec`` (it imports at once; :meth:`WarmServer.ready` waits for it).
+
+    Its socket is in a new private folder (0700) under the temporary folder: a unix socket's path
+    must stay under ~100 characters, which a run folder need not. ``log``: where its output goes
+    once it is ready (None: this process's stderr from the start).
+    """
+    folder = Path(tempfile.mkdtemp(prefix="lightstudy-warm-"))
+    early_log = folder / _EARLY_LOG
+    run_env = dict(os.environ if env is None else env)
+    run_env.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # "is there a GPU?" without initializing CUDA
+    verbose = run_env.get("LIGHTSTUDY_VERBOSE", "") not in ("", "0")
+    setup = Setup(spec, check=check, log=str(log) if log is not None else None, verbose=verbose)
+    stderr: Any = None
+    if log is not None:
+        stderr = open(early_log, "wb")  # noqa: SIM115 (the child holds it)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lightstudy.warmserver", str(folder / "warm.sock")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=run_env,
+            start_new_session=True,  # a Ctrl-C reaches the launcher, which stops workers first
+        )
+    finally:
+        if stderr is not None:
+            stderr.close()
+    assert process.stdin is not None
+    payload = pickle.dumps(setup)
+    process.stdin.write(_INT.pack(len(payload)) + payload)
+    process.stdin.flush()  # stdin stays open: its end tells the warm process that we are gone
+    return WarmServer(process, folder, early_log)
+
+
+# --- the warm process itself ----------------------------------------------------------------------
+
+
+@dataclass
+class _Server:
+    listener: socket.socket
+    setup: Setup
+    wakeup: tuple[int, int]
+    children: dict[int, socket.socket] = field(default_factory=dict)
+    warmed: bool = False
+    stopping: bool = False
+
+    def serve(self) -> None:
+        """Fork what workers ask for; warm up when idle; reap children; until stdin closes or SIGTERM."""
+        stdin = sys.stdin.buffer
+        while not self.stopping:
+            timeout = None if self.warmed else 0.0
+            ready, _, _ = select.select([self.listener, stdin, self.wakeup[0]], [], [], timeout)
+            if not ready:  # idle, not warmed yet: warm up now (a request waiting would have been served)
+                self.warm_up()
+                continue
+            if self.wakeup[0] in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self.wakeup[0], 4096)
+                self.reap()
+            if self.listener in ready:
+                self.accept()
+            if stdin in ready and not os.read(stdin.fileno(), 4096):
+                _log.info("warm process: its starter is gone; stopping")
+                break
+        self.reap()
+
+    def warm_up(self) -> None:
+        from lightstudy._warm import run_tiny_trial, warm_stage
+
+        seconds: dict[str, float] = {}
+        warm_stage("trial path", run_tiny_trial, seconds)
+        self.warmed = True
+        _log.info("warm-up: %s", ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()) or "failed")
+
+    def accept(self) -> None:
+        conn, _ = self.listener.accept()
+        conn.setblocking(True)
+        try:
+            head, fds, _, _ = socket.recv_fds(conn, _INT.size, 8)
+            if len(head) < _INT.size:
+                rest = _read_exact(conn, _INT.size - len(head))
+                head += rest or b""
+            size = int(_INT.unpack(head)[0])
+            payload = _read_exact(conn, size)
+        except (OSError, struct.error) as e:
+            _log.warning("warm process: a broken request (%s)", e)
+            conn.close()
+            return
+        if payload is None:
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            return
+        started = time.perf_counter()
+        # A signal for the child between the fork and its own handlers waits (blocked), and then
+        # meets the default action, not this process's handler.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        pid = os.fork()
+        if pid == 0:
+            self._child(conn, payload, fds, blocked)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for fd in fds:
+            os.close(fd)
+        try:
+            conn.sendall(_INT.pack(pid))
+        except OSError:  # the worker went away meanwhile: the child sees its pipe broken and dies
+            conn.close()
+            return
+        self.children[pid] = conn
+        _log.info("forked trial process %d in %.1f ms", pid, (time.perf_counter() - started) * 1000)
+
+    def _child(self, conn: socket.socket, payload: bytes, fds: list[int], mask: set[int]) -> None:
+        code = 1
+        try:
+            for sig in (signal.SIGTERM, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.set_wakeup_fd(-1)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            for sock in (self.listener, conn, *self.children.values()):
+                sock.close()
+            for fd in self.wakeup:
+                os.close(fd)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.close(devnull)
+            *passed, out, err = fds
+            os.dup2(out, 1)
+            os.dup2(err, 2)
+            os.close(out)
+            os.close(err)
+            request: _Request = pickle.loads(payload)
+            os.environ.clear()
+            os.environ.update(request.env)  # the worker's: CUDA_VISIBLE_DEVICES, threads, ...
+            os.chdir(request.cwd)
+            args = [Connection(passed[a.index]) if isinstance(a, _Fd) else a for a in request.args]
+            request.target(*args)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.children.pop(pid, None)
+            if conn is None:
+                continue
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            with contextlib.suppress(OSError):
+                conn.sendall(_INT.pack(code))
+            conn.close()
+
+
+def _read_exact(conn: socket.socket, size: int) -> bytes | None:
+    chunks, got = [], 0
+    while got < size:
+        chunk = conn.recv(min(size - got, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _verdict(out: IO[str], **fields: Any) -> None:
+    out.write(json.dumps(fields) + "\n")
+    out.flush()
+
+
+def main(address: str) -> int:
+    """The warm process: set up (see the module's doc), then serve until told to stop."""
+    stdin = sys.stdin.buffer
+    head = stdin.read(_INT.size)
+    setup: Setup = pickle.loads(stdin.read(int(_INT.unpack(head)[0])))
+    logging.basicConfig(level=logging.INFO if setup.verbose else logging.WARNING, format=_LOG_FORMAT)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(address)  # at once: a worker that asks early waits in the backlog
+    listener.listen(128)
+    # The verdict gets stdout to itself: anything printed while importing goes to stderr.
+    status = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    from lightstudy import _warm
+
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    _warm.import_preload(setup.spec)
+    seconds["import"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if setup.check:
+        from lightstudy.lightning_config import check_spec
+
+        try:
+            with _warm.quiet_lightning():
+                check_spec(setup.spec)
+        except LightstudyError as e:
+            _verdict(status, ok=False, message=e.message, fix=e.fix)
+            return 2
+        seconds["check"] = time.perf_counter() - start
+    _warm.warm_stage("study config", lambda: _warm.parse_study_config(setup.spec), seconds)
+    if setup.log is not None:  # from here its output goes to the run's log, what it wrote so far first
+        Path(setup.log).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(setup.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        early = Path(address).parent / _EARLY_LOG
+        if early.exists():
+            os.write(fd, early.read_bytes())
+        os.dup2(fd, 2)
+        os.close(fd)
+    _verdict(status, ok=True, seconds=seconds, pid=os.getpid())
+    status.close()
+    os.dup2(2, 1)  # the log too, if it moved
+    _log.info(
+        "warm process %d ready at %s: %s",
+        os.getpid(),
+        address,
+        ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()),
+    )
+    wakeup = os.pipe()
+    for fd in wakeup:
+        os.set_blocking(fd, False)
+    server = _Server(listener, setup, wakeup)
+
+    def on_term(signum: int, frame: Any) -> None:
+        server.stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the launcher's to pass on
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes select through the wakeup fd
+    signal.set_wakeup_fd(wakeup[1])
+    try:
+        server.serve()
+    finally:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(address)
+    return 0
+
+
+if __name__ == "__main__":  # run as lightstudy.warmserver, not __main__: requests unpickle its classes
+    from lightstudy.warmserver import main as _main
+
+    sys.exit(_main(sys.argv[1]))
