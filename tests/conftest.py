@@ -20,25 +20,68 @@ REPO = Path(__file__).resolve().parents[1]
 PG_BASE = os.environ.get("LIGHTSTUDY_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 
 
+# Rough seconds (2 idle cores, -n 2) of the longest tests in files whose tests carry no
+# ``slow(seconds=...)`` of their own; a slow test not named anywhere counts as SLOW_SECONDS.
+LONG_TESTS = {
+    "test_quick_overhead_writes_every_method": 97,
+    "test_quick_scaling_rows_and_checks": 40,
+    "test_quick_startup_times_every_comparison": 40,
+}
+SLOW_SECONDS = 20.0
+
+
+def expected_seconds(item: pytest.Item) -> float:
+    """About how long a test runs: its ``slow(seconds=N)`` mark, else LONG_TESTS, else a guess."""
+    mark = item.get_closest_marker("slow")
+    if mark is None:
+        return 1.0
+    name = getattr(item, "originalname", item.name)
+    return float(mark.kwargs.get("seconds", LONG_TESTS.get(name, SLOW_SECONDS)))
+
+
+def _shared_setup(item: pytest.Item) -> tuple[str, ...] | None:
+    """The module-scoped fixtures a test uses, with its module (None: none)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    shared = sorted(name for name, defs in info.name2fixturedefs.items() if defs and defs[-1].scope == "module")
+    return (item.nodeid.split("::")[0], *shared) if shared else None
+
+
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Long tests first in each test process's share, dealt out evenly.
+    """Longest tests first in each test process's share, their expected time dealt out evenly.
 
     pytest-xdist's worksteal mode hands process k the k-th of n contiguous parts of this list
-    (and an idle process later takes queued tests from a busy one). So each part starts with
-    its share of the tests marked slow: both processes begin with long tests, and short ones,
-    not a long one running alone, fill the end. In one process: slow tests first.
+    (and an idle process later takes queued tests from a busy one, never a running test). So
+    the slow tests go, longest first, each to the part with the least expected time so far
+    (the README's study, the longest, starts at once in its own process), and short ones fill
+    each part to its size: no long test starts late and runs alone at the end. In one process:
+    slow tests first, longest first.
     """
-    slow = [item for item in items if item.get_closest_marker("slow")]
+    groups: dict[Any, list[pytest.Item]] = {}  # slow tests sharing a module's fixture (a cluster) stay together
+    for item in items:
+        if item.get_closest_marker("slow"):
+            groups.setdefault(_shared_setup(item) or item, []).append(item)
+    units = sorted(groups.values(), key=lambda unit: sum(map(expected_seconds, unit)), reverse=True)
+    slow = [item for unit in units for item in unit]
     fast = [item for item in items if not item.get_closest_marker("slow")]
     n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     sizes, left = [], len(items)
     for k in range(n):  # the sizes worksteal splits into
         sizes.append(left // (n - k))
         left -= sizes[-1]
-    parts = [slow[k::n] for k in range(n)]
-    if any(len(part) > size for part, size in zip(parts, sizes)):
-        parts = [slow]  # too few short tests to go around: slow first is the best left
+    parts: list[list[pytest.Item]] = [[] for _ in range(n)]
+    load = [0.0] * n
+    for unit in units:
+        open_parts = [k for k in range(n) if len(parts[k]) + len(unit) <= sizes[k]]
+        if not open_parts:
+            break
+        k = min(open_parts, key=lambda k: load[k])
+        parts[k].extend(unit)
+        load[k] += sum(map(expected_seconds, unit))
+    if sum(map(len, parts)) < len(slow):
+        parts = [slow]  # too few short tests to go around: longest first is the best left
     rest = iter(fast)
     for part, size in zip(parts, sizes):
         part.extend(next(rest) for _ in range(size - len(part)))

@@ -34,7 +34,7 @@ import pytest
 
 from conftest import REPO, free_port, tiny_spec, write_spec
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+pytestmark = [pytest.mark.slow(seconds=55), pytest.mark.postgres]
 
 SBATCH = REPO / "examples" / "slurm" / "lightstudy-worker.sbatch"
 TESTS = Path(__file__).resolve().parent

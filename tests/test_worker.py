@@ -215,7 +215,7 @@ def _workers(url: str, run_dir: Path, n: int) -> list[Any]:
     return [_run_worker_subprocess(url, run_dir) for _ in range(n)]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 @pytest.mark.parametrize(("backend", "n_workers"), [("sqlite", 4), ("postgres", 8)])
 def test_many_workers_one_study_no_duplicates_no_locks(
     backend: str, n_workers: int, tmp_path: Path, request: pytest.FixtureRequest
