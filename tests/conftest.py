@@ -8,8 +8,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,40 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for part, size in zip(parts, sizes):
         part.extend(next(rest) for _ in range(size - len(part)))
     items[:] = [item for part in parts for item in part] + list(rest)
+
+
+POLL_INTERVAL = 0.05  # seconds between looks at a condition another process changes
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 120.0,
+    what: Callable[[], str] | str = "the condition",
+    *,
+    proc: subprocess.Popen[str] | None = None,
+    interval: float = POLL_INTERVAL,
+) -> Any:
+    """Poll ``predicate`` until it returns something true, and return that.
+
+    The one way tests wait for another process or thread (a file, a log line, a state in the
+    database): never a fixed sleep that hopes the other side is done. Fails with ``what`` after
+    ``timeout`` s, or at once (with its output) when ``proc`` exits first.
+    """
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"{_said(what)} not reached: the process exited {proc.returncode}\n{out}")
+        if time.monotonic() > end:
+            raise AssertionError(f"{_said(what)} not reached in {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def _said(what: Callable[[], str] | str) -> str:
+    return what() if callable(what) else what
 
 
 def tiny_spec(name: str = "tiny", *, n_trials: int = 3, max_epochs: int = 2, **study: Any) -> dict[str, Any]:

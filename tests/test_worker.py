@@ -3,14 +3,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from optuna.trial import TrialState
 
-from conftest import PrivateServer, cli, tiny_spec
+from conftest import PrivateServer, cli, tiny_spec, wait_until
 from lightstudy.spec import spec_from_dict
 from lightstudy.study import create_study, load_study, retried_numbers
 from lightstudy.summary import CONFIG_ATTR, recorded_config
@@ -26,15 +25,6 @@ def _slow(doc: dict[str, Any], step_sleep: float = 0.02, epochs: int = 6) -> dic
     doc["model"]["init_args"]["step_sleep"] = step_sleep
     doc["trainer"]["max_epochs"] = epochs
     return doc
-
-
-def _when(predicate: Any, timeout: float = 120.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def test_worker_runs_the_study_to_its_budget(tmp_path: Path, sqlite_url: str) -> None:
@@ -60,7 +50,7 @@ def test_killed_trial_process_fails_is_retried_and_resumes(tmp_path: Path, sqlit
     killed: list[int] = []
 
     def kill_once_checkpointed() -> None:
-        _when(lambda: last.exists() and bool(worker._children))  # last.ckpt appears whole (an atomic rename)
+        wait_until(lambda: last.exists() and bool(worker._children))  # last.ckpt appears whole (an atomic rename)
         [child] = worker._children
         killed.append(child.pid)
         os.kill(child.pid, signal.SIGKILL)
@@ -123,7 +113,7 @@ def test_sigterm_hands_the_trial_back_and_exits_zero(tmp_path: Path) -> None:
         text=True,
     )
     last = tmp_path / "run" / "trials" / "trial-0000" / "checkpoints" / "last.ckpt"
-    _when(lambda: last.exists())
+    wait_until(lambda: last.exists())
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
@@ -186,7 +176,7 @@ def test_kill_9_of_a_worker_is_reaped_retried_and_resumed(
     run_dir = tmp_path / "run"
     victim = _run_worker_subprocess(url, run_dir)
     last = run_dir / "trials" / "trial-0000" / "checkpoints" / "last.ckpt"
-    _when(lambda: last.exists())
+    wait_until(lambda: last.exists())
     victim.kill()  # kill -9 of the worker: its trial process dies with it
     victim.wait()
     survivor = _run_worker_subprocess(url, run_dir)
@@ -245,14 +235,14 @@ def test_postgres_restart_during_a_study_costs_no_trial(private_postgres: Privat
     logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
     procs = [_run_worker_subprocess(pg_url, tmp_path / "run", log=log) for log in logs]
     study, _ = load_study(pg_url, "tiny")
-    _when(lambda: len([t for t in study.get_trials() if t.state == TrialState.COMPLETE]) >= 2, timeout=300)
+    wait_until(lambda: len([t for t in study.get_trials() if t.state == TrialState.COMPLETE]) >= 2, timeout=300)
     private_postgres.stop()  # the server goes away (fast shutdown: sessions cut) ...
 
     def noticed() -> bool:  # ... and stays away until a worker has met the outage (a heartbeat, a claim)
         text = "".join(p.read_text() for p in [*logs, *(tmp_path / "run").rglob("trial.log")])
         return "database unavailable" in text or "heartbeat of trial" in text
 
-    _when(noticed, timeout=120)
+    wait_until(noticed, timeout=120)
     private_postgres.start()
     for p in procs:
         p.wait(timeout=600)
@@ -374,7 +364,7 @@ def test_sigterm_during_validation_hands_the_trial_back(
     create_study(spec_from_dict(doc), url)
     proc = _run_worker_subprocess(url, tmp_path / "run", SLURM_TASK if slurm else None)
     try:
-        _when(gate.exists)
+        wait_until(gate.exists)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:
