@@ -139,25 +139,19 @@ def test_sigterm_hands_the_trial_back_and_exits_zero(tmp_path: Path) -> None:
     assert study.get_trials()[1].user_attrs["resumed_from"]["trial"] == 0
 
 
-def _run_worker_subprocess(url: str, run_dir: Path, env: dict[str, str] | None = None, log: Path | None = None) -> Any:
-    """A ``lightstudy worker`` process; its output is piped, or written to ``log`` as it runs."""
+def _run_worker_subprocess(
+    url: str, run_dir: Path | None, env: dict[str, str] | None = None, log: Path | None = None, cwd: Path | None = None
+) -> Any:
+    """A ``lightstudy worker`` process (no ``--run-dir`` where ``run_dir`` is None, as a worker
+    started by hand in ``cwd``); its output is piped, or written to ``log`` as it runs."""
     import subprocess
     import sys
 
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1", **(env or {})}
+    folder = [] if run_dir is None else ["--run-dir", str(run_dir)]
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lightstudy",
-            "worker",
-            "--study",
-            "tiny",
-            "--run-dir",
-            str(run_dir),
-            "--threads",
-            "1",
-        ],
+        [sys.executable, "-m", "lightstudy", "worker", "--study", "tiny", *folder, "--threads", "1"],
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE if log is None else log.open("w"),
         stderr=subprocess.STDOUT,
@@ -201,8 +195,8 @@ def _tiny_fast(n_trials: int, **study: Any) -> dict[str, Any]:
     return doc
 
 
-def _workers(url: str, run_dir: Path, n: int) -> list[Any]:
-    return [_run_worker_subprocess(url, run_dir) for _ in range(n)]
+def _workers(url: str, run_dir: Path | None, n: int, cwd: Path | None = None) -> list[Any]:
+    return [_run_worker_subprocess(url, run_dir, cwd=cwd) for _ in range(n)]
 
 
 @pytest.mark.slow(seconds=50)
@@ -213,7 +207,13 @@ def test_many_workers_one_study_no_duplicates_no_locks(
     url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url")
     n_trials = 16  # two or more a worker: enough to collide on every claim
     create_study(spec_from_dict(_tiny_fast(n_trials, grace_period=60, heartbeat_interval=5)), url)
-    procs = _workers(url, tmp_path / "run", n_workers)
+    # On SQLite the workers are started by hand, as a user does: the storage
+    # from LIGHTSTUDY_STORAGE, no --run-dir (test_cli's two hand-started workers were this test).
+    procs = (
+        _workers(url, tmp_path / "run", n_workers)
+        if backend == "postgres"
+        else _workers(url, None, n_workers, tmp_path)
+    )
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * n_workers, outs
     for out in outs:
