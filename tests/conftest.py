@@ -40,13 +40,29 @@ def expected_seconds(item: pytest.Item) -> float:
     return float(mark.kwargs.get("seconds", LONG_TESTS.get(name, SLOW_SECONDS)))
 
 
+# Session fixtures that cost seconds to build (their rough time): the tests using one go to one
+# test process together, which builds it once.
+SHARED_FIXTURES = {"finished_study": 15.0}
+
+
 def _shared_setup(item: pytest.Item) -> tuple[str, ...] | None:
-    """The module-scoped fixtures a test uses, with its module (None: none)."""
+    """What a test shares with others that should run in its process: an expensive session
+    fixture, or the module-scoped fixtures of its module (a Slurm cluster, the contract's
+    storages). None: nothing."""
     info = getattr(item, "_fixtureinfo", None)
     if info is None:
         return None
+    session = sorted(name for name in SHARED_FIXTURES if name in info.name2fixturedefs)
+    if session:
+        return ("session", *session)
     shared = sorted(name for name, defs in info.name2fixturedefs.items() if defs and defs[-1].scope == "module")
     return (item.nodeid.split("::")[0], *shared) if shared else None
+
+
+def _unit_seconds(unit: list[pytest.Item]) -> float:
+    key = _shared_setup(unit[0])
+    setup = sum(SHARED_FIXTURES.get(name, 0.0) for name in key or ()) if key and key[0] == "session" else 0.0
+    return setup + sum(map(expected_seconds, unit))
 
 
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected
@@ -56,17 +72,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     pytest-xdist's worksteal mode hands process k the k-th of n contiguous parts of this list
     (and an idle process later takes queued tests from a busy one, never a running test). So
     the slow tests go, longest first, each to the part with the least expected time so far
-    (the README's study, the longest, starts at once in its own process), and short ones fill
-    each part to its size: no long test starts late and runs alone at the end. In one process:
-    slow tests first, longest first.
+    (the README's study, the longest, starts at once in its own process), tests sharing a costly
+    fixture as one, and short ones fill each part to its size: no long test starts late and runs
+    alone at the end. In one process: slow tests first, longest first.
     """
-    groups: dict[Any, list[pytest.Item]] = {}  # slow tests sharing a module's fixture (a cluster) stay together
+    groups: dict[Any, list[pytest.Item]] = {}  # tests sharing a costly fixture stay together
     for item in items:
-        if item.get_closest_marker("slow"):
-            groups.setdefault(_shared_setup(item) or item, []).append(item)
-    units = sorted(groups.values(), key=lambda unit: sum(map(expected_seconds, unit)), reverse=True)
+        key = _shared_setup(item)
+        if key is not None or item.get_closest_marker("slow"):
+            groups.setdefault(key or item, []).append(item)
+    units = [sorted(unit, key=expected_seconds, reverse=True) for unit in groups.values()]
+    units.sort(key=_unit_seconds, reverse=True)
     slow = [item for unit in units for item in unit]
-    fast = [item for item in items if not item.get_closest_marker("slow")]
+    grouped = {id(item) for item in slow}
+    fast = [item for item in items if id(item) not in grouped]
     n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     sizes, left = [], len(items)
     for k in range(n):  # the sizes worksteal splits into
@@ -74,16 +93,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         left -= sizes[-1]
     parts: list[list[pytest.Item]] = [[] for _ in range(n)]
     load = [0.0] * n
+    unplaced: list[pytest.Item] = []
     for unit in units:
         open_parts = [k for k in range(n) if len(parts[k]) + len(unit) <= sizes[k]]
-        if not open_parts:
-            break
+        if not open_parts:  # no room left for it whole: its tests fill in first
+            unplaced.extend(unit)
+            continue
         k = min(open_parts, key=lambda k: load[k])
         parts[k].extend(unit)
-        load[k] += sum(map(expected_seconds, unit))
-    if sum(map(len, parts)) < len(slow):
-        parts = [slow]  # too few short tests to go around: longest first is the best left
-    rest = iter(fast)
+        load[k] += _unit_seconds(unit)
+    rest = iter(unplaced + fast)
     for part, size in zip(parts, sizes):
         part.extend(next(rest) for _ in range(size - len(part)))
     items[:] = [item for part in parts for item in part] + list(rest)

@@ -213,7 +213,7 @@ def _open(kind: str, request: pytest.FixtureRequest) -> Any:
         pytest.param("lightstudy_proxy", marks=pytest.mark.postgres),
     ]
 )
-def storage(request: pytest.FixtureRequest) -> Any:
+def storage(request: pytest.FixtureRequest, backends: Any) -> Any:  # backends named: one xdist process runs them
     return _open(request.param, request)
 
 
@@ -244,7 +244,7 @@ class TestOptunaOwnProxy:
     there too (so the failure is upstream's), and a fix upstream shows as a strict xpass."""
 
     @pytest.fixture
-    def storage(self, request: pytest.FixtureRequest) -> Any:
+    def storage(self, request: pytest.FixtureRequest, backends: Any) -> Any:
         return _open("optuna_proxy", request)
 
     test_get_all_trials_params_order = StorageTestCase.test_get_all_trials_params_order
