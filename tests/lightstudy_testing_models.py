@@ -93,3 +93,10 @@ class WorseningNet(ConvNet):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val_acc", 0.9 - 0.1 * self.current_epoch)
+
+
+class LrNet(ConvNet):
+    """Logs ``val_acc = lr``: a test orders its trials' values by the learning rates it enqueues."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_acc", float(self.hparams.lr))

@@ -483,3 +483,23 @@ def test_each_told_trial_gets_its_dashboard_note_and_a_failed_note_fails_nothing
     note = get_note(optuna.trial.Trial(study, trial_id(second)))
     assert note.startswith("## Trial 1: complete"), note
     assert "`model.init_args.lr` = " in note
+
+
+def test_a_note_says_removed_once_retention_removes_the_checkpoint(tmp_path: Path, sqlite_url: str) -> None:
+    """Trials 0 and 1 each enter the top 1 and are pushed out by the next (val_acc = lr, rising):
+    their notes, written as "kept", are rewritten as "removed"; trial 2's says kept."""
+    import optuna
+    from optuna_dashboard import get_note
+
+    from lightstudy.storage.boundary import trial_id
+
+    rising = [{"model.init_args.lr": lr, "data.init_args.batch_size": 64} for lr in (0.001, 0.002, 0.003)]
+    doc = tiny_spec(n_trials=3, max_epochs=1, checkpoints={"keep": 1}, enqueue=rising)
+    doc["model"]["class_path"] = "lightstudy_testing_models.LrNet"
+    doc["trainer"].update(limit_train_batches=1, limit_val_batches=1)
+    create_study(spec_from_dict(doc), sqlite_url)
+    assert Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", threads=1).run().complete == 3
+    study, _ = load_study(sqlite_url, "tiny")
+    notes = [get_note(optuna.trial.Trial(study, trial_id(t))) for t in study.get_trials()]
+    assert ["**Checkpoint:** removed" in n for n in notes] == [True, True, False], notes
+    assert "**Checkpoint:** kept" in notes[2], notes[2]

@@ -97,17 +97,7 @@ class Study:
         return dict(self.best_trial.params)
 
     def trials_dataframe(self, **kwargs: Any) -> pd.DataFrame:
-        """Optuna's ``trials_dataframe``, one row per trial (needs pandas, as in any notebook).
-
-        Raises:
-            LightstudyError: pandas is not installed.
-        """
-        try:
-            import pandas  # noqa: F401
-        except ImportError as e:
-            raise LightstudyError(
-                "trials_dataframe needs pandas, which is not installed", fix="pip install pandas"
-            ) from e
+        """Optuna's ``trials_dataframe``: one row per trial (``kwargs`` as Optuna's)."""
         return self._study.trials_dataframe(**kwargs)
 
     def trial(self, *, rank: int | None = None, number: int | None = None) -> FrozenTrial:

@@ -215,7 +215,7 @@ class Launcher:
             TimeElapsedColumn(),
             TextColumn("{task.description}"),
             console=self.console,
-            disable=not (self.console.is_terminal or self.console.is_jupyter),  # a live bar in Jupyter too
+            disable=not _live_bar(self.console),
         )
         with progress:
             task = progress.add_task("starting workers", total=total, name=spec.study.name)
@@ -264,6 +264,18 @@ class Launcher:
                 self._warned.add(warning)
                 text += f"\n           [yellow]warning:[/yellow] {warning}"
         return text
+
+
+def _live_bar(console: Console) -> bool:
+    """A live progress bar in a terminal, and in Jupyter where ipywidgets renders it (rich's
+    Jupyter display is an ipywidgets Output); elsewhere, and without ipywidgets, a line per trial."""
+    if console.is_terminal:
+        return True
+    if not console.is_jupyter:
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("ipywidgets") is not None
 
 
 def _best_value(study: Any, spec: StudySpec) -> Any:

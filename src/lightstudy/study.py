@@ -85,20 +85,25 @@ def create_study(spec: StudySpec, url: str, *, update_spec: bool = False) -> opt
             enqueue(study, spec, spec.study.enqueue)
             _log.info("updated the stored spec of study %s", name)
         return study
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        study = optuna.create_study(
-            storage=storage,
-            study_name=name,
-            directions=[d for d in spec.study.directions],  # type: ignore[misc]
-            sampler=build_sampler(spec),
-            pruner=build_pruner(spec),
-            load_if_exists=True,  # a worker elsewhere may create it at the same moment
-        )
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))  # not "A new study created in RDB"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # set_metric_names is experimental
+            study = optuna.create_study(
+                storage=storage,
+                study_name=name,
+                directions=[d for d in spec.study.directions],  # type: ignore[misc]
+                sampler=build_sampler(spec),
+                pruner=build_pruner(spec),
+                load_if_exists=True,  # a worker elsewhere may create it at the same moment
+            )
+            study.set_metric_names(list(spec.study.metrics))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     study.set_user_attr(SPEC_ATTR, stored)
     study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())
     study.set_user_attr(VERSION_ATTR, __version__)
-    study.set_metric_names(list(spec.study.metrics))
     enqueue(study, spec, spec.study.enqueue)
     return study
 

@@ -270,7 +270,7 @@ class Worker:
             self._tell(trial, TrialState[told], values)
             if retry is not None:
                 retried = self._retry(trial, max_retry=self.spec.study.max_retry if retry == "max_retry" else None)
-            self._write_note(trial)
+            self._write_note(trial.number)
         except UpdateFinishedTrialError:
             # The database was away longer than the grace period and another worker failed the
             # trial as stale (and retried it); its outcome here is lost, the study is not.
@@ -278,20 +278,22 @@ class Worker:
             retried = True
         self._count(trial, state, values, why, seconds, retried)
         if ref is not None:  # only a checkpoint that entered the top k can push one out
-            retry_db(lambda: enforce_retention(self.study, self.spec, self.store), what="retention")
+            removed = retry_db(lambda: enforce_retention(self.study, self.spec, self.store), what="retention")
+            for number in removed:  # their notes said "kept"
+                self._write_note(number)
         if not retried:  # no retry resumes from its last.ckpt: the trial's local files go
             remove_local(self.run_dir, trial_dir)
         retry_db(lambda: sweep_local(self.study, self.run_dir), what="sweep checkpoints")
         self.report.trials.append(trial.number)
 
-    def _write_note(self, trial: optuna.Trial) -> None:
-        """The trial's note in optuna-dashboard (outcome, reason, params, checkpoint); a failure is logged."""
+    def _write_note(self, number: int) -> None:
+        """Trial ``number``'s note in optuna-dashboard (outcome, reason, params, checkpoint); a failure is logged."""
         from lightstudy.dashboard import write_trial_note
 
         try:
-            retry_db(lambda: write_trial_note(self.study, self.spec, trial.number), what="trial note")
+            retry_db(lambda: write_trial_note(self.study, self.spec, number), what="trial note")
         except Exception as e:  # the note is for people reading the dashboard: the trial counts without it
-            _log.warning("trial %d: could not write its dashboard note (%s)", trial.number, db_error_text(e))
+            _log.warning("trial %d: could not write its dashboard note (%s)", number, db_error_text(e))
 
     def _attempt_attrs(self, trial: optuna.Trial, outcome: TrialOutcome | None) -> dict[str, Any]:
         """What the trial process measured and warned about, as the trial's user attrs."""
