@@ -8,8 +8,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +21,125 @@ REPO = Path(__file__).resolve().parents[1]
 PG_BASE = os.environ.get("LIGHTSTUDY_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 
 
+# Rough seconds (2 idle cores, -n 2) of the longest tests in files whose tests carry no
+# ``slow(seconds=...)`` of their own; a slow test not named anywhere counts as SLOW_SECONDS.
+LONG_TESTS = {
+    "test_quick_overhead_writes_every_method": 97,
+    "test_quick_scaling_rows_and_checks": 40,
+    "test_quick_startup_times_every_comparison": 40,
+}
+SLOW_SECONDS = 20.0
+
+
+def expected_seconds(item: pytest.Item) -> float:
+    """About how long a test runs: its ``slow(seconds=N)`` mark, else LONG_TESTS, else a guess."""
+    mark = item.get_closest_marker("slow")
+    if mark is None:
+        return 1.0
+    name = getattr(item, "originalname", item.name)
+    return float(mark.kwargs.get("seconds", LONG_TESTS.get(name, SLOW_SECONDS)))
+
+
+# Session fixtures that cost seconds to build (their rough time): the tests using one go to one
+# test process together, which builds it once.
+SHARED_FIXTURES = {"finished_study": 15.0}
+
+
+def _shared_setup(item: pytest.Item) -> tuple[str, ...] | None:
+    """What a test shares with others that should run in its process: an expensive session
+    fixture, or the module-scoped fixtures of its module (a Slurm cluster, the contract's
+    storages). None: nothing."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    session = sorted(name for name in SHARED_FIXTURES if name in info.name2fixturedefs)
+    if session:
+        return ("session", *session)
+    shared = sorted(name for name, defs in info.name2fixturedefs.items() if defs and defs[-1].scope == "module")
+    return (item.nodeid.split("::")[0], *shared) if shared else None
+
+
+def _unit_seconds(unit: list[pytest.Item]) -> float:
+    key = _shared_setup(unit[0])
+    setup = sum(SHARED_FIXTURES.get(name, 0.0) for name in key or ()) if key and key[0] == "session" else 0.0
+    return setup + sum(map(expected_seconds, unit))
+
+
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Long tests first in each test process's share, dealt out evenly.
+    """Longest tests first in each test process's share, their expected time dealt out evenly.
 
     pytest-xdist's worksteal mode hands process k the k-th of n contiguous parts of this list
-    (and an idle process later takes queued tests from a busy one). So each part starts with
-    its share of the tests marked slow: both processes begin with long tests, and short ones,
-    not a long one running alone, fill the end. In one process: slow tests first.
+    (and an idle process later takes queued tests from a busy one, never a running test). So
+    the slow tests go, longest first, each to the part with the least expected time so far
+    (the README's study, the longest, starts at once in its own process), tests sharing a costly
+    fixture as one, and short ones fill each part to its size: no long test starts late and runs
+    alone at the end. In one process: slow tests first, longest first.
     """
-    slow = [item for item in items if item.get_closest_marker("slow")]
-    fast = [item for item in items if not item.get_closest_marker("slow")]
+    groups: dict[Any, list[pytest.Item]] = {}  # tests sharing a costly fixture stay together
+    for item in items:
+        key = _shared_setup(item)
+        if key is not None or item.get_closest_marker("slow"):
+            groups.setdefault(key or item, []).append(item)
+    units = [sorted(unit, key=expected_seconds, reverse=True) for unit in groups.values()]
+    units.sort(key=_unit_seconds, reverse=True)
+    slow = [item for unit in units for item in unit]
+    grouped = {id(item) for item in slow}
+    fast = [item for item in items if id(item) not in grouped]
     n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     sizes, left = [], len(items)
     for k in range(n):  # the sizes worksteal splits into
         sizes.append(left // (n - k))
         left -= sizes[-1]
-    parts = [slow[k::n] for k in range(n)]
-    if any(len(part) > size for part, size in zip(parts, sizes)):
-        parts = [slow]  # too few short tests to go around: slow first is the best left
-    rest = iter(fast)
+    parts: list[list[pytest.Item]] = [[] for _ in range(n)]
+    load = [0.0] * n
+    unplaced: list[pytest.Item] = []
+    for unit in units:
+        open_parts = [k for k in range(n) if len(parts[k]) + len(unit) <= sizes[k]]
+        if not open_parts:  # no room left for it whole: its tests fill in first
+            unplaced.extend(unit)
+            continue
+        k = min(open_parts, key=lambda k: load[k])
+        parts[k].extend(unit)
+        load[k] += _unit_seconds(unit)
+    rest = iter(unplaced + fast)
     for part, size in zip(parts, sizes):
         part.extend(next(rest) for _ in range(size - len(part)))
     items[:] = [item for part in parts for item in part] + list(rest)
+
+
+POLL_INTERVAL = 0.05  # seconds between looks at a condition another process changes
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 120.0,
+    what: Callable[[], str] | str = "the condition",
+    *,
+    proc: subprocess.Popen[str] | None = None,
+    interval: float = POLL_INTERVAL,
+) -> Any:
+    """Poll ``predicate`` until it returns something true, and return that.
+
+    The one way tests wait for another process or thread (a file, a log line, a state in the
+    database): never a fixed sleep that hopes the other side is done. Fails with ``what`` after
+    ``timeout`` s, or at once (with its output) when ``proc`` exits first.
+    """
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"{_said(what)} not reached: the process exited {proc.returncode}\n{out}")
+        if time.monotonic() > end:
+            raise AssertionError(f"{_said(what)} not reached in {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def _said(what: Callable[[], str] | str) -> str:
+    return what() if callable(what) else what
 
 
 def tiny_spec(name: str = "tiny", *, n_trials: int = 3, max_epochs: int = 2, **study: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ KEYS = ["finished", "n_trials", "running", "duplicates", "lost", "orphans", "kep
 KEYS += ["resumed_ok", "retried", "kills", "db_restarts"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=90)
 @pytest.mark.postgres  # a private server (initdb), as the database-restart test uses
 def test_quick_chaos_run_finds_nothing_wrong(tmp_path: Path) -> None:
     done, rows = run_bench("chaos.py", tmp_path / "chaos.jsonl", "--seed", "1", timeout=420)

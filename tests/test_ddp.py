@@ -7,14 +7,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from optuna.trial import TrialState
 
-from conftest import tiny_spec
+from conftest import tiny_spec, wait_until
 from lightstudy.errors import LightstudyError
 from lightstudy.launcher import plan_slots
 from lightstudy.spec import spec_from_dict
@@ -60,6 +59,12 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
+def _ended_noting_children(worker: subprocess.Popen[str], seen: set[int]) -> bool:
+    """Whether the worker has exited; its live descendants are added to ``seen`` meanwhile."""
+    seen.update(_children(worker.pid))
+    return worker.poll() is not None
+
+
 def _worker(url: str, run_dir: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
@@ -88,15 +93,10 @@ def test_ddp_study_prunes_keeps_checkpoints_and_leaves_no_process(tmp_path: Path
     create_study(spec_from_dict(doc), url)
     worker = _worker(url, tmp_path / "run")
     seen: set[int] = set()
-    while worker.poll() is None:
-        seen |= _children(worker.pid)
-        time.sleep(0.2)
+    wait_until(lambda: _ended_noting_children(worker, seen), 500, "the worker's exit", interval=0.2)
     out = worker.communicate()[0]
     assert worker.returncode == 0, out
-    deadline = time.monotonic() + 10  # the kernel reaps exited children soon after the worker
-    while _alive(seen) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(seen), "processes of the study outlived it"
+    wait_until(lambda: not _alive(seen), 10, lambda: f"processes of the study outlived it: {_alive(seen)}")
     study, _ = load_study(url, "ddp")
     trials = study.trials
     assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
@@ -130,24 +130,20 @@ def test_kill_9_of_one_rank_takes_the_trial_down_cleanly(tmp_path: Path) -> None
     worker = _worker(url, tmp_path / "run")
     last = tmp_path / "run" / "trials" / "trial-0000" / "checkpoints" / "last.ckpt"
     seen: set[int] = set()
-    end = time.monotonic() + 180
-    while not last.exists():
-        assert time.monotonic() < end and worker.poll() is None
-        seen |= _children(worker.pid)
-        time.sleep(0.1)
+
+    def saved() -> bool:  # the trial's processes, noted while they run
+        seen.update(_children(worker.pid))
+        return last.exists()
+
+    wait_until(saved, 180, "the trial's last.ckpt", proc=worker)
     rank1 = next(
         int(m) for m in re.findall(r"pid (\d+), rank 1 of 2", (last.parents[1] / "trial.rank1.log").read_text())
     )
     os.kill(rank1, signal.SIGKILL)
-    while worker.poll() is None:
-        seen |= _children(worker.pid)
-        time.sleep(0.2)
+    wait_until(lambda: _ended_noting_children(worker, seen), 500, "the worker's exit", interval=0.2)
     out = worker.communicate()[0]
     assert worker.returncode == 0, out
-    deadline = time.monotonic() + 10  # the kernel reaps exited children soon after the worker
-    while _alive(seen) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(seen)
+    wait_until(lambda: not _alive(seen), 10, lambda: f"processes of the trial outlived it: {_alive(seen)}")
     study, _ = load_study(url, "ddp")
     first, retry = study.trials
     assert first.state == TrialState.FAIL and "rank 1" in first.user_attrs["fail_reason"]

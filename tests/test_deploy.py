@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO, run_cli, tiny_spec
+from conftest import REPO, run_cli, tiny_spec, wait_until
 
 COMPOSE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
@@ -446,16 +445,6 @@ def test_sbatch_script_says_what_is_missing(tmp_path: Path, missing: str) -> Non
     assert missing in result.stderr
 
 
-def _when(predicate: Any, proc: subprocess.Popen[str], timeout: float = 180.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and proc.poll() is None:
-        if predicate():
-            return
-        time.sleep(0.05)
-    out = proc.stdout.read() if proc.poll() is not None and proc.stdout else ""
-    raise AssertionError(f"condition not reached (exit code {proc.poll()}):\n{out}")
-
-
 @pytest.fixture
 def _terminated() -> Iterator[list[subprocess.Popen[str]]]:
     procs: list[subprocess.Popen[str]] = []
@@ -510,7 +499,7 @@ def test_sbatch_task_hands_its_trial_back_on_sigterm_and_exits_zero(
     )
     _terminated.append(proc)
     last = tmp_path / "runs" / "tiny" / "trials" / "trial-0000" / "checkpoints" / "last.ckpt"
-    _when(last.exists, proc)
+    wait_until(last.exists, 180, "the trial's last.ckpt", proc=proc)
     # Wherever the trial stands (a SIGTERM mid-validation is handed back too: test_worker's
     # test_sigterm_during_validation_hands_the_trial_back signals it there exactly).
     proc.send_signal(signal.SIGTERM)  # the batch shell's pid: after `exec`, the worker's

@@ -37,7 +37,7 @@ def test_exported_config_drops_what_lightstudy_added(finished_study: Finished) -
     assert config["model"]["init_args"]["lr"] == study.best_trial.params["model.init_args.lr"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=15)
 def test_export_trains_with_plain_lightning_cli_and_scores_the_recorded_value(
     finished_study: Finished, tmp_path: Path
 ) -> None:
@@ -109,7 +109,7 @@ def test_export_trains_with_plain_lightning_cli_and_scores_the_recorded_value(
     assert score == pytest.approx(best.value, abs=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=8)
 def test_test_command_stores_metrics_shown_by_best_and_status(finished_study: Finished) -> None:
     args = ["--storage", finished_study.url, "--run-dir", str(finished_study.run_dir)]
     result = run_cli("test", finished_study.name, *args, "--top", "2", check=True)

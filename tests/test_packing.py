@@ -383,7 +383,7 @@ def test_auto_packing_adds_a_worker_and_retries_an_out_of_memory_trial_alone(
     # its line; whatever the second worker claimed started after trial 0 had finished (how many
     # it got depends on how fast it starts: the first worker does not wait for it)
     assert text.index("trial    0 complete") < text.index("2 trial(s) at once"), text
-    assert sorted(p.name for p in (tmp_path / "runs" / "packed" / "workers").glob("*.log")) == [
+    assert sorted(p.name for p in (tmp_path / "runs" / "packed" / "workers").glob("worker-*.log")) == [
         "worker-0.log",
         "worker-1.log",
     ]

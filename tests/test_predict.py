@@ -13,7 +13,7 @@ from lightstudy.study import load_study
 from lightstudy.summary import recorded_config
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=8)  # once finished_study is built
 def test_predictions_match_the_best_trials_test_accuracy(finished_study: Finished, tmp_path: Path) -> None:
     args = ["--storage", finished_study.url, "--run-dir", str(finished_study.run_dir)]
     run_cli("test", finished_study.name, *args, check=True)
@@ -34,7 +34,7 @@ def test_predictions_match_the_best_trials_test_accuracy(finished_study: Finishe
     assert accuracy == pytest.approx(test_acc, abs=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=8)  # once finished_study is built
 def test_predict_files_and_pt_output(finished_study: Finished, tmp_path: Path) -> None:
     from PIL import Image
 

@@ -182,7 +182,7 @@ def _ok(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=70)
 def test_a_users_project_from_its_folder(tmp_path: Path) -> None:
     """init → validate → run (2 workers) → best --export → plain LightningCLI fit of the export,
     all from the project folder, with none of the project on PYTHONPATH."""

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from conftest import free_port, tiny_spec
+from conftest import free_port, tiny_spec, wait_until
 from lightstudy.errors import LightstudyError, StorageError
 from lightstudy.proxy import HEARTBEAT_ATTR, admit, serve
 from lightstudy.spec import spec_from_dict
@@ -120,10 +120,8 @@ def test_a_stopped_proxy_leaves_no_database_connection_open(pg_url: str) -> None
     client.close()
     proxy.stop()
     assert not proxy.thread.is_alive()
-    deadline = time.monotonic() + 10  # a closed connection's server process ends soon after
-    while _connections(pg_url) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _connections(pg_url) == 0
+    # A closed connection's server process ends soon after.
+    wait_until(lambda: _connections(pg_url) == 0, 10, lambda: f"{_connections(pg_url)} connection(s) left open")
 
 
 def _workers(grpc_url: str, run_dir: Path, n: int) -> list[subprocess.Popen[str]]:
@@ -164,10 +162,14 @@ def test_workers_behind_the_proxy_finish_the_study_holding_no_connections(
     pg_url, grpc_url = proxy_url
     create_study(spec_from_dict(_fast(16)), grpc_url)
     procs = _workers(grpc_url, tmp_path / "run", 4)
-    peak = 0
-    while any(p.poll() is None for p in procs):
-        peak = max(peak, _connections(pg_url))
-        time.sleep(0.2)
+    peaks = [0]
+
+    def ended() -> bool:  # the database's connections, noted while the workers run
+        peaks.append(_connections(pg_url))
+        return all(p.poll() is not None for p in procs)
+
+    wait_until(ended, 500, "the workers' exit", interval=0.2)
+    peak = max(peaks)
     outs = [p.communicate()[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, outs
     study, _ = load_study(pg_url, "tiny")
@@ -190,10 +192,7 @@ def test_a_killed_worker_behind_the_proxy_is_reaped_and_retried(proxy_url: tuple
     create_study(spec_from_dict(doc), grpc_url)
     [victim] = _workers(grpc_url, tmp_path / "run", 1)
     last = tmp_path / "run" / "trials" / "trial-0000" / "checkpoints" / "last.ckpt"
-    end = time.monotonic() + 180
-    while not last.exists():
-        assert time.monotonic() < end and victim.poll() is None
-        time.sleep(0.1)
+    wait_until(last.exists, 180, "the trial's last.ckpt", proc=victim)
     victim.kill()
     victim.wait()
     [survivor] = _workers(grpc_url, tmp_path / "run", 1)

@@ -10,7 +10,7 @@ from conftest import Finished, run_cli
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=8)  # once finished_study is built
 def test_report_renders_in_headless_chromium_with_every_plot(finished_study: Finished, tmp_path: Path) -> None:
     assert CHROMIUM, "Chromium is needed for this test: apt-get install chromium (.ci/run does)"
     from playwright.sync_api import sync_playwright

@@ -8,7 +8,7 @@ from lightstudy.reproduce import reproduce
 from lightstudy.study import load_study
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=8)  # once finished_study is built
 def test_reproduce_agrees_to_1e_6_on_cpu(finished_study: Finished) -> None:
     study, spec = load_study(finished_study.url, finished_study.name)
     number = study.best_trial.number
@@ -19,7 +19,7 @@ def test_reproduce_agrees_to_1e_6_on_cpu(finished_study: Finished) -> None:
     assert result.changed_versions == {}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=8)  # once finished_study is built
 def test_reproduce_command_prints_both_values_and_the_difference(finished_study: Finished) -> None:
     study, _ = load_study(finished_study.url, finished_study.name)
     number = next(t for t in study.trials if t.state == TrialState.COMPLETE).number

@@ -25,16 +25,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import REPO, free_port, tiny_spec, write_spec
+from conftest import REPO, free_port, tiny_spec, wait_until, write_spec
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+pytestmark = [pytest.mark.slow(seconds=55), pytest.mark.postgres]
 
 SBATCH = REPO / "examples" / "slurm" / "lightstudy-worker.sbatch"
 TESTS = Path(__file__).resolve().parent
@@ -45,14 +44,7 @@ NODE = "CPUs=24 Sockets=1 CoresPerSocket=24 ThreadsPerCore=1 RealMemory=98304 Gr
 
 def _until(predicate: Callable[[], Any], timeout: float, what: Callable[[], str] | str) -> Any:
     """Poll ``predicate`` until it returns something true; fail with ``what`` after ``timeout`` s."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"not reached in {timeout:.0f} s: {what() if callable(what) else what}")
-        time.sleep(0.2)
+    return wait_until(predicate, timeout, what, interval=0.2)  # each look runs a Slurm command
 
 
 def _daemon(path: str) -> str:
@@ -194,9 +186,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         if self.procs and not self._died():
             with contextlib.suppress(subprocess.SubprocessError, AssertionError):  # stop the daemons anyway
                 subprocess.run([_daemon("scancel"), "--user", "root"], env=self.env, timeout=60, check=False)
-                end = time.monotonic() + 60
-                while time.monotonic() < end and self.cmd("squeue", "-h"):
-                    time.sleep(0.2)
+                _until(lambda: not self.cmd("squeue", "-h"), 60, "the queue empty after scancel")
         for _, proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()

@@ -5,8 +5,7 @@ storages. It runs here, unchanged, against each storage a lightstudy worker or c
 
 - ``sqlite``: ``open_storage`` on a SQLite file (WAL, busy timeout), heartbeats and the retry of
   stale trials configured from a spec as ``load_study`` does;
-- ``postgres``: the same on PostgreSQL (pre-ping, bounded pool, recycling), a fresh database per
-  test (the suite assumes an empty storage);
+- ``postgres``: the same on PostgreSQL (pre-ping, bounded pool, recycling);
 - ``lightstudy_proxy``: that PostgreSQL behind ``lightstudy proxy`` (``serve``: the cached storage
   plus the budget check and the heartbeat tunnel), reached as workers reach it (``grpc://``);
 - ``optuna_proxy`` (``TestOptunaOwnProxy``, only the tests marked as upstream failures): the same
@@ -14,20 +13,24 @@ storages. It runs here, unchanged, against each storage a lightstudy worker or c
   ``run_grpc_proxy_server`` serves it), to show each fails there too, and to notice (strict xfail)
   when Optuna fixes it. Run once on the whole suite (Optuna 5.1), it failed only that test.
 
+Each kind's storage (and proxy) is opened once for the module and emptied before each test (the
+suite assumes an empty storage, not a new object): a proxy and a database per test cost most of
+this file's time.
+
 Retries through a database restart (``retry_db``) wrap the worker's calls, not the storage object,
 so they are not part of this contract; tests/test_worker.py and tests/test_storage.py hold them.
 """
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
+import sqlalchemy
+from optuna.storages._rdb import models
 from optuna.testing.pytest_storages import StorageTestCase
 from optuna.trial import TrialState
 
@@ -90,15 +93,6 @@ def open_contract_storage(url: str) -> Any:
     return storage
 
 
-@pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty study database as ``open_storage`` makes it, copied for each test (faster than
-    creating the tables each time; each copy is still opened by ``open_storage``)."""
-    path = tmp_path_factory.mktemp("contract") / "template.db"
-    open_storage(f"sqlite:///{path}").engine.dispose()
-    return path
-
-
 class _ProxyThread:
     """A gRPC storage proxy over the database ``url``, in a thread of this process, on a free port:
     ``lightstudy proxy`` (``serve``) or Optuna's own (``make_server`` over ``get_storage``, what
@@ -136,30 +130,80 @@ class _ProxyThread:
         assert not self._thread.is_alive(), "the proxy did not stop"
 
 
-def _open(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+# Optuna's tables that hold a study's data (the schema's version rows stay).
+DATA_TABLES = [t.name for t in reversed(models.BaseModel.metadata.sorted_tables) if t.name != "version_info"]
+
+
+class _Backend:
+    """One storage of a kind, opened once for the module (a database, and the proxy in front of
+    it) and emptied before each test: the suite assumes an empty storage, not a new object.
+
+    Emptying keeps the id sequences (PostgreSQL), so the caches of the proxies (keyed by study
+    id) never see an id again; SQLite's storage has no cache."""
+
+    def __init__(self, kind: str, url: str) -> None:
+        self.kind = kind
+        self.url = url
+        self.proxy: _ProxyThread | None = None
+        if kind in PROXIES:
+            self.proxy = _ProxyThread(kind, url)
+            self.storage = open_contract_storage(f"grpc://127.0.0.1:{self.proxy.port}")
+        else:
+            self.storage = open_contract_storage(url)
+        self._admin = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+
+    def empty(self) -> None:
+        with self._admin.begin() as conn:
+            if self.url.startswith("sqlite"):
+                for table in DATA_TABLES:
+                    conn.execute(sqlalchemy.text(f"DELETE FROM {table}"))
+            else:  # a lock held by a stuck proxy request fails here, not as a hang
+                conn.execute(sqlalchemy.text("SET LOCAL lock_timeout = '20s'"))
+                conn.execute(sqlalchemy.text(f"TRUNCATE {', '.join(DATA_TABLES)} CASCADE"))
+
+    def close(self) -> None:
+        try:
+            if self.proxy is not None:
+                self.storage.close()
+                self.proxy.close()
+            else:
+                self.storage.engine.dispose()
+        finally:
+            self._admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def backends(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """``backends(kind)``: the module's storage of that kind, opened on first use."""
+    opened: dict[str, _Backend] = {}
+    databases: list[str] = []
+
+    def get(kind: str) -> _Backend:
+        if kind not in opened:
+            if kind == "sqlite":
+                url = f"sqlite:///{tmp_path_factory.mktemp('contract') / 'study.db'}"
+            else:
+                url = request.getfixturevalue("pg_clones").take()
+                databases.append(url)
+            opened[kind] = _Backend(kind, url)
+        return opened[kind]
+
+    try:
+        yield get
+    finally:
+        for backend in opened.values():
+            backend.close()
+        for url in databases:
+            request.getfixturevalue("pg_clones").drop(url)
+
+
+def _open(kind: str, request: pytest.FixtureRequest) -> Any:
     reason = _upstream_failure(request, kind)
     if reason is not None:
         request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-    if kind == "sqlite":
-        path = tmp_path / "study.db"
-        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
-        storage = open_contract_storage(f"sqlite:///{path}")
-        yield storage
-        storage.engine.dispose()
-        return
-    url = request.getfixturevalue("pg_optuna_url")
-    if kind == "postgres":
-        storage = open_contract_storage(url)
-        yield storage
-        storage.engine.dispose()
-        return
-    proxy = _ProxyThread(kind, url)
-    try:
-        client = open_contract_storage(f"grpc://127.0.0.1:{proxy.port}")
-        yield client
-        client.close()
-    finally:
-        proxy.close()
+    backend = request.getfixturevalue("backends")(kind)
+    backend.empty()
+    return backend.storage
 
 
 @pytest.fixture(
@@ -169,8 +213,25 @@ def _open(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
         pytest.param("lightstudy_proxy", marks=pytest.mark.postgres),
     ]
 )
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    yield from _open(request.param, request, tmp_path)
+def storage(request: pytest.FixtureRequest, backends: Any) -> Any:  # backends named: one xdist process runs them
+    return _open(request.param, request)
+
+
+@pytest.mark.postgres
+def test_an_emptied_storage_holds_no_study_and_serves_fresh_ids(backends: Any) -> None:
+    """What reusing one storage per kind rests on: after ``empty`` no study is left, and a new
+    study gets an id no earlier study had (a proxy's cache cannot answer for it)."""
+    for kind in ("sqlite", "postgres", "lightstudy_proxy"):
+        backend = backends(kind)
+        backend.empty()
+        first = backend.storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "s")
+        backend.storage.set_study_user_attr(first, "k", "old")
+        backend.empty()
+        assert backend.storage.get_all_studies() == [], kind
+        second = backend.storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "s")
+        assert backend.storage.get_study_user_attrs(second) == {}, kind
+        if kind != "sqlite":
+            assert second != first, kind
 
 
 class TestOptunaStorageContract(StorageTestCase):
@@ -183,7 +244,7 @@ class TestOptunaOwnProxy:
     there too (so the failure is upstream's), and a fix upstream shows as a strict xpass."""
 
     @pytest.fixture
-    def storage(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-        yield from _open("optuna_proxy", request, tmp_path)
+    def storage(self, request: pytest.FixtureRequest, backends: Any) -> Any:
+        return _open("optuna_proxy", request)
 
     test_get_all_trials_params_order = StorageTestCase.test_get_all_trials_params_order

@@ -24,7 +24,7 @@ def test_every_study_file_validates(path: Path) -> None:
     check_spec(load_spec(path))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=170)  # the longest test: it starts first, in a process of its own
 def test_default_digits_study_meets_its_promise(tmp_path: Path) -> None:
     """The README's `lightstudy run studies/digits.yaml --workers 2`, then the dashboard serves the kept checkpoints."""
     import lightning.pytorch as lp

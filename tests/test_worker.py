@@ -3,14 +3,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from optuna.trial import TrialState
 
-from conftest import PrivateServer, cli, tiny_spec
+from conftest import PrivateServer, cli, tiny_spec, wait_until
 from lightstudy.spec import spec_from_dict
 from lightstudy.study import create_study, load_study, retried_numbers
 from lightstudy.summary import CONFIG_ATTR, recorded_config
@@ -26,15 +25,6 @@ def _slow(doc: dict[str, Any], step_sleep: float = 0.02, epochs: int = 6) -> dic
     doc["model"]["init_args"]["step_sleep"] = step_sleep
     doc["trainer"]["max_epochs"] = epochs
     return doc
-
-
-def _when(predicate: Any, timeout: float = 120.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def test_worker_runs_the_study_to_its_budget(tmp_path: Path, sqlite_url: str) -> None:
@@ -60,7 +50,7 @@ def test_killed_trial_process_fails_is_retried_and_resumes(tmp_path: Path, sqlit
     killed: list[int] = []
 
     def kill_once_checkpointed() -> None:
-        _when(lambda: last.exists() and bool(worker._children))  # last.ckpt appears whole (an atomic rename)
+        wait_until(lambda: last.exists() and bool(worker._children))  # last.ckpt appears whole (an atomic rename)
         [child] = worker._children
         killed.append(child.pid)
         os.kill(child.pid, signal.SIGKILL)
@@ -123,7 +113,7 @@ def test_sigterm_hands_the_trial_back_and_exits_zero(tmp_path: Path) -> None:
         text=True,
     )
     last = tmp_path / "run" / "trials" / "trial-0000" / "checkpoints" / "last.ckpt"
-    _when(lambda: last.exists())
+    wait_until(lambda: last.exists())
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
@@ -149,25 +139,19 @@ def test_sigterm_hands_the_trial_back_and_exits_zero(tmp_path: Path) -> None:
     assert study.get_trials()[1].user_attrs["resumed_from"]["trial"] == 0
 
 
-def _run_worker_subprocess(url: str, run_dir: Path, env: dict[str, str] | None = None, log: Path | None = None) -> Any:
-    """A ``lightstudy worker`` process; its output is piped, or written to ``log`` as it runs."""
+def _run_worker_subprocess(
+    url: str, run_dir: Path | None, env: dict[str, str] | None = None, log: Path | None = None, cwd: Path | None = None
+) -> Any:
+    """A ``lightstudy worker`` process (no ``--run-dir`` where ``run_dir`` is None, as a worker
+    started by hand in ``cwd``); its output is piped, or written to ``log`` as it runs."""
     import subprocess
     import sys
 
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "LIGHTSTUDY_STORAGE": url, "PYTHONUNBUFFERED": "1", **(env or {})}
+    folder = [] if run_dir is None else ["--run-dir", str(run_dir)]
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lightstudy",
-            "worker",
-            "--study",
-            "tiny",
-            "--run-dir",
-            str(run_dir),
-            "--threads",
-            "1",
-        ],
+        [sys.executable, "-m", "lightstudy", "worker", "--study", "tiny", *folder, "--threads", "1"],
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE if log is None else log.open("w"),
         stderr=subprocess.STDOUT,
@@ -186,7 +170,7 @@ def test_kill_9_of_a_worker_is_reaped_retried_and_resumed(
     run_dir = tmp_path / "run"
     victim = _run_worker_subprocess(url, run_dir)
     last = run_dir / "trials" / "trial-0000" / "checkpoints" / "last.ckpt"
-    _when(lambda: last.exists())
+    wait_until(lambda: last.exists())
     victim.kill()  # kill -9 of the worker: its trial process dies with it
     victim.wait()
     survivor = _run_worker_subprocess(url, run_dir)
@@ -211,11 +195,11 @@ def _tiny_fast(n_trials: int, **study: Any) -> dict[str, Any]:
     return doc
 
 
-def _workers(url: str, run_dir: Path, n: int) -> list[Any]:
-    return [_run_worker_subprocess(url, run_dir) for _ in range(n)]
+def _workers(url: str, run_dir: Path | None, n: int, cwd: Path | None = None) -> list[Any]:
+    return [_run_worker_subprocess(url, run_dir, cwd=cwd) for _ in range(n)]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 @pytest.mark.parametrize(("backend", "n_workers"), [("sqlite", 4), ("postgres", 8)])
 def test_many_workers_one_study_no_duplicates_no_locks(
     backend: str, n_workers: int, tmp_path: Path, request: pytest.FixtureRequest
@@ -223,7 +207,13 @@ def test_many_workers_one_study_no_duplicates_no_locks(
     url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url")
     n_trials = 16  # two or more a worker: enough to collide on every claim
     create_study(spec_from_dict(_tiny_fast(n_trials, grace_period=60, heartbeat_interval=5)), url)
-    procs = _workers(url, tmp_path / "run", n_workers)
+    # On SQLite the workers are started by hand, as a user does: the storage
+    # from LIGHTSTUDY_STORAGE, no --run-dir (test_cli's two hand-started workers were this test).
+    procs = (
+        _workers(url, tmp_path / "run", n_workers)
+        if backend == "postgres"
+        else _workers(url, None, n_workers, tmp_path)
+    )
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * n_workers, outs
     for out in outs:
@@ -245,14 +235,14 @@ def test_postgres_restart_during_a_study_costs_no_trial(private_postgres: Privat
     logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
     procs = [_run_worker_subprocess(pg_url, tmp_path / "run", log=log) for log in logs]
     study, _ = load_study(pg_url, "tiny")
-    _when(lambda: len([t for t in study.get_trials() if t.state == TrialState.COMPLETE]) >= 2, timeout=300)
+    wait_until(lambda: len([t for t in study.get_trials() if t.state == TrialState.COMPLETE]) >= 2, timeout=300)
     private_postgres.stop()  # the server goes away (fast shutdown: sessions cut) ...
 
     def noticed() -> bool:  # ... and stays away until a worker has met the outage (a heartbeat, a claim)
         text = "".join(p.read_text() for p in [*logs, *(tmp_path / "run").rglob("trial.log")])
         return "database unavailable" in text or "heartbeat of trial" in text
 
-    _when(noticed, timeout=120)
+    wait_until(noticed, timeout=120)
     private_postgres.start()
     for p in procs:
         p.wait(timeout=600)
@@ -375,7 +365,7 @@ def test_sigterm_during_validation_hands_the_trial_back(
     create_study(spec_from_dict(doc), url)
     proc = _run_worker_subprocess(url, tmp_path / "run", SLURM_TASK if slurm else None)
     try:
-        _when(gate.exists)
+        wait_until(gate.exists)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:
