@@ -22,7 +22,7 @@ def _run_notebook(folder: Path, cells: list[str]) -> list[list[dict]]:
     return [[dict(o) for o in cell.outputs] for cell in nb.cells]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=35)
 def test_a_notebook_shows_a_live_bar_and_a_line_per_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``lightstudy.run`` in a kernel: rich's live bar as an ipywidgets Output, one line per trial,
     the result object in the next cell; no Optuna INFO line or warning in the cell's output."""

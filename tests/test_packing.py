@@ -340,7 +340,7 @@ def test_a_packed_trial_killed_by_the_oom_killer_is_retried_alone(tmp_path: Path
 # --- end to end: the launcher on a stand-in GPU -----------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_auto_packing_adds_a_worker_and_retries_an_out_of_memory_trial_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

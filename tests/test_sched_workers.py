@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from optuna.trial import TrialState
 
-from conftest import tiny_spec
+from conftest import tiny_spec, wait_until
 from lightstudy.artifacts import CheckpointRef
 from lightstudy.checkpoints import kept_trials, needed_trials
 from lightstudy.spec import spec_from_dict
@@ -174,18 +174,7 @@ def _worker_process(url: str, run_dir: Path) -> Any:
     )
 
 
-def _when(predicate: Any, timeout: float = 120.0) -> None:
-    import time
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
-
-
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_kill_9_of_a_worker_during_a_promoted_trial_leaves_the_study_exact(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
     hold = tmp_path / "hold"
@@ -194,7 +183,8 @@ def test_kill_9_of_a_worker_during_a_promoted_trial_leaves_the_study_exact(tmp_p
     create_study(spec_from_dict(doc), url)
     run_dir = tmp_path / "run"
     victim = _worker_process(url, run_dir)
-    _when(hold.exists)  # the promoted trial is in epoch 2's validation, epoch 1's last.ckpt its own
+    # The promoted trial is in epoch 2's validation, epoch 1's last.ckpt its own.
+    wait_until(hold.exists, what="the promoted trial's hold file", proc=victim)
     victim.kill()
     victim.wait()
     survivor = Worker(url, "tiny", run_dir=run_dir, threads=1).run()  # reaps the dead trial, retries it

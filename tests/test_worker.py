@@ -440,7 +440,8 @@ def test_the_warm_process_logs_its_stages_and_parses_with_the_study_cli(tmp_path
         seconds = warm.ready()
         assert mark.read_text() == "parsed"  # the study's own cli: class parsed its config
         assert set(seconds) == {"import", "study config"}, seconds
-        _when(lambda: "warm-up: trial path" in log.read_text())  # idle: the warm-up trial ran
+        # idle: the warm-up trial ran
+        wait_until(lambda: "warm-up: trial path" in log.read_text(), what="the warm-up trial in warm.log")
         text = log.read_text()
         assert f"warm process {warm.pid} ready" in text and "failed" not in text, text
     finally:
