@@ -38,9 +38,12 @@ RESULTS = {
     "lightstudy.__main__",
 }
 
-# Floors of the whole package when this test was written (before and after the CLI became a
-# package; the issue counted 13 another way). Lower it as the package gets flatter.
-MAX_FLOORS = 12
+# Floors of the whole package: 12 when this test was written (before and after the CLI became a
+# package; the issue counted 13 another way); 11 since the device checks (devices.py), the stop
+# flag (stopping.py), the launched worker's entry (launched.py) and the warm process's server
+# (_warm.py, apart from the workers' client in warmserver.py) left the modules that import
+# the trial machinery. Lower it as the package gets flatter.
+MAX_FLOORS = 11
 
 
 def _modules() -> dict[str, Path]:

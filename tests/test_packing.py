@@ -216,7 +216,7 @@ def test_a_packed_trial_is_capped_and_one_over_its_cap_is_retried_alone(
 ) -> None:
     import os
 
-    from lightstudy.trial import Outcome
+    from lightstudy.trial import _describe
 
     gpu_share.write_state(tmp_path, GpuState("0", True, 2, 0.4, os.getpid()))
     fits, trial = _memory(tmp_path, 16, monkeypatch)
@@ -229,8 +229,8 @@ def test_a_packed_trial_is_capped_and_one_over_its_cap_is_retried_alone(
     with pytest.raises(Exception, match="CUDA out of memory") as raised, big:
         pass
     assert trial.user_attrs[packing.MEMORY_ATTR]["oom"] is True
-    outcome = big.outcome(raised.value, {})
-    assert outcome.state == Outcome.OUT_OF_MEMORY and "retried alone" in (outcome.reason or "")
+    alone, why = big.out_of_memory(_describe(raised.value))
+    assert alone and why.endswith("; retried alone"), why
 
     # the worker marked the lineage: its next attempt runs alone, uncapped, and fits
     gpu_share.mark_alone(tmp_path / "trials/trial-0002", "out of memory")
@@ -246,7 +246,7 @@ def test_out_of_memory_alone_fails_with_the_reason(tmp_path: Path, monkeypatch: 
 
     import torch
 
-    from lightstudy.trial import Outcome
+    from lightstudy.trial import _describe
 
     gpu_share.write_state(tmp_path, GpuState("0", True, 2, 0.4, os.getpid()))
     gpu_share.mark_alone(tmp_path / "trials/trial-0002", "out of memory")
@@ -254,17 +254,17 @@ def test_out_of_memory_alone_fails_with_the_reason(tmp_path: Path, monkeypatch: 
     error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     with pytest.raises(torch.cuda.OutOfMemoryError), memory:
         raise error
-    outcome = memory.outcome(error, {})
-    assert outcome.state == Outcome.FAILED
-    assert "out of GPU memory even alone on GPU 0" in (outcome.reason or "")
-    assert "CUDA out of memory. Tried to allocate 20.00 GiB" in (outcome.reason or "")
+    alone, why = memory.out_of_memory(_describe(error))
+    assert not alone
+    assert "out of GPU memory even alone on GPU 0" in why
+    assert "CUDA out of memory. Tried to allocate 20.00 GiB" in why
     # no launcher's plan (a lone `lightstudy worker`): failed with the error, as before packing
     gpu_share.clear(tmp_path)
     lone, _ = _memory(tmp_path, 48, monkeypatch)
     with lone:
         pass
-    plain = lone.outcome(error, {})
-    assert plain.state == Outcome.FAILED and (plain.reason or "").startswith("OutOfMemoryError: CUDA out of memory")
+    alone, why = lone.out_of_memory(_describe(error))
+    assert not alone and why.startswith("OutOfMemoryError: CUDA out of memory"), why
 
 
 # --- the worker's retry policy ---------------------------------------------------------------

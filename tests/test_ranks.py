@@ -5,8 +5,9 @@ from typing import Any
 import pytest
 
 from conftest import tiny_spec
+from lightstudy.devices import check_ddp_storage, check_devices
 from lightstudy.errors import LightstudyError
-from lightstudy.ranks import check_ddp_storage, check_devices, exit_reason
+from lightstudy.ranks import exit_reason
 from lightstudy.spec import spec_from_dict
 
 

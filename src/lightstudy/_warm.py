@@ -1,4 +1,5 @@
-"""What the warm process (:mod:`lightstudy.warmserver`) does to itself before it forks trials.
+"""The warm process itself (``python -m lightstudy._warm``; :mod:`lightstudy.warmserver` starts
+it and talks to it): what it does to itself before it forks trials, then serving the forks.
 
 Importing is only half of a warm start: a process's first ``LightningCLI`` parse of a class, first
 ``Trainer`` set-up, TensorBoard logger and training step fill jsonargparse's and Lightning's
@@ -16,18 +17,40 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import json
 import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
+
+from lightstudy.errors import LightstudyError
+from lightstudy.warmserver import _EARLY_LOG, _INT, _LOG_FORMAT, Setup, _Fd, _Request
 
 if TYPE_CHECKING:
     from lightstudy.spec import StudySpec
 
-__all__ = ["PRELOAD", "import_preload", "parse_study_config", "run_tiny_trial", "user_modules", "warm_stage"]
+__all__ = [
+    "PRELOAD",
+    "import_preload",
+    "main",
+    "parse_study_config",
+    "run_tiny_trial",
+    "user_modules",
+    "warm_stage",
+]
 
 _LIGHTNING = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning")
 _log = logging.getLogger(__name__)
@@ -140,3 +163,223 @@ def quiet_lightning() -> Iterator[None]:
     finally:
         for log, level in zip(loggers, levels):
             log.setLevel(level)
+
+
+# --- the warm process itself ----------------------------------------------------------------------
+
+
+@dataclass
+class _Server:
+    listener: socket.socket
+    setup: Setup
+    wakeup: tuple[int, int]
+    children: dict[int, socket.socket] = field(default_factory=dict)
+    warmed: bool = False
+    stopping: bool = False
+
+    def serve(self) -> None:
+        """Fork what workers ask for; warm up when idle; reap children; until stdin closes or SIGTERM."""
+        stdin = sys.stdin.buffer
+        while not self.stopping:
+            timeout = None if self.warmed else 0.0
+            ready, _, _ = select.select([self.listener, stdin, self.wakeup[0]], [], [], timeout)
+            if not ready:  # idle, not warmed yet: warm up now (a request waiting would have been served)
+                self.warm_up()
+                continue
+            if self.wakeup[0] in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self.wakeup[0], 4096)
+                self.reap()
+            if self.listener in ready:
+                self.accept()
+            if stdin in ready and not os.read(stdin.fileno(), 4096):
+                _log.info("warm process: its starter is gone; stopping")
+                break
+        self.reap()
+
+    def warm_up(self) -> None:
+
+        seconds: dict[str, float] = {}
+        warm_stage("trial path", run_tiny_trial, seconds)
+        self.warmed = True
+        _log.info("warm-up: %s", ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()) or "failed")
+
+    def accept(self) -> None:
+        conn, _ = self.listener.accept()
+        conn.setblocking(True)
+        try:
+            head, fds, _, _ = socket.recv_fds(conn, _INT.size, 8)
+            if len(head) < _INT.size:
+                rest = _read_exact(conn, _INT.size - len(head))
+                head += rest or b""
+            size = int(_INT.unpack(head)[0])
+            payload = _read_exact(conn, size)
+        except (OSError, struct.error) as e:
+            _log.warning("warm process: a broken request (%s)", e)
+            conn.close()
+            return
+        if payload is None:
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            return
+        started = time.perf_counter()
+        # A signal for the child between the fork and its own handlers waits (blocked), and then
+        # meets the default action, not this process's handler.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        pid = os.fork()
+        if pid == 0:
+            self._child(conn, payload, fds, blocked)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for fd in fds:
+            os.close(fd)
+        try:
+            conn.sendall(_INT.pack(pid))
+        except OSError:  # the worker went away meanwhile: the child sees its pipe broken and dies
+            conn.close()
+            return
+        self.children[pid] = conn
+        _log.info("forked trial process %d in %.1f ms", pid, (time.perf_counter() - started) * 1000)
+
+    def _child(self, conn: socket.socket, payload: bytes, fds: list[int], mask: set[int]) -> None:
+        code = 1
+        try:
+            for sig in (signal.SIGTERM, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.set_wakeup_fd(-1)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            for sock in (self.listener, conn, *self.children.values()):
+                sock.close()
+            for fd in self.wakeup:
+                os.close(fd)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.close(devnull)
+            *passed, out, err = fds
+            os.dup2(out, 1)
+            os.dup2(err, 2)
+            os.close(out)
+            os.close(err)
+            request: _Request = pickle.loads(payload)
+            os.environ.clear()
+            os.environ.update(request.env)  # the worker's: CUDA_VISIBLE_DEVICES, threads, ...
+            os.chdir(request.cwd)
+            args = [Connection(passed[a.index]) if isinstance(a, _Fd) else a for a in request.args]
+            request.target(*args)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.children.pop(pid, None)
+            if conn is None:
+                continue
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            with contextlib.suppress(OSError):
+                conn.sendall(_INT.pack(code))
+            conn.close()
+
+
+def _read_exact(conn: socket.socket, size: int) -> bytes | None:
+    chunks, got = [], 0
+    while got < size:
+        chunk = conn.recv(min(size - got, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _verdict(out: IO[str], **fields: Any) -> None:
+    out.write(json.dumps(fields) + "\n")
+    out.flush()
+
+
+def main(address: str) -> int:
+    """The warm process: set up (see the module's doc), then serve until told to stop."""
+    stdin = sys.stdin.buffer
+    head = stdin.read(_INT.size)
+    setup: Setup = pickle.loads(stdin.read(int(_INT.unpack(head)[0])))
+    logging.basicConfig(level=logging.INFO if setup.verbose else logging.WARNING, format=_LOG_FORMAT)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(address)  # at once: a worker that asks early waits in the backlog
+    listener.listen(128)
+    # The verdict gets stdout to itself: anything printed while importing goes to stderr.
+    status = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    import_preload(setup.spec)
+    seconds["import"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if setup.check:
+        from lightstudy.lightning_config import check_spec
+
+        try:
+            with quiet_lightning():
+                check_spec(setup.spec)
+        except LightstudyError as e:
+            _verdict(status, ok=False, message=e.message, fix=e.fix)
+            return 2
+        seconds["check"] = time.perf_counter() - start
+    warm_stage("study config", lambda: parse_study_config(setup.spec), seconds)
+    if setup.log is not None:  # from here its output goes to the run's log, what it wrote so far first
+        Path(setup.log).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(setup.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        early = Path(address).parent / _EARLY_LOG
+        if early.exists():
+            os.write(fd, early.read_bytes())
+        os.dup2(fd, 2)
+        os.close(fd)
+    _verdict(status, ok=True, seconds=seconds, pid=os.getpid())
+    status.close()
+    os.dup2(2, 1)  # the log too, if it moved
+    _log.info(
+        "warm process %d ready at %s: %s",
+        os.getpid(),
+        address,
+        ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()),
+    )
+    wakeup = os.pipe()
+    for fd in wakeup:
+        os.set_blocking(fd, False)
+    server = _Server(listener, setup, wakeup)
+
+    def on_term(signum: int, frame: Any) -> None:
+        server.stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the launcher's to pass on
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes select through the wakeup fd
+    signal.set_wakeup_fd(wakeup[1])
+    try:
+        server.serve()
+    finally:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(address)
+    return 0
+
+
+if __name__ == "__main__":  # run as lightstudy._warm (``python -m``): the server, its module imported once
+    import sys
+
+    from lightstudy._warm import main as _main
+
+    sys.exit(_main(sys.argv[1]))

@@ -261,8 +261,8 @@ def run(
         LightstudyError: a bad spec or option.
         WorkersFailed: a worker exited with an error (``.study`` is the study as it ended).
     """
+    from lightstudy.devices import check_devices
     from lightstudy.launcher import Launcher, plan_slots, trials_per_gpu_count
-    from lightstudy.ranks import check_devices
     from lightstudy.spec import load_spec, trial_world_size, with_overrides
     from lightstudy.study import create_study
     from lightstudy.warmserver import start_warm

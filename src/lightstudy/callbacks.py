@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import math
-import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightstudy.errors import TrialError
-from lightstudy.lightning_config import pl_module
+from lightstudy.stopping import install_stop_handlers, request_stop, stop_requested
 from lightstudy.storage import retry_db
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ __all__ = [
     "checkpoint_callback",
     "guard_callback",
     "hyperparameters_callback",
+    "install_stop_handlers",
     "last_checkpoint_callback",
     "pruning_callback",
     "request_stop",
@@ -33,25 +34,9 @@ __all__ = [
     "time_checkpoint_io",
 ]
 
-_STOP = {"requested": False}
-
 
 class TrialInterrupted(Exception):
     """The trial process was asked to stop; its checkpoint is saved for the retry."""
-
-
-def request_stop(signum: int = 0, frame: Any = None) -> None:
-    """Signal handler of the trial process: finish the current batch, save, and end."""
-    _STOP["requested"] = True
-
-
-def stop_requested() -> bool:
-    return _STOP["requested"]
-
-
-def install_stop_handlers() -> None:
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
 
 
 def _missing(metrics: Any, wanted: list[str]) -> TrialError:
@@ -69,7 +54,7 @@ def _pruning_class(namespace: str) -> type:
 
     bases: tuple[type, ...] = (PyTorchLightningPruningCallback,)
     if namespace != "lightning.pytorch":  # also a pytorch_lightning.Callback, for its Trainer
-        bases += (pl_module(namespace).Callback,)
+        bases += (importlib.import_module(namespace).Callback,)
 
     class LightstudyPruningCallback(*bases):  # type: ignore[misc]
         """Optuna's pruning callback; a missing metric is an error naming the logged ones."""
@@ -96,7 +81,7 @@ def pruning_callback(namespace: str, trial: optuna.Trial, monitor: str) -> Any:
 def _guard_class(namespace: str) -> type:
     import torch
 
-    base = pl_module(namespace).Callback
+    base = importlib.import_module(namespace).Callback
 
     class TrialGuard(base):  # type: ignore[misc, valid-type]
         def __init__(self, metrics: list[str], save_to: Path, directions: list[str] | None = None) -> None:
@@ -243,7 +228,7 @@ def guard_callback(namespace: str, metrics: list[str], save_to: Path, directions
 def _last_class(namespace: str) -> type:
     # A Checkpoint callback: Lightning runs those after every other callback, in list order, so
     # this one (listed after ModelCheckpoint) saves the epoch's best-checkpoint state with it.
-    base = pl_module(namespace).callbacks.Checkpoint
+    base = importlib.import_module(namespace).callbacks.Checkpoint
 
     class LastCheckpoint(base):  # type: ignore[misc, valid-type]
         """Saves where training stands to ``path`` at the end of every training epoch (after
@@ -266,7 +251,7 @@ def last_checkpoint_callback(namespace: str, path: Path) -> Any:
 
 @functools.cache
 def _timed_io_class(namespace: str) -> type:
-    base = pl_module(namespace).plugins.CheckpointIO
+    base = importlib.import_module(namespace).plugins.CheckpointIO
 
     class TimedCheckpointIO(base):  # type: ignore[misc, valid-type]
         """The strategy's CheckpointIO, timed (``seconds``), writing each file atomically: a
@@ -312,7 +297,7 @@ def checkpoint_callback(namespace: str, dirpath: Path, monitor: str | None, mode
     """Lightning's ModelCheckpoint: the best epoch on the study metric (``last.ckpt`` is
     :func:`last_checkpoint_callback`'s: ModelCheckpoint's own is written only on epochs that
     enter its top k, and as ``last-v1.ckpt`` after a resume)."""
-    model_checkpoint = pl_module(namespace).callbacks.ModelCheckpoint
+    model_checkpoint = importlib.import_module(namespace).callbacks.ModelCheckpoint
     label = (monitor or "").replace("/", "_")  # a '/' in a metric name would make a folder
     filename = f"epoch={{epoch}}-{label}={{{monitor}:.4f}}" if monitor else "epoch={epoch}"
     return model_checkpoint(
@@ -328,7 +313,7 @@ def checkpoint_callback(namespace: str, dirpath: Path, monitor: str | None, mode
 
 @functools.cache
 def _hyperparameters_class(namespace: str) -> type:
-    class KeepHyperparameters(pl_module(namespace).Callback):  # type: ignore[misc]
+    class KeepHyperparameters(importlib.import_module(namespace).Callback):  # type: ignore[misc]
         """Restored optimizers keep their state but take this trial's hyperparameters: each param
         group's values (all but ``params``) as ``configure_optimizers`` built them, read in
         ``on_fit_start`` (before the checkpoint's optimizer state is loaded) and put back in

@@ -245,7 +245,7 @@ class TrialMemory:
     def _wait_for_plan(self, state: GpuState) -> GpuState:
         """The launcher's plan, once the GPU's measured trial has recorded its peak (not before
         its share is known does a trial start beside others); a stop request ends the wait."""
-        from lightstudy.callbacks import stop_requested
+        from lightstudy.stopping import stop_requested
 
         end = time.monotonic() + DECISION_WAIT
         while time.monotonic() < end and not stop_requested():
@@ -301,16 +301,14 @@ class TrialMemory:
     def is_out_of_memory(error: BaseException) -> bool:
         return is_out_of_memory(error)
 
-    def outcome(self, error: BaseException, timings: dict[str, float]) -> Any:
-        """The outcome of a trial that ran out of GPU memory: OUT_OF_MEMORY (retried alone) when
-        it shared its GPU, else FAILED with the reason (it ran out of memory on its own)."""
-        from lightstudy.trial import Outcome, TrialOutcome, _describe
-
+    def out_of_memory(self, why: str) -> tuple[bool, str]:
+        """A trial that ran out of GPU memory (``why``: the error, described): (retry it alone,
+        the reason to record). Retried alone when it shared its GPU; else it ran out of memory on
+        its own and fails: the configuration does not fit."""
         state = read_state(self.job.run_dir, self.gpu)
-        why = _describe(error)
         if state is not None and state.packed and not self.alone:
-            return TrialOutcome(Outcome.OUT_OF_MEMORY, reason=f"{why}; retried alone", timings=timings)
+            return True, f"{why}; retried alone"
         if state is not None:  # it had the GPU to itself: the configuration does not fit
             alone = "even alone " if self.alone else "alone "
             why = f"out of GPU memory {alone}on GPU {self.gpu} (the configuration does not fit it): {why}"
-        return TrialOutcome(Outcome.FAILED, reason=why, timings=timings)
+        return False, why

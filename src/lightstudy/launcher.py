@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightstudy import gpu_share, packing
+from lightstudy.devices import detect_gpus
 from lightstudy.errors import LightstudyError
 from lightstudy.storage import ENV_VAR
 
@@ -50,27 +50,6 @@ class Slot:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(self.threads)
         return env
-
-
-def detect_gpus() -> list[str]:
-    """GPU ids this process may use, without initializing CUDA: CUDA_VISIBLE_DEVICES, else nvidia-smi."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        out = subprocess.run(
-            [smi, "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        ).stdout
-    except (subprocess.SubprocessError, OSError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def plan_slots(
@@ -179,14 +158,12 @@ class Launcher:
         base[ENV_VAR] = self.url  # not in argv: a password would show in `ps`
         base.setdefault("PYTHONUNBUFFERED", "1")
         if self.warm is not None:
-            from lightstudy.warmserver import ADDRESS_VAR
-
-            base[ADDRESS_VAR] = self.warm.address
+            base.update(self.warm.environment())
         for slot in self.slots:
             cmd = [
                 sys.executable,
                 "-m",
-                "lightstudy.launcher",  # worker_main: `lightstudy worker` once the launcher says go
+                "lightstudy.launched",  # `lightstudy worker` once the launcher says go
                 "--study",
                 self.spec.study.name,
                 "--run-dir",
@@ -384,18 +361,6 @@ class Launcher:
         return text
 
 
-def worker_main(argv: list[str]) -> int:
-    """A worker of the launcher's (``python -m lightstudy.launcher ARGS``): the imports of a worker
-    first, then a line on stdin: ``go`` runs ``lightstudy worker ARGS``; its end (the launcher
-    cancelled, or is gone) exits 0 at once."""
-    import lightstudy.worker  # noqa: F401 (Optuna, SQLAlchemy: the bulk of a worker's start)
-    from lightstudy.cli import main
-
-    if sys.stdin.readline().strip() != "go":
-        return 0
-    return int(main(["worker", *argv]) or 0)
-
-
 def _live_bar(console: Console) -> bool:
     """A live progress bar in a terminal, and in Jupyter where ipywidgets renders it (rich's
     Jupyter display is an ipywidgets Output); elsewhere, and without ipywidgets, a line per trial."""
@@ -415,9 +380,3 @@ def _best_value(study: Any, spec: StudySpec) -> Any:
         return study.best_value
     except ValueError:
         return None
-
-
-if __name__ == "__main__":  # run as lightstudy.launcher (its classes, once)
-    from lightstudy.launcher import worker_main as _worker_main
-
-    sys.exit(_worker_main(sys.argv[1:]))

@@ -135,7 +135,7 @@ Message = Report | ShouldPrune | RecordAttr | Finished
 
 def trial_main(job: TrialJob, conn: Any) -> None:
     """Entry point of the trial process: run the trial, send the outcome, exit."""
-    from lightstudy.callbacks import install_stop_handlers
+    from lightstudy.stopping import install_stop_handlers
 
     install_stop_handlers()
     _die_with_worker(conn)
@@ -251,7 +251,8 @@ def run_trial(job: TrialJob, conn: Any = None) -> TrialOutcome:
             raise
         traceback.print_exc()
         if memory.is_out_of_memory(e):  # retried alone if it shared its GPU
-            return memory.outcome(e, timings)
+            alone, why = memory.out_of_memory(_describe(e))
+            return TrialOutcome(Outcome.OUT_OF_MEMORY if alone else Outcome.FAILED, reason=why, timings=timings)
         return TrialOutcome(Outcome.FAILED, reason=_describe(e), timings=timings)
 
 

@@ -35,9 +35,10 @@ from lightstudy.checkpoints import (
     sweep_local,
     would_keep,
 )
+from lightstudy.devices import check_devices
 from lightstudy.gpu_share import mark_alone, read_state, runs_alone
 from lightstudy.packing import FREE_RETRIES_ATTR, RETRIED_ALONE_ATTR, died_of_memory
-from lightstudy.ranks import check_devices, run_processes
+from lightstudy.ranks import run_processes
 from lightstudy.scheduler import EPOCHS_ATTR
 from lightstudy.spec import trial_world_size
 from lightstudy.storage import db_error_text, open_storage, retry_db

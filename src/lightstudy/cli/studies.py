@@ -44,7 +44,7 @@ def validate(file: Annotated[Path, typer.Argument(help="Study spec (YAML).")]) -
 
     url = storage_url(None, spec=spec)
     check_url(url)
-    from lightstudy.ranks import check_ddp_storage
+    from lightstudy.devices import check_ddp_storage
     from lightstudy.spec import trial_world_size
 
     check_ddp_storage(trial_world_size(spec.config), url)
