@@ -316,6 +316,7 @@ def main(address: str) -> int:
     stdin = sys.stdin.buffer
     head = stdin.read(_INT.size)
     setup: Setup = pickle.loads(stdin.read(int(_INT.unpack(head)[0])))
+    sys.path[:] = [*setup.sys_path, *(p for p in sys.path if p not in setup.sys_path)]
     logging.basicConfig(level=logging.INFO if setup.verbose else logging.WARNING, format=_LOG_FORMAT)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(address)  # at once: a worker that asks early waits in the backlog

@@ -69,6 +69,10 @@ class Setup:
     check: bool = False  # check the whole spec (lightning_config.check_spec) and report its error
     log: str | None = None  # once ready, its output goes here (None: it keeps its stderr)
     verbose: bool = False  # INFO lines in its log
+    # Where its starter imports from (sys.path: the project folder, a notebook's or a test's own
+    # entries), so the warm process and its trials import the user's classes as the starter
+    # does, as a multiprocessing child is given its parent's sys.path.
+    sys_path: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -297,7 +301,9 @@ def start_warm(
     run_env = dict(os.environ if env is None else env)
     run_env.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # "is there a GPU?" without initializing CUDA
     verbose = run_env.get("LIGHTSTUDY_VERBOSE", "") not in ("", "0")
-    setup = Setup(spec, check=check, log=str(log) if log is not None else None, verbose=verbose)
+    setup = Setup(
+        spec, check=check, log=str(log) if log is not None else None, verbose=verbose, sys_path=tuple(sys.path)
+    )
     stderr: Any = None
     if log is not None:
         stderr = open(early_log, "wb")  # noqa: SIM115 (the child holds it)

@@ -137,11 +137,9 @@ class Worker:
         """Claim and run trials until the study is done, the worker's limit, or a signal.
 
         One trial, top to bottom: claim (Optuna samples its parameters) → prepare (its folder,
-        seed, and the checkpoint a retry resumes from) → run (its process(es), heartbeats while
+        seed, the checkpoint it resumes from: :meth:`_prepare`) → run (its process(es), heartbeats while
         they train) → record (:meth:`_finish`: as :data:`RECORD` says, then its files).
         """
-        from optuna.pruners import NopPruner
-
         from lightstudy.study import claim_trial
 
         previous = self._install_signal_handlers()
@@ -157,49 +155,11 @@ class Worker:
                         break
                     self._sleep(self.poll_interval)  # others still run trials that may be retried
                     continue
-                # 2. prepare: the lineage's folder, its seed, a retry's last.ckpt
+                # 2. prepare: the lineage's folder, its seed, the checkpoint it resumes from
                 prepared = time.time()
-                frozen = self.db.trial(trial_id(trial))
-                root = lineage_root(frozen)
-                trial_dir = trial_dir_name(root)
-                history = frozen.system_attrs.get("retry_history") or []
-                last = self.run_dir / trial_dir / "checkpoints" / "last.ckpt"
-                resume, resumed_trial = (str(last), history[-1]) if history and last.exists() else (None, None)
-                # a scheduled trial: its epochs in all, and a promotion/PBT step starts from its parent
-                epochs, parent = frozen.user_attrs.get(EPOCHS_ATTR), frozen.user_attrs.get("parent_trial")
-                if resume is None and parent is not None:
-                    resume, missing = self._link_parent(int(parent), last)
-                    resumed_trial = int(parent) if resume else None
-                    if missing:
-                        self._finish(trial, TrialOutcome(Outcome.FAILED, reason=missing), None, trial_dir, 0.0)
-                        continue
-                seed = frozen.user_attrs.get("seed")
-                if seed is None and self.spec.study.seed is not None:
-                    seed = (self.spec.study.seed + root) % 2**31
-                worker = f"{socket.gethostname()}:{os.getpid()}"
-                attrs = {"seed": seed, "worker": worker, "gpu": self.gpu, "threads": self.threads}
-                self._set_attrs(trial, {**attrs, TRIAL_DIR_ATTR: trial_dir})
-                job = TrialJob(
-                    storage_url=self.url,
-                    study_name=self.study_name,
-                    trial_id=trial_id(trial),
-                    number=trial.number,
-                    spec=self.spec,  # parsed once: the trial process validates nothing again
-                    params=dict(trial.params),
-                    seed=seed,
-                    run_dir=str(self.run_dir),
-                    trial_dir=trial_dir,
-                    resume=resume,
-                    resumed_trial=resumed_trial,
-                    threads=self.threads,
-                    prunes=not isinstance(self.study.pruner, NopPruner),  # by name or by class path
-                    max_epochs=None if epochs is None else int(epochs),
-                    new_hyperparameters=parent is not None and self._explores(frozen, int(parent)),
-                )
-                retry_of = f" (retry of {resumed_trial}, resuming)" if resume else ""
-                if resume and not history:
-                    retry_of = f" (from trial {resumed_trial}'s checkpoint, until epoch {epochs})"
-                _log.info("trial %d started%s: %s", trial.number, retry_of, _short(job.params))
+                job = self._prepare(trial)
+                if job is None:  # a scheduled trial whose parent's checkpoint is missing: failed
+                    continue
                 # 3. run: rank 0's outcome, or None and why the process died
                 start, self._trial = time.time(), trial
                 with _Heartbeat(self.db, trial_id(trial), self.spec.study.heartbeat_interval):
@@ -207,11 +167,60 @@ class Worker:
                 if outcome is not None:  # the worker's share of the trial's time, beside the process's own
                     outcome.timings.update(claim=prepared - claimed, prepare=job.started - prepared)
                 # 4. record
-                self._finish(trial, outcome, died, trial_dir, time.time() - start)
+                self._finish(trial, outcome, died, job.trial_dir, time.time() - start)
         finally:
             self._restore_signal_handlers(previous)
             self._stop_warm()
         return self.report
+
+    def _prepare(self, trial: optuna.Trial) -> TrialJob | None:
+        """The trial's job: its lineage's folder, its seed, the checkpoint it resumes from (a
+        retry's own last.ckpt, or a scheduled trial's parent's), its attrs recorded; None when a
+        scheduled trial's parent checkpoint is missing (the trial is then failed)."""
+        from optuna.pruners import NopPruner
+
+        frozen = self.db.trial(trial_id(trial))
+        root = lineage_root(frozen)
+        trial_dir = trial_dir_name(root)
+        history = frozen.system_attrs.get("retry_history") or []
+        last = self.run_dir / trial_dir / "checkpoints" / "last.ckpt"
+        resume, resumed_trial = (str(last), history[-1]) if history and last.exists() else (None, None)
+        # a scheduled trial: its epochs in all, and a promotion/PBT step starts from its parent
+        epochs, parent = frozen.user_attrs.get(EPOCHS_ATTR), frozen.user_attrs.get("parent_trial")
+        if resume is None and parent is not None:
+            resume, missing = self._link_parent(int(parent), last)
+            resumed_trial = int(parent) if resume else None
+            if missing:
+                self._finish(trial, TrialOutcome(Outcome.FAILED, reason=missing), None, trial_dir, 0.0)
+                return None
+        seed = frozen.user_attrs.get("seed")
+        if seed is None and self.spec.study.seed is not None:
+            seed = (self.spec.study.seed + root) % 2**31
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        attrs = {"seed": seed, "worker": worker, "gpu": self.gpu, "threads": self.threads}
+        self._set_attrs(trial, {**attrs, TRIAL_DIR_ATTR: trial_dir})
+        job = TrialJob(
+            storage_url=self.url,
+            study_name=self.study_name,
+            trial_id=trial_id(trial),
+            number=trial.number,
+            spec=self.spec,  # parsed once: the trial process validates nothing again
+            params=dict(trial.params),
+            seed=seed,
+            run_dir=str(self.run_dir),
+            trial_dir=trial_dir,
+            resume=resume,
+            resumed_trial=resumed_trial,
+            threads=self.threads,
+            prunes=not isinstance(self.study.pruner, NopPruner),  # by name or by class path
+            max_epochs=None if epochs is None else int(epochs),
+            new_hyperparameters=parent is not None and self._explores(frozen, int(parent)),
+        )
+        retry_of = f" (retry of {resumed_trial}, resuming)" if resume else ""
+        if resume and not history:
+            retry_of = f" (from trial {resumed_trial}'s checkpoint, until epoch {epochs})"
+        _log.info("trial %d started%s: %s", trial.number, retry_of, _short(job.params))
+        return job
 
     # --- a scheduled trial's start: its parent's checkpoint ------------------------------------
 
