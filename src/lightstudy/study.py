@@ -288,9 +288,6 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
     Returns the trial (its parameters sampled, its first heartbeat recorded) or None, and the
     budget as it stood.
     """
-    from lightstudy.components import build_sampler
-    from lightstudy.search_space import suggest_params
-
     store = storage_of(study)
     if spec.study.scheduler is not None and isinstance(store, ProxyClientStorage):
         # the proxy does not serialize claims: a promotion or a PBT step could start twice
@@ -305,25 +302,9 @@ def claim_trial(study: optuna.Study, spec: StudySpec) -> tuple[optuna.Trial | No
             return _claim_scheduled(study, spec, state, offset)
         if not state.may_claim:
             return None, state
-        if not store.serializes_claims:  # claims elsewhere may sample at once: their own streams
-            offset += 7919 * (os.getpid() % 100003)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            study.sampler = build_sampler(spec, seed_offset=offset)
-            try:
-                trial = store.ask(study)
-            except Exception as e:
-                if store.budget_spent(e):  # the proxy counted the budget spent meanwhile
-                    return None, count_budget(study, spec)[0]
-                raise
-            try:
-                store.beat(trial_id(trial))
-                suggest_params(trial, spec.search_space)
-            except Exception:
-                # The database went away mid-claim: hand the half-made trial back once it returns,
-                # so it neither runs nor blocks the study.
-                _abandon(study, trial, spec.study.max_retry)
-                raise
+        trial = _ask(study, spec, offset)
+        if trial is None:  # the proxy counted the budget spent meanwhile
+            return None, count_budget(study, spec)[0]
         return trial, state
 
 
