@@ -5,13 +5,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import cli, tiny_spec, write_spec
+from conftest import cli, tiny_spec, wait_until, write_spec
 from lightstudy.errors import LightstudyError
 from lightstudy.launcher import Slot, detect_gpus, plan_slots
 
@@ -195,18 +194,16 @@ def test_sigterm_of_the_launcher_hands_the_trials_back_and_stops_everything(tmp_
         text=True,
     )
     try:
-        deadline = time.monotonic() + 300
         run_dir.mkdir(parents=True)
-        # both trials training: each reported an epoch (through its worker, into the database)
-        while time.monotonic() < deadline and launcher.poll() is None:
+
+        def both_training() -> bool:  # each trial reported an epoch (through its worker, into the database)
             try:
                 trials = optuna.load_study(study_name="stopped", storage=f"sqlite:///{run_dir / 'study.db'}").trials
             except KeyError:  # the database is there before the study is
-                trials = []
-            if sum(1 for t in trials if t.intermediate_values) >= 2:
-                break
-            time.sleep(0.2)
-        assert launcher.poll() is None, launcher.communicate()[0]
+                return False
+            return sum(1 for t in trials if t.intermediate_values) >= 2
+
+        wait_until(both_training, timeout=300, what="both trials reporting an epoch", proc=launcher)
         parents = set(_parents(run_dir).values())
         launcher.send_signal(signal.SIGTERM)
         out, _ = launcher.communicate(timeout=120)
