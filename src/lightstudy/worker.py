@@ -187,9 +187,10 @@ class Worker:
         resume, resumed_trial = (str(last), history[-1]) if history and last.exists() else (None, None)
         # a scheduled trial: its epochs in all, and a promotion/PBT step starts from its parent
         epochs, parent = frozen.user_attrs.get(EPOCHS_ATTR), frozen.user_attrs.get("parent_trial")
-        if resume is None and parent is not None:
-            resume, missing = self._link_parent(int(parent), last)
-            resumed_trial = int(parent) if resume else None
+        parent_trial = self._parent(int(parent)) if parent is not None else None  # one read of the trials
+        if resume is None and parent_trial is not None:
+            resume, missing = self._link_parent(parent_trial, last)
+            resumed_trial = parent_trial.number if resume else None
             if missing:
                 self._finish(trial, TrialOutcome(Outcome.FAILED, reason=missing), None, trial_dir, 0.0)
                 return None
@@ -214,7 +215,8 @@ class Worker:
             threads=self.threads,
             prunes=not isinstance(self.study.pruner, NopPruner),  # by name or by class path
             max_epochs=None if epochs is None else int(epochs),
-            new_hyperparameters=parent is not None and self._explores(frozen, int(parent)),
+            # a PBT exploit: it starts from a checkpoint trained with other parameters
+            new_hyperparameters=parent_trial is not None and dict(parent_trial.params) != dict(frozen.params),
         )
         retry_of = f" (retry of {resumed_trial}, resuming)" if resume else ""
         if resume and not history:
@@ -227,20 +229,19 @@ class Worker:
     def _parent(self, number: int) -> Any:
         return next(t for t in self.db.trials(self.study) if t.number == number)
 
-    def _link_parent(self, number: int, last: Path) -> tuple[str | None, str | None]:
-        """Hard-link (else copy) trial ``number``'s last.ckpt to ``last``, this trial's own, so a
+    def _link_parent(self, parent: Any, last: Path) -> tuple[str | None, str | None]:
+        """Hard-link (else copy) the ``parent`` trial's last.ckpt to ``last``, this trial's own, so a
         retry resumes from it too; (the path, None) or (None, why it is missing).
 
         The parent's file stays while any trial needs it (:func:`lightstudy.checkpoints.sweep_local`);
         a checkpoint is replaced by rename, never written in place, so the link is never changed."""
         import shutil
 
-        parent = self._parent(number)
         folder = parent.user_attrs.get(TRIAL_DIR_ATTR)
         source = self.run_dir / folder / "checkpoints" / "last.ckpt" if folder else None
         if source is None or not source.exists():
             return None, (
-                f"the checkpoint of parent trial {number} ({source}) is missing: a scheduler's trials "
+                f"the checkpoint of parent trial {parent.number} ({source}) is missing: a scheduler's trials "
                 "start from their parent's, so every worker must share the run folder"
             )
         last.parent.mkdir(parents=True, exist_ok=True)
@@ -250,10 +251,6 @@ class Worker:
         except OSError:  # another file system: copy
             shutil.copy2(source, last)
         return str(last), None
-
-    def _explores(self, frozen: Any, parent: int) -> bool:
-        """Whether a trial starts from a checkpoint trained with other parameters (a PBT exploit)."""
-        return dict(self._parent(parent).params) != dict(frozen.params)
 
     # --- the trial process ------------------------------------------------------------------
 
