@@ -24,7 +24,8 @@ It prints one JSON line (also appended to ``--out``) and a table, and exits 1 on
 naming each. A failure replays with the same ``--seed`` (the schedule; not the timing).
 
     python bench/chaos.py                 # 10 minutes of chaos
-    python bench/chaos.py --quick         # about 80 s in all: 45 s of chaos, 4 workers (the test runs this)
+    python bench/chaos.py --quick         # about 80 s in all: 45 s of chaos, 4 workers
+    python bench/chaos.py --quick --minutes 0.5 --workers 2 --keep 2 --seed 1   # the test: about 65 s
     python bench/chaos.py --minutes 3 --seed 7
 """
 

@@ -1,5 +1,6 @@
-"""bench/chaos.py --quick: a minute of kills and a database restart cost no trial, no checkpoint
-and no resumption, and the script's checks do fail on what they guard against."""
+"""bench/chaos.py --quick, shortened to 30 s of chaos with 2 workers: kills and a database restart
+cost no trial, no checkpoint and no resumption, and the script's checks do fail on what they guard
+against."""
 
 from __future__ import annotations
 
@@ -19,21 +20,31 @@ import chaos
 
 KEYS = ["finished", "n_trials", "running", "duplicates", "lost", "orphans", "kept_checkpoints", "keep"]
 KEYS += ["resumed_ok", "retried", "kills", "db_restarts"]
+QUICK_SEED, QUICK_SECONDS = 1, 30  # the suite's chaos run
 
 
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow(seconds=65)
 @pytest.mark.postgres  # a private server (initdb), as the database-restart test uses
 def test_quick_chaos_run_finds_nothing_wrong(tmp_path: Path) -> None:
-    done, rows = run_bench("chaos.py", tmp_path / "chaos.jsonl", "--seed", "1", timeout=420)
+    # Seed 1's 30 s schedule sends every kind of event (SIGKILL and SIGTERM, to a trial process and
+    # to a worker) and stops the database once (test_the_quick_schedule_sends_every_kind_of_event).
+    args = ("--seed", str(QUICK_SEED), "--minutes", str(QUICK_SECONDS / 60), "--workers", "2", "--keep", "2")
+    done, rows = run_bench("chaos.py", tmp_path / "chaos.jsonl", *args, timeout=420)
     line = json.loads(done.stdout.strip().splitlines()[-1])
     assert list(line) == KEYS
     assert line["finished"] == line["n_trials"] > 0
     assert line["running"] == line["duplicates"] == line["lost"] == line["orphans"] == 0
-    assert line["kept_checkpoints"] == line["keep"] == 3
+    assert line["kept_checkpoints"] == line["keep"] == 2
     assert line["resumed_ok"] == line["retried"] > 0
     assert line["kills"] > 0 and line["db_restarts"] == 1
     (row,) = rows
-    assert row["violations"] == [] and row["seed"] == 1 and sum(row["kinds"].values()) == line["kills"]
+    assert row["violations"] == [] and row["seed"] == QUICK_SEED and sum(row["kinds"].values()) == line["kills"]
+
+
+def test_the_quick_schedule_sends_every_kind_of_event() -> None:
+    events, db_at, _ = chaos.schedule(QUICK_SEED, QUICK_SECONDS)
+    assert {e.kind for e in events} == {kind for kind, _ in chaos.EVENTS}
+    assert db_at < QUICK_SECONDS
 
 
 def test_an_attempt_trained_when_its_own_part_of_the_trial_log_says_so(tmp_path: Path) -> None:
