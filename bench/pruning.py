@@ -272,8 +272,10 @@ def report(
 def main() -> None:
     p = parser("pruning", __doc__)
     p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS), help="val_acc targets to reach")
-    p.add_argument("--trials", type=int, default=TRIALS, help=f"trials per study, the fixed budget (default {TRIALS})")
-    p.add_argument("--epochs", type=int, default=EPOCHS, help=f"trainer.max_epochs (default {EPOCHS})")
+    p.add_argument(
+        "--trials", type=int, default=None, help=f"trials per study, the fixed budget (default {TRIALS}; --quick 4)"
+    )
+    p.add_argument("--epochs", type=int, default=None, help=f"trainer.max_epochs (default {EPOCHS}; --quick 2)")
     p.add_argument("--seed-step", type=int, default=SEED_STEP, help="distance between the seeds of repetitions")
     p.add_argument("--samplers", nargs="+", choices=sorted(SAMPLERS), default=["study"], help="samplers to run")
     p.add_argument(
@@ -282,7 +284,9 @@ def main() -> None:
     args = p.parse_args()
     reps = args.reps or SEEDS
     if args.quick:
-        reps, args.trials, args.epochs = 1, 4, 2
+        reps = 1
+    args.trials = args.trials or (4 if args.quick else TRIALS)
+    args.epochs = args.epochs or (2 if args.quick else EPOCHS)
     seeds = [i * args.seed_step for i in range(reps)]
     chosen = args.pruners or (["none", "median"] if args.quick else list(PRUNERS))
     pruners = ["none", *[q for q in chosen if q != "none"]]  # the baseline every ratio is against
