@@ -24,9 +24,10 @@ PG_BASE = os.environ.get("LIGHTSTUDY_TEST_PG", "postgresql+psycopg://postgres@12
 # Rough seconds (2 idle cores, -n 2) of the longest tests in files whose tests carry no
 # ``slow(seconds=...)`` of their own; a slow test not named anywhere counts as SLOW_SECONDS.
 LONG_TESTS = {
-    "test_quick_overhead_writes_every_method": 97,
-    "test_quick_scaling_rows_and_checks": 40,
-    "test_quick_startup_times_every_comparison": 40,
+    "test_quick_overhead_writes_every_method": 85,
+    "test_quick_scaling_rows_and_checks": 35,
+    "test_quick_startup_times_every_comparison": 25,
+    "test_quick_run_writes_one_row_per_pruner_and_checks_every_spec": 25,
 }
 SLOW_SECONDS = 20.0
 
