@@ -4,14 +4,13 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from optuna.trial import TrialState
 
-from conftest import PrivateServer, tiny_spec, wait_until
+from conftest import PrivateServer, tiny_spec, wait_until, warm_for_workers
 from lightstudy.spec import spec_from_dict
 from lightstudy.study import create_study, load_study, retried_numbers
 from lightstudy.summary import CONFIG_ATTR, recorded_config
@@ -192,19 +191,6 @@ def _workers(
     return [_run_worker_subprocess(url, run_dir, env=env, cwd=cwd) for _ in range(n)]
 
 
-@contextlib.contextmanager
-def _shared_warm(doc: dict[str, Any]) -> Iterator[dict[str, str]]:
-    """One warm process for the test's worker processes, as `lightstudy run` starts one for its
-    workers: the environment that points a worker at it ($LIGHTSTUDY_WARM)."""
-    from lightstudy.warmserver import start_warm
-
-    warm = start_warm(spec_from_dict(doc), env={**os.environ, "PYTHONPATH": PYTHONPATH})
-    try:
-        yield warm.environment()
-    finally:
-        warm.stop()
-
-
 @pytest.mark.slow(seconds=50)
 @pytest.mark.parametrize(("backend", "n_workers"), [("sqlite", 4), ("postgres", 8)])
 def test_many_workers_one_study_no_duplicates_no_locks(
@@ -217,7 +203,7 @@ def test_many_workers_one_study_no_duplicates_no_locks(
     # On SQLite the workers are started by hand, as a user does: the storage
     # from LIGHTSTUDY_STORAGE, no --run-dir (test_cli's two hand-started workers were this test).
     # On PostgreSQL they share one warm process, as the workers of `lightstudy run` do.
-    with _shared_warm(doc) if backend == "postgres" else contextlib.nullcontext({}) as warm_env:
+    with warm_for_workers(doc) if backend == "postgres" else contextlib.nullcontext({}) as warm_env:
         procs = (
             _workers(url, tmp_path / "run", n_workers, env=warm_env)
             if backend == "postgres"
@@ -242,7 +228,7 @@ def test_postgres_restart_during_a_study_costs_no_trial(private_postgres: Privat
     doc = _slow(tiny_spec(n_trials=6, grace_period=60, heartbeat_interval=2), step_sleep=0.02, epochs=3)
     create_study(spec_from_dict(doc), pg_url)
     logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
-    with _shared_warm(doc) as warm_env:  # the two workers share one, as under `lightstudy run`
+    with warm_for_workers(doc) as warm_env:  # the two workers share one, as under `lightstudy run`
         procs = [_run_worker_subprocess(pg_url, tmp_path / "run", env=warm_env, log=log) for log in logs]
         study, _ = load_study(pg_url, "tiny")
         wait_until(lambda: len([t for t in study.get_trials() if t.state == TrialState.COMPLETE]) >= 2, timeout=300)
