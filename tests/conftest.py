@@ -143,6 +143,22 @@ def _said(what: Callable[[], str] | str) -> str:
     return what() if callable(what) else what
 
 
+@contextlib.contextmanager
+def warm_for_workers(doc: dict[str, Any]) -> Iterator[dict[str, str]]:
+    """One warm process for a test's worker processes, as `lightstudy run` starts one for its
+    workers: the environment that points a ``lightstudy worker`` at it ($LIGHTSTUDY_WARM)."""
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.warmserver import start_warm
+
+    tests = str(Path(__file__).parent)
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p)
+    warm = start_warm(spec_from_dict(doc), env={**os.environ, "PYTHONPATH": path})
+    try:
+        yield warm.environment()
+    finally:
+        warm.stop()
+
+
 def tiny_spec(name: str = "tiny", *, n_trials: int = 3, max_epochs: int = 2, **study: Any) -> dict[str, Any]:
     """A study document that trains in about a second a trial on CPU."""
     doc: dict[str, Any] = {

@@ -103,19 +103,65 @@ def test_the_workers_of_a_run_share_one_warm_process(tmp_path: Path) -> None:
         os.kill(parents.pop(), 0)
 
 
+@pytest.mark.slow(seconds=25)
+def test_the_workers_of_one_process_share_its_warm_process_until_a_source_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process workers (a notebook, a script) keep this process's warm process for the next
+    study; an edited model module, or another sys.path, gets a new one: never the old code."""
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.study import create_study
+    from lightstudy.warmserver import stop_shared
+    from lightstudy.worker import Worker
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    module = folder / "my_models_shared.py"
+    module.write_text("from lightstudy.examples import ConvNet as Net\n")
+    monkeypatch.syspath_prepend(str(folder))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+
+    def parent_of(name: str) -> int:
+        doc = _quick(tiny_spec(name, n_trials=1))
+        doc["model"]["class_path"] = "my_models_shared.Net"
+        create_study(spec_from_dict(doc), url)
+        report = Worker(url, name, run_dir=tmp_path / name, threads=1).run()
+        assert report.complete == 1, report
+        return _parents(tmp_path / name)[0]
+
+    try:
+        first = parent_of("a")
+        assert parent_of("b") == first  # the second study: the same warm process, already warm
+        os.utime(module, ns=(module.stat().st_atime_ns, module.stat().st_mtime_ns + 1_000_000_000))
+        edited = parent_of("c")
+        assert edited != first  # the module changed: a new warm process imported it again ...
+        with pytest.raises(ProcessLookupError):  # ... and the old one is gone
+            os.kill(first, 0)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        assert parent_of("d") != edited  # another sys.path: a name could mean another module
+    finally:
+        stop_shared()
+
+
 def test_run_checks_the_spec_in_the_warm_process_with_validates_error_and_no_torch_here(tmp_path: Path) -> None:
     doc = tiny_spec("bad")
     doc["model"]["init_args"]["no_such_arg"] = 1
     spec = write_spec(tmp_path / "bad.yaml", doc)
+    # lightstudy.run (what `lightstudy run` calls) in a process without torch, as a notebook may
+    # be: the warm process's check raises the SpecError the in-process check does (it raised a
+    # bare LightstudyError, so `except lightstudy.SpecError` missed it).
     probe = (
-        "import atexit, sys\n"
+        "import atexit, sys, lightstudy\n"
         "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr))\n"
-        "from lightstudy.cli import main\n"
-        "sys.argv = ['lightstudy', *sys.argv[1:]]\n"
-        "raise SystemExit(main())\n"
+        "try:\n"
+        "    lightstudy.run(sys.argv[1], workers=1)\n"
+        "except lightstudy.SpecError as e:\n"
+        "    print(f'{type(e).__name__} at {e.key}', file=sys.stderr)\n"
+        "    print(f'error: {e}', file=sys.stderr)\n"
+        "    raise SystemExit(2)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", probe, "run", str(spec), "--workers", "1"],
+        [sys.executable, "-c", probe, str(spec)],
         cwd=tmp_path,
         env={**os.environ, **ENV},
         capture_output=True,
@@ -124,6 +170,7 @@ def test_run_checks_the_spec_in_the_warm_process_with_validates_error_and_no_tor
     )
     assert done.returncode == 2, done.stdout + done.stderr
     assert "torch imported: False" in done.stderr, done.stderr
+    assert "SpecError at model.init_args" in done.stderr, done.stderr
     validated = cli("validate", str(spec), cwd=tmp_path, env=ENV)
     assert validated.returncode == 2
     error = [line for line in validated.stderr.splitlines() if "no_such_arg" in line]

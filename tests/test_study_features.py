@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import cli, run_cli, tiny_spec, write_spec
+from conftest import run_cli, tiny_spec, write_spec
 from lightstudy.components import build_pruner, build_sampler
 from lightstudy.errors import SpecError
 from lightstudy.lightning_config import check_spec
@@ -148,7 +148,7 @@ def test_multi_objective_study_shows_and_keeps_the_pareto_front(tmp_path: Path) 
     doc["search_space"]["model.init_args.channels"] = {"type": "int", "low": 4, "high": 32, "step": 4}
     spec = write_spec(tmp_path / "multi.yaml", doc)
     url = f"sqlite:///{tmp_path / 'multi.db'}"
-    cli("run", str(spec), "--storage", url, cwd=tmp_path, check=True)
+    run_cli("run", str(spec), "--storage", url, cwd=tmp_path, check=True)
     study, _ = load_study(url, "multi")
     front = {t.number for t in study.best_trials}
     best = json.loads(run_cli("best", "multi", "--storage", url, "--format", "json", cwd=tmp_path, check=True).stdout)
@@ -241,7 +241,7 @@ def test_a_grid_study_runs_every_point_once_with_several_workers(tmp_path: Path)
         "model.init_args.lr": {"type": "categorical", "choices": [0.001, 0.01, 0.03]},
     }
     path = write_spec(tmp_path / "grid.yaml", doc)
-    done = cli("run", str(path), "--workers", "2", cwd=tmp_path)
+    done = run_cli("run", str(path), "--workers", "2", cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     study, _ = load_study(f"sqlite:///{tmp_path / 'runs' / 'grid' / 'study.db'}", "grid")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 12

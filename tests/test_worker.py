@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 from optuna.trial import TrialState
 
-from conftest import PrivateServer, cli, tiny_spec, wait_until
+from conftest import PrivateServer, tiny_spec, wait_until, warm_for_workers
 from lightstudy.spec import spec_from_dict
 from lightstudy.study import create_study, load_study, retried_numbers
 from lightstudy.summary import CONFIG_ATTR, recorded_config
@@ -121,18 +122,8 @@ def test_sigterm_hands_the_trial_back_and_exits_zero(tmp_path: Path) -> None:
     first, retry = study.get_trials()
     assert first.state == TrialState.FAIL and first.user_attrs["interrupted"] is True
     assert retry.state == TrialState.WAITING
-    # Another worker finishes it, from the saved checkpoint.
-    result = cli(
-        "worker",
-        "--study",
-        "tiny",
-        "--run-dir",
-        str(tmp_path / "run"),
-        "--threads",
-        "1",
-        env={"PYTHONPATH": PYTHONPATH, "LIGHTSTUDY_STORAGE": url},
-    )
-    assert result.returncode == 0, result.stderr
+    # Another worker (in this process: one interpreter start less) finishes it, from the saved checkpoint.
+    assert Worker(url, "tiny", run_dir=tmp_path / "run", threads=1).run().complete == 1
     study, _ = load_study(url, "tiny")
     states = [t.state for t in study.get_trials()]
     assert states == [TrialState.FAIL, TrialState.COMPLETE]
@@ -173,9 +164,8 @@ def test_kill_9_of_a_worker_is_reaped_retried_and_resumed(
     wait_until(lambda: last.exists())
     victim.kill()  # kill -9 of the worker: its trial process dies with it
     victim.wait()
-    survivor = _run_worker_subprocess(url, run_dir)
-    out, _ = survivor.communicate(timeout=300)
-    assert survivor.returncode == 0, out
+    # The survivor runs in this process (one interpreter start less; a worker all the same).
+    assert Worker(url, "tiny", run_dir=run_dir, threads=1).run().failed == 0
     study, _ = load_study(url, "tiny")
     trials = study.get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
@@ -195,8 +185,10 @@ def _tiny_fast(n_trials: int, **study: Any) -> dict[str, Any]:
     return doc
 
 
-def _workers(url: str, run_dir: Path | None, n: int, cwd: Path | None = None) -> list[Any]:
-    return [_run_worker_subprocess(url, run_dir, cwd=cwd) for _ in range(n)]
+def _workers(
+    url: str, run_dir: Path | None, n: int, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> list[Any]:
+    return [_run_worker_subprocess(url, run_dir, env=env, cwd=cwd) for _ in range(n)]
 
 
 @pytest.mark.slow(seconds=50)
@@ -206,15 +198,18 @@ def test_many_workers_one_study_no_duplicates_no_locks(
 ) -> None:
     url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url")
     n_trials = 16  # two or more a worker: enough to collide on every claim
-    create_study(spec_from_dict(_tiny_fast(n_trials, grace_period=60, heartbeat_interval=5)), url)
+    doc = _tiny_fast(n_trials, grace_period=60, heartbeat_interval=5)
+    create_study(spec_from_dict(doc), url)
     # On SQLite the workers are started by hand, as a user does: the storage
     # from LIGHTSTUDY_STORAGE, no --run-dir (test_cli's two hand-started workers were this test).
-    procs = (
-        _workers(url, tmp_path / "run", n_workers)
-        if backend == "postgres"
-        else _workers(url, None, n_workers, tmp_path)
-    )
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    # On PostgreSQL they share one warm process, as the workers of `lightstudy run` do.
+    with warm_for_workers(doc) if backend == "postgres" else contextlib.nullcontext({}) as warm_env:
+        procs = (
+            _workers(url, tmp_path / "run", n_workers, env=warm_env)
+            if backend == "postgres"
+            else _workers(url, None, n_workers, tmp_path)
+        )
+        outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * n_workers, outs
     for out in outs:
         assert "locked" not in out and "deadlock" not in out.lower(), out
@@ -233,19 +228,20 @@ def test_postgres_restart_during_a_study_costs_no_trial(private_postgres: Privat
     doc = _slow(tiny_spec(n_trials=6, grace_period=60, heartbeat_interval=2), step_sleep=0.02, epochs=3)
     create_study(spec_from_dict(doc), pg_url)
     logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
-    procs = [_run_worker_subprocess(pg_url, tmp_path / "run", log=log) for log in logs]
-    study, _ = load_study(pg_url, "tiny")
-    wait_until(lambda: len([t for t in study.get_trials() if t.state == TrialState.COMPLETE]) >= 2, timeout=300)
-    private_postgres.stop()  # the server goes away (fast shutdown: sessions cut) ...
+    with warm_for_workers(doc) as warm_env:  # the two workers share one, as under `lightstudy run`
+        procs = [_run_worker_subprocess(pg_url, tmp_path / "run", env=warm_env, log=log) for log in logs]
+        study, _ = load_study(pg_url, "tiny")
+        wait_until(lambda: len([t for t in study.get_trials() if t.state == TrialState.COMPLETE]) >= 2, timeout=300)
+        private_postgres.stop()  # the server goes away (fast shutdown: sessions cut) ...
 
-    def noticed() -> bool:  # ... and stays away until a worker has met the outage (a heartbeat, a claim)
-        text = "".join(p.read_text() for p in [*logs, *(tmp_path / "run").rglob("trial.log")])
-        return "database unavailable" in text or "heartbeat of trial" in text
+        def noticed() -> bool:  # ... and stays away until a worker has met the outage (a heartbeat, a claim)
+            text = "".join(p.read_text() for p in [*logs, *(tmp_path / "run").rglob("trial.log")])
+            return "database unavailable" in text or "heartbeat of trial" in text
 
-    wait_until(noticed, timeout=120)
-    private_postgres.start()
-    for p in procs:
-        p.wait(timeout=600)
+        wait_until(noticed, timeout=120)
+        private_postgres.start()
+        for p in procs:
+            p.wait(timeout=600)
     outs = [log.read_text() for log in logs]
     failing = "\n=====\n".join(out[-4000:] for p, out in zip(procs, outs) if p.returncode != 0)
     assert [p.returncode for p in procs] == [0, 0], failing

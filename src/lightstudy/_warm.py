@@ -26,6 +26,7 @@ import signal
 import socket
 import struct
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
@@ -36,7 +37,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from lightstudy.errors import LightstudyError
+from lightstudy.errors import LightstudyError, error_fields
 from lightstudy.warmserver import _EARLY_LOG, _INT, _LOG_FORMAT, Setup, _Fd, _Request
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ __all__ = [
     "main",
     "parse_study_config",
     "run_tiny_trial",
+    "source_files",
     "user_modules",
     "warm_stage",
 ]
@@ -76,6 +78,7 @@ PRELOAD = (
     "torchmetrics",
     "lightning.pytorch",
     "lightning.pytorch.cli",
+    "pytorch_lightning",  # each trial's quiet_lightning() imports it (100 ms a trial when not here)
     "optuna",
     "optuna_integration",
     "optuna_integration.pytorch_lightning",
@@ -137,6 +140,22 @@ def run_tiny_trial() -> None:
         _add_trial_defaults(config, "lightning.pytorch", Path(tmp), "trials/trial-0000")
         fit_config(config, spec.study, ckpt_dir=Path(tmp) / "checkpoints", seed=0)
     _versions("lightning.pytorch")
+
+
+def source_files() -> dict[str, int]:
+    """The Python files this process imported from outside the interpreter's own and its
+    installed packages (the user's modules, an editable install's), with their modification
+    times: a starter that reuses this process checks them (:func:`lightstudy.warmserver.shared_warm`)."""
+    installed = {sysconfig.get_path(key) for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    prefixes = tuple(os.path.join(path, "") for path in installed if path)
+    files: dict[str, int] = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if not isinstance(path, str) or not path.endswith(".py") or path.startswith(prefixes):
+            continue
+        with contextlib.suppress(OSError):
+            files[path] = os.stat(path).st_mtime_ns
+    return files
 
 
 def parse_study_config(spec: StudySpec) -> None:
@@ -336,7 +355,7 @@ def main(address: str) -> int:
             with quiet_lightning():
                 check_spec(setup.spec)
         except LightstudyError as e:
-            _verdict(status, ok=False, message=e.message, fix=e.fix)
+            _verdict(status, ok=False, **error_fields(e))
             return 2
         seconds["check"] = time.perf_counter() - start
     warm_stage("study config", lambda: parse_study_config(setup.spec), seconds)
@@ -348,7 +367,7 @@ def main(address: str) -> int:
             os.write(fd, early.read_bytes())
         os.dup2(fd, 2)
         os.close(fd)
-    _verdict(status, ok=True, seconds=seconds, pid=os.getpid())
+    _verdict(status, ok=True, seconds=seconds, pid=os.getpid(), sources=source_files())
     status.close()
     os.dup2(2, 1)  # the log too, if it moved
     _log.info(

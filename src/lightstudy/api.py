@@ -242,7 +242,9 @@ def run(
     it as the cell's output) and, on a terminal, a live bar. Workers are processes of their own
     (their logs: ``<run dir>/workers``), so a notebook's kernel stays free of the trials' memory.
     Interrupting the kernel stops them the way Ctrl-C does: the running trials are handed back
-    and retried on the next run.
+    and retried on the next run. Where torch is imported already (a notebook's usually is), the
+    spec is checked here and the trials are forked by this process's warm process, which stays
+    for the next study (:func:`lightstudy.warmserver.shared_warm`): a second run starts at once.
 
     Args:
         file: The study file (YAML).
@@ -265,7 +267,7 @@ def run(
     from lightstudy.launcher import Launcher, plan_slots, trials_per_gpu_count
     from lightstudy.spec import load_spec, trial_world_size, with_overrides
     from lightstudy.study import create_study
-    from lightstudy.warmserver import start_warm
+    from lightstudy.warmserver import shared_warm, start_warm
 
     if gpus is not None and not isinstance(gpus, str):
         gpus = ",".join(str(g) for g in gpus)
@@ -291,7 +293,10 @@ def run(
 
         check_spec(spec)
     made = next((p for p in reversed([spec.run_dir, *spec.run_dir.parents]) if not p.exists()), None)
-    warm = start_warm(spec, check=not checked_here, log=spec.run_dir / "workers" / "warm.log")
+    # Checked here: this process's own warm process serves the run (kept for its next study, as
+    # its in-process workers' is); else one for this run, which checks the spec and logs to warm.log.
+    own = not checked_here
+    warm = start_warm(spec, check=True, log=spec.run_dir / "workers" / "warm.log") if own else shared_warm(spec)
     out = console if console is not None else _console()
     auto = auto and any(s.gpu is not None for s in slots)
     launcher = Launcher(url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial, packing=auto, warm=warm)
@@ -313,7 +318,8 @@ def run(
     finally:
         if not going:
             launcher.cancel()
-        warm.stop()
+        if own:
+            warm.stop()
         if not going and made is not None:  # a spec refused (or an interrupt) leaves no run folder
             import shutil
 

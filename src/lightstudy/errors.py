@@ -60,6 +60,30 @@ class TrialError(LightstudyError):
     """A trial cannot run as configured (missing metric, bad config at run time, ...)."""
 
 
+def error_fields(error: LightstudyError) -> dict[str, Any]:
+    """``error`` as JSON-able fields, for another process to raise it again (:func:`error_from`)."""
+    fields: dict[str, Any] = {"kind": type(error).__name__, "message": error.message, "fix": error.fix}
+    if isinstance(error, SpecError):
+        fields.update(source=error.source, key=error.key, rule=error.rule)
+    return fields
+
+
+def error_from(fields: dict[str, Any]) -> LightstudyError:
+    """The error :func:`error_fields` described, of its own class (a SpecError stays one), its
+    message as it was worded there."""
+    kinds = {
+        cls.__name__: cls
+        for cls in (LightstudyError, SpecError, StorageError, StudyNotFoundError, CheckpointError, TrialError)
+    }
+    cls = kinds.get(str(fields.get("kind")), LightstudyError)
+    error = cls.__new__(cls)
+    LightstudyError.__init__(error, str(fields.get("message")), fix=fields.get("fix"))
+    if isinstance(error, SpecError):
+        error.source, error.key, error.rule = (str(fields.get(k, "")) for k in ("source", "key", "rule"))
+        error.got = _UNSET
+    return error
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."

@@ -46,12 +46,21 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightstudy.errors import LightstudyError
+from lightstudy.errors import LightstudyError, error_from
 
 if TYPE_CHECKING:
     from lightstudy.spec import StudySpec
 
-__all__ = ["ADDRESS_VAR", "Setup", "WarmContext", "WarmProcess", "WarmServer", "start_warm"]
+__all__ = [
+    "ADDRESS_VAR",
+    "Setup",
+    "WarmContext",
+    "WarmProcess",
+    "WarmServer",
+    "shared_warm",
+    "start_warm",
+    "stop_shared",
+]
 
 ADDRESS_VAR = "LIGHTSTUDY_WARM"  # the launcher's warm process, for its workers (unset: a worker starts its own)
 GONE = 255  # a trial process's exit code when the warm process vanished before reporting it
@@ -225,6 +234,7 @@ class WarmServer:
         self.address = str(folder / "warm.sock")
         self._early_log = early_log
         self.seconds: dict[str, float] | None = None
+        self.sources: dict[str, int] = {}  # the source files it imported, with their mtimes
 
     @property
     def pid(self) -> int:
@@ -261,9 +271,21 @@ class WarmServer:
                 fix="run `lightstudy validate` on the spec to see what fails",
             )
         if not verdict.get("ok"):
-            raise LightstudyError(str(verdict.get("message")), fix=verdict.get("fix"))
+            raise error_from(verdict)  # of its own class: a SpecError stays one
         self.seconds = dict(verdict.get("seconds") or {})
+        self.sources = dict(verdict.get("sources") or {})
         return self.seconds
+
+    def changed_sources(self) -> list[str]:
+        """The source files it imported that changed (or went) since: its trials would run the old code."""
+        changed = []
+        for path, mtime in self.sources.items():
+            try:
+                if os.stat(path).st_mtime_ns != mtime:
+                    changed.append(path)
+            except OSError:
+                changed.append(path)
+        return changed
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -285,6 +307,72 @@ class WarmServer:
             self.process.stdout.close()
         shutil.rmtree(self.folder, ignore_errors=True)
         return self.process.returncode
+
+
+# This process's own warm process for its in-process workers (a notebook, a test, `lightstudy
+# worker`): (the pid that started it, the sys.path it imports from, it).
+_shared: tuple[int, tuple[str, ...], WarmServer] | None = None
+
+
+def shared_warm(spec: StudySpec) -> WarmServer:
+    """This process's warm process for its workers: started by the first (for ``spec``) and kept
+    for the next ones, so a notebook's or a script's second study starts at once.
+
+    A new one replaces it when it is gone, when this process's ``sys.path`` changed (a module
+    name could mean another file), or when a source file it imported changed since (its trials
+    would run the old code: a notebook's edited model). The study's classes it did not import
+    are imported by each trial. It stops when this process exits.
+    """
+    global _shared
+    path = tuple(sys.path)
+    if _shared is not None:
+        pid, shared_path, warm = _shared
+        if pid != os.getpid():  # a forked copy of this module: that process is its starter's, not ours
+            _shared = None
+        else:
+            why = _unusable(warm, shared_path, path)
+            if why is None:
+                return warm
+            _log.info("a new warm process: %s", why)
+            warm.stop()
+            _shared = None
+    warm = start_warm(spec)
+    if not _atexit_registered:
+        _register_stop()
+    _shared = (os.getpid(), path, warm)
+    return warm
+
+
+def _unusable(warm: WarmServer, shared_path: tuple[str, ...], path: tuple[str, ...]) -> str | None:
+    if not warm.alive():
+        return "the last one exited"
+    if shared_path != path:
+        return "sys.path changed"
+    try:
+        warm.ready()
+    except LightstudyError as e:
+        return f"the last one failed ({e.message})"
+    changed = warm.changed_sources()
+    return f"{changed[0]} changed" if changed else None
+
+
+_atexit_registered = False
+
+
+def _register_stop() -> None:
+    global _atexit_registered
+    import atexit
+
+    atexit.register(stop_shared)
+    _atexit_registered = True
+
+
+def stop_shared() -> None:
+    """Stop this process's shared warm process, if it has one (at exit; a test's clean-up)."""
+    global _shared
+    if _shared is not None and _shared[0] == os.getpid():
+        _shared[2].stop()
+    _shared = None
 
 
 def start_warm(

@@ -45,7 +45,7 @@ from lightstudy.storage import db_error_text, open_storage, retry_db
 from lightstudy.storage.boundary import StudyStorage, trial_id, wrap
 from lightstudy.study import load_study
 from lightstudy.trial import Message, Outcome, RecordAttr, Report, ShouldPrune, TrialJob, TrialOutcome, trial_dir_name
-from lightstudy.warmserver import ADDRESS_VAR, WarmContext, start_warm
+from lightstudy.warmserver import ADDRESS_VAR, WarmContext, shared_warm
 
 if TYPE_CHECKING:
     import optuna
@@ -267,15 +267,16 @@ class Worker:
         return self._ctx
 
     def _start_warm(self) -> Any:
-        """A warm process of this worker's own, unless the launcher's is there; it imports at once."""
+        """This process's warm process, unless the launcher's is there: the one an earlier worker
+        here started, while it is usable, else a new one (it imports at once; see
+        :func:`lightstudy.warmserver.shared_warm`)."""
         if self._warm is None and not os.environ.get(ADDRESS_VAR):
-            self._warm = start_warm(self.spec)
+            self._warm = shared_warm(self.spec)
         return self._warm
 
     def _stop_warm(self) -> None:
-        if self._warm is not None:
-            self._warm.stop()
-            self._warm, self._ctx = None, None
+        """Let go of the warm process: it stays for this process's next worker, and stops at exit."""
+        self._warm, self._ctx = None, None
 
     def _run_child(self, job: TrialJob) -> tuple[TrialOutcome | None, str | None]:
         """Run the trial's process(es) to the end; (rank 0's outcome, None) or (None, why it died)."""
