@@ -194,6 +194,7 @@ class _Server:
     wakeup: tuple[int, int]
     children: dict[int, socket.socket] = field(default_factory=dict)
     warmed: bool = False
+    warming: bool = False  # in the warm-up trial: SIGCHLD reaps at once (the loop is not running)
     stopping: bool = False
 
     def serve(self) -> None:
@@ -217,9 +218,16 @@ class _Server:
         self.reap()
 
     def warm_up(self) -> None:
-
+        """The warm-up trial; meanwhile a trial process that exits is reaped at once (SIGCHLD's
+        handler calls :meth:`reap`): its worker, waiting for the exit code before its next
+        trial, never waits for the warm-up."""
         seconds: dict[str, float] = {}
-        warm_stage("trial path", run_tiny_trial, seconds)
+        self.warming = True
+        try:
+            self.reap()  # one that exited just before
+            warm_stage("trial path", run_tiny_trial, seconds)
+        finally:
+            self.warming = False
         self.warmed = True
         _log.info("warm-up: %s", ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()) or "failed")
 
@@ -298,15 +306,17 @@ class _Server:
             os._exit(code)
 
     def reap(self) -> None:
-        while self.children:
+        """Tell each exited trial process's worker its exit code (only trial processes are waited
+        for: a process the warm-up trial started is its own to wait for)."""
+        for pid in list(self.children):
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                done, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                return
-            if pid == 0:
-                return
+                done, status = pid, 255 << 8  # waited for elsewhere: its code is lost
+            if done == 0:
+                continue
             conn = self.children.pop(pid, None)
-            if conn is None:
+            if conn is None:  # reaped meanwhile (SIGCHLD's handler ran inside this loop)
                 continue
             code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
             with contextlib.suppress(OSError):
@@ -386,7 +396,12 @@ def main(address: str) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the launcher's to pass on
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes select through the wakeup fd
+
+    def on_child(signum: int, frame: Any) -> None:  # the loop wakes through the wakeup fd
+        if server.warming:
+            server.reap()
+
+    signal.signal(signal.SIGCHLD, on_child)
     signal.set_wakeup_fd(wakeup[1])
     try:
         server.serve()
