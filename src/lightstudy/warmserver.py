@@ -28,6 +28,7 @@ How it talks (a unix socket in a folder only this user can open: requests are pi
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -337,8 +338,6 @@ def shared_warm(spec: StudySpec) -> WarmServer:
             warm.stop()
             _shared = None
     warm = start_warm(spec)
-    if not _atexit_registered:
-        _register_stop()
     _shared = (os.getpid(), path, warm)
     return warm
 
@@ -356,23 +355,15 @@ def _unusable(warm: WarmServer, shared_path: tuple[str, ...], path: tuple[str, .
     return f"{changed[0]} changed" if changed else None
 
 
-_atexit_registered = False
-
-
-def _register_stop() -> None:
-    global _atexit_registered
-    import atexit
-
-    atexit.register(stop_shared)
-    _atexit_registered = True
-
-
 def stop_shared() -> None:
     """Stop this process's shared warm process, if it has one (at exit; a test's clean-up)."""
     global _shared
     if _shared is not None and _shared[0] == os.getpid():
         _shared[2].stop()
     _shared = None
+
+
+atexit.register(stop_shared)  # a no-op in a process that never started one
 
 
 def start_warm(
