@@ -484,6 +484,46 @@ def test_each_told_trial_gets_its_dashboard_note_and_a_failed_note_fails_nothing
     assert "`model.init_args.lr` = " in note
 
 
+def test_writing_a_note_imports_no_dashboard_app_and_the_dashboard_reads_it(tmp_path: Path, sqlite_url: str) -> None:
+    """A worker writes each trial's note with optuna-dashboard's own notes module, loaded alone:
+    the package's __init__ (its web app, optuna.importance, scikit-learn, SciPy: 1.7 s of CPU in
+    every worker) is not imported, and the dashboard, imported afterwards, reads the note."""
+    import subprocess
+    import sys
+
+    create_study(spec_from_dict(tiny_spec(n_trials=1)), sqlite_url)
+    code = f"""
+import sys
+import optuna
+from lightstudy.dashboard import write_trial_note
+from lightstudy.storage.boundary import trial_id
+from lightstudy.study import load_study
+
+study, spec = load_study({sqlite_url!r}, "tiny")
+dist = optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True)
+study.add_trial(optuna.trial.create_trial(value=0.5, params={{"model.init_args.lr": 0.01}},
+                                          distributions={{"model.init_args.lr": dist}}))
+body = write_trial_note(study, spec, 0)
+heavy = sorted(m for m in ("optuna_dashboard", "optuna_dashboard._app", "sklearn", "scipy") if m in sys.modules)
+print("heavy:", heavy)
+from optuna_dashboard import _note, get_note, save_note  # the package, as its app imports its notes
+assert save_note is _note.save_note is sys.modules["optuna_dashboard._note"].save_note
+trial = study.get_trials()[0]
+assert get_note(optuna.trial.Trial(study, trial_id(trial))) == body, body
+print("read back:", body.splitlines()[0])
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": PYTHONPATH},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "heavy: []" in done.stdout, done.stdout
+    assert "read back: ## Trial 0: complete" in done.stdout, done.stdout
+
+
 def test_a_note_says_removed_once_retention_removes_the_checkpoint(tmp_path: Path, sqlite_url: str) -> None:
     """Trials 0 and 1 each enter the top 1 and are pushed out by the next (val_acc = lr, rising):
     their notes, written as "kept", are rewritten as "removed"; trial 2's says kept."""

@@ -154,7 +154,6 @@ def write_trial_note(study: Any, spec: Any, number: int) -> str:
     each call saves a new version of the note, which the dashboard shows.
     """
     import optuna
-    from optuna_dashboard import save_note
 
     from lightstudy.ranking import kept
     from lightstudy.storage.boundary import trial_id
@@ -164,5 +163,40 @@ def write_trial_note(study: Any, spec: Any, number: int) -> str:
     trial = next(t for t in trials if t.number == number)
     is_kept = number in {t.number for t in kept(trials, spec)}
     body = trial_note(trial, spec, kept=is_kept, test_metrics=stored_test_metrics(study).get(number))
-    save_note(optuna.trial.Trial(study, trial_id(trial)), body)
+    _notes_module().save_note(optuna.trial.Trial(study, trial_id(trial)), body)
     return body
+
+
+def _notes_module() -> Any:
+    """optuna-dashboard's notes module (``save_note``, ``get_note``), without the dashboard app.
+
+    ``from optuna_dashboard import save_note`` runs the package's ``__init__``, which imports the
+    web app and through it ``optuna.importance``, scikit-learn and SciPy: 1.7 s of CPU in every
+    worker, on the path from its first trial's tell to its next claim, for a module that needs
+    only Optuna. So the module file (``optuna_dashboard/_note.py``) is loaded on its own, under
+    its own name: the package, if something imports it later, finds it in ``sys.modules`` and
+    uses this same module. Where the file is not there (a layout this was not written for), the
+    package import it stands in for is used instead.
+    """
+    import importlib.util
+    import sys
+
+    name = "optuna_dashboard._note"
+    if name in sys.modules:
+        return sys.modules[name]
+    package = importlib.util.find_spec("optuna_dashboard")  # finds the package, imports nothing
+    folders = list(package.submodule_search_locations or []) if package is not None else []
+    path = Path(folders[0]) / "_note.py" if folders else None
+    found = importlib.util.spec_from_file_location(name, path) if path is not None and path.is_file() else None
+    if found is None or found.loader is None:
+        import optuna_dashboard
+
+        return optuna_dashboard
+    module = importlib.util.module_from_spec(found)
+    sys.modules[name] = module
+    try:
+        found.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
