@@ -79,7 +79,11 @@ def _args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="workers kept running (default 6; --quick 4)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints the study keeps (default 3)")
     p.add_argument("--out", type=Path, default=RESULTS / "chaos.jsonl", help="JSON line appended here")
-    p.add_argument("--keep-files", action="store_true", help="leave the run folder and worker logs (path printed)")
+    p.add_argument(
+        "--keep-files",
+        action="store_true",
+        help="leave the run folder and worker logs (path printed; kept anyway when a check fails)",
+    )
     args = p.parse_args()
     if args.minutes is None:
         args.minutes = 0.75 if args.quick else 10.0
@@ -646,7 +650,7 @@ def main() -> None:
         workers=args.workers,
         kinds=dict(chaos.kills),
     )
-    if args.keep_files:
+    if args.keep_files or chaos.violations:  # a violation's evidence: the trial logs, the warm logs
         print(f"run folder and worker logs kept in {work}")
     else:
         import shutil
