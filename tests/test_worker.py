@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
@@ -200,14 +199,16 @@ def test_many_workers_one_study_no_duplicates_no_locks(
     n_trials = 16  # two or more a worker: enough to collide on every claim
     doc = _tiny_fast(n_trials, grace_period=60, heartbeat_interval=5)
     create_study(spec_from_dict(doc), url)
-    # On SQLite the workers are started by hand, as a user does: the storage
+    # On SQLite the workers are started as a user starts them by hand in a folder: the storage
     # from LIGHTSTUDY_STORAGE, no --run-dir (test_cli's two hand-started workers were this test).
-    # On PostgreSQL they share one warm process, as the workers of `lightstudy run` do.
-    with warm_for_workers(doc) if backend == "postgres" else contextlib.nullcontext({}) as warm_env:
+    # Both share one warm process, as the workers of `lightstudy run` do (a worker that starts its
+    # own is the kill -9 tests' and bench/scaling's): the claims collide the same, and 4 or 8
+    # torch imports on 2 cores would only delay the first claims.
+    with warm_for_workers(doc) as warm_env:
         procs = (
             _workers(url, tmp_path / "run", n_workers, env=warm_env)
             if backend == "postgres"
-            else _workers(url, None, n_workers, tmp_path)
+            else _workers(url, None, n_workers, tmp_path, env=warm_env)
         )
         outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * n_workers, outs
