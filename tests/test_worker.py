@@ -421,6 +421,11 @@ def test_the_warm_process_logs_its_stages_and_parses_with_the_study_cli(tmp_path
     from lightstudy.warmserver import start_warm
 
     (tmp_path / "my_cli.py").write_text(MARKING_CLI)
+    # What Python runs at an ordinary exit (atexit, then freeing every module: ~1.3 s with torch
+    # and Lightning) is skipped: its stop is not waited for. The log is flushed all the same.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import atexit, os\natexit.register(lambda: open(os.environ['TEARDOWN'], 'a').write(f'{os.getpid()}\\n'))\n"
+    )
     doc = tiny_spec("warmed")
     doc["cli"] = "my_cli.MarkingCLI"
     doc["model"]["init_args"].pop("hidden")
@@ -430,6 +435,7 @@ def test_the_warm_process_logs_its_stages_and_parses_with_the_study_cli(tmp_path
         "PYTHONPATH": os.pathsep.join((str(tmp_path), PYTHONPATH)),
         "LIGHTSTUDY_VERBOSE": "1",
         "MARK": str(mark),
+        "TEARDOWN": str(tmp_path / "teardown"),
     }
     log = tmp_path / "warm.log"
     warm = start_warm(spec_from_dict(doc), log=log, env=env)
@@ -443,6 +449,9 @@ def test_the_warm_process_logs_its_stages_and_parses_with_the_study_cli(tmp_path
         assert f"warm process {warm.pid} ready" in text and "failed" not in text, text
     finally:
         assert warm.stop() == 0
+    assert log.read_text().endswith("its starter is gone; stopping\n")
+    tore_down = (tmp_path / "teardown").read_text().split() if (tmp_path / "teardown").exists() else []
+    assert str(warm.pid) not in tore_down  # (a `python -c` it starts while warming up exits as usual)
     # A study config that cannot be parsed is a logged warning, never a failed warm process.
     log = tmp_path / "warm2.log"
     warm = start_warm(spec_from_dict({**doc, "cli": "my_cli.NoSuchCLI"}), log=log, env=env)
