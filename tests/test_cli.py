@@ -45,6 +45,37 @@ def test_python_dash_m_and_version() -> None:
     assert result.returncode == 0 and result.stdout.startswith("lightstudy ")
 
 
+def test_a_command_that_imported_torch_runs_atexit_and_skips_the_teardown(tmp_path: Path) -> None:
+    """`lightstudy validate` imports torch: its atexit handlers run and its exit code is the
+    command's, but the interpreter's teardown (1.3-1.7 s of freeing modules) is skipped: a module
+    global's __del__ never runs. A command without torch (--version) exits as usual."""
+    import os
+
+    site = tmp_path / "site"
+    site.mkdir()
+    # A module global is freed when the teardown clears the module's dict (the module's other
+    # names may be gone by then: what its __del__ needs, it keeps).
+    (site / "sitecustomize.py").write_text(
+        "import atexit, os\n"
+        "atexit.register(lambda: open(os.environ['MARKS'], 'a').write('atexit\\n'))\n"
+        "class _Teardown:\n"
+        "    def __del__(self, open=os.open, write=os.write, path=os.environ['MARKS'],\n"
+        "                flags=os.O_WRONLY | os.O_CREAT | os.O_APPEND):\n"
+        "        write(open(path, flags, 0o644), b'teardown\\n')\n"
+        "_kept = _Teardown()\n"
+    )
+    doc = tiny_spec()
+    doc["model"]["class_path"] = "lightstudy.examples.NoSuchNet"  # refused once torch is imported
+    spec = write_spec(tmp_path / "bad.yaml", doc)
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    for args, code, marks in [(("--version",), 0, "atexit teardown"), (("validate", str(spec)), 2, "atexit")]:
+        (tmp_path / "marks").unlink(missing_ok=True)
+        result = cli(*args, env={"PYTHONPATH": path, "MARKS": str(tmp_path / "marks")})
+        assert result.returncode == code, result.stderr
+        assert (tmp_path / "marks").read_text().split() == marks.split(), args
+    assert "NoSuchNet" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_errors_are_one_line_exit_2_and_debug_shows_traceback(tmp_path: Path) -> None:
     result = cli("best", "nosuch", cwd=tmp_path)
     assert result.returncode == 2

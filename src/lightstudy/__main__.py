@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lightstudy.cli import main
+from lightstudy.cli import script
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    script()
