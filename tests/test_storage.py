@@ -95,6 +95,30 @@ def _exclusive(url: str) -> None:
     assert not overlaps
 
 
+def test_preload_pays_the_first_opens_imports_and_touches_no_database(tmp_path: Path) -> None:
+    """What lightstudy run and its workers do while the warm process imports torch: Optuna's
+    storage, its ORM models, Alembic's migration scripts and the PostgreSQL driver are loaded,
+    and no file appears (an in-memory database); the next open of a real database still works."""
+    code = (
+        "import sys\n"
+        "from lightstudy.storage import open_storage, preload\n"
+        "before = {m for m in ('optuna.storages._rdb.models', 'alembic.script', 'psycopg') if m in sys.modules}\n"
+        "preload('postgresql://someone@nowhere.invalid/db')\n"
+        "after = {m for m in ('optuna.storages._rdb.models', 'alembic.script', 'psycopg') if m in sys.modules}\n"
+        "print(sorted(before), sorted(after))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("] [") == ["[", "'alembic.script', 'optuna.storages._rdb.models', 'psycopg']\n"]
+    assert list(tmp_path.iterdir()) == []
+    from lightstudy.storage import open_storage, preload
+
+    preload()
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    open_storage(url).create_new_study([], "after-preload")
+    assert (tmp_path / "study.db").exists()
+
+
 def test_claim_lock_is_exclusive_on_sqlite(sqlite_url: str) -> None:
     _exclusive(sqlite_url)
 

@@ -303,6 +303,9 @@ def run(
     going = False
     try:
         launcher.start()  # the workers import while the warm process does, then wait for the study
+        from lightstudy.storage import preload
+
+        preload(url)  # meanwhile here too: the study is created at once when the spec is good
         warm.ready()  # the spec checked, torch and the study's classes imported, once for every worker
         updating = update_spec or n_trials is not None or timeout is not None
         created = Study(create_study(spec, url, update_spec=updating), spec, url)
