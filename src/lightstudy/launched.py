@@ -6,7 +6,6 @@ the launcher's word on stdin before it runs ``lightstudy worker ARGS``.
 
 from __future__ import annotations
 
-import os
 import sys
 
 __all__ = ["worker_main"]
@@ -18,10 +17,6 @@ def worker_main(argv: list[str]) -> int:
     cancelled, or is gone) exits 0 at once."""
     import lightstudy.worker  # noqa: F401 (Optuna, SQLAlchemy: the bulk of a worker's start)
     from lightstudy.cli import main
-    from lightstudy.storage import ENV_VAR, preload
-
-    # The rest of a first database connection's cost, on no database (see storage.preload).
-    preload(next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--storage"), os.environ.get(ENV_VAR)))
 
     if sys.stdin.readline().strip() != "go":
         return 0

@@ -205,8 +205,9 @@ def preload(url: str | None = None) -> None:
     nothing anywhere is read or written; for a ``postgresql`` URL the driver is imported too.
 
     ``lightstudy run`` calls it while its warm process imports torch (the study is created only
-    once the warm process has checked the spec), and each of its workers while it waits for the
-    word to start: their first database work then starts at once.
+    once the warm process has checked the spec): 1-trial runs 0.5 s sooner. Its workers do not:
+    on 2 cores, 0.5 s of CPU each beside the warm process's import delayed it more than it saved
+    (measured: 1 worker 8.3 s against 7.6 s without, 4 workers 14.1 s against 12.3 s).
     """
     import optuna
 
