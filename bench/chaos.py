@@ -368,7 +368,8 @@ class Chaos:
         if running is not None and folder is not None and running.user_attrs.get("trial_dir") != folder:
             running = None  # not the process of the trial the database has the worker run
         if running is not None and sig == signal.SIGTERM:
-            self.terms[running.number] = (worker.pid, max(running.intermediate_values, default=-1))
+            step = max(max(running.intermediate_values, default=-1), self._logged_epoch(running))
+            self.terms[running.number] = (worker.pid, step)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
             self.kills[event.kind] += 1
@@ -391,6 +392,22 @@ class Chaos:
             if t.user_attrs.get("worker") == f"{self.host}:{worker.pid}" and "trial_dir" in t.user_attrs:
                 return t
         return None
+
+    def _logged_epoch(self, trial: Any) -> int:
+        """The last epoch the trial's process reported, by its own part of its ``trial.log``, or -1.
+
+        The database can be behind it: while the database is down (or just back), a report waits
+        in the worker, which retries it, and a trial that already finished training is still
+        RUNNING there until its tell gets through. A SIGTERM then may rightly let it complete.
+        """
+        path = self.work / "run" / str(trial.user_attrs.get("trial_dir")) / "trial.log"
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            return -1
+        parts = re.split(r"^(?=trial \d+ of study )", text, flags=re.M)
+        mine = next((p for p in reversed(parts) if p.startswith(f"trial {trial.number} of study ")), "")
+        return max((int(e) for e in re.findall(r"^rank 0 reports .* at epoch (\d+)$", mine, flags=re.M)), default=-1)
 
     def _snapshot(self, pid: int, number: int, folder: str) -> None:
         """The newest checkpoint the killed trial process left: what its retry must resume."""

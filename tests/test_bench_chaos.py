@@ -63,6 +63,27 @@ def test_an_attempt_trained_when_its_own_part_of_the_trial_log_says_so(tmp_path:
     assert not check._trained(_trial(13, 0, root=13))  # no log at all
 
 
+def test_a_sigterms_step_is_what_the_trial_process_logged_not_what_the_database_lags_at(tmp_path: Path) -> None:
+    """Just after a database restart, a trial can be RUNNING there with no report while its
+    process has trained every epoch (its reports and tell wait in the worker, which retries
+    them): the step a SIGTERM is judged from comes from the attempt's own part of its trial.log
+    (CI, seed 1: trial 0 at step -1 in the database, epoch 4 in its log, rightly completed)."""
+    log = tmp_path / "run/trials/trial-0003/trial.log"
+    log.parent.mkdir(parents=True)
+    log.write_text(
+        "trial 3 of study 'chaos', pid 1, params {}\ntraining starts at epoch 0\n"
+        "rank 0 reports val_acc=0.5 at epoch 0\nrank 0 reports val_acc=0.6 at epoch 1\n"
+        "trial 8 of study 'chaos', pid 2, params {}\nresuming trial 3 from x (saved in epoch 1)\n"
+        "training starts at epoch 2\nrank 0 reports val_acc=0.7 at epoch 2\n"
+        "rank 0 reports val_acc=0.8 at epoch 3\nrank 0 reports val_acc=0.9 at epoch 4\nfinished: {}\n"
+    )
+    check = chaos.Chaos.__new__(chaos.Chaos)  # only what _logged_epoch reads
+    check.work = tmp_path
+    first, retry, other = (_trial(n, 0, trial_dir="trials/trial-0003") for n in (3, 8, 5))
+    assert [check._logged_epoch(t) for t in (first, retry, other)] == [1, 4, -1]
+    assert check._logged_epoch(_trial(9, 0, trial_dir="trials/trial-0009")) == -1  # no log yet
+
+
 def test_the_schedule_replays_from_its_seed() -> None:
     a, b, c = chaos.schedule(3, 600), chaos.schedule(3, 600), chaos.schedule(4, 600)
     assert a == b and a != c
