@@ -415,6 +415,27 @@ class MarkingCLI(LightningCLI):
 """
 
 
+def test_a_warm_process_whose_starter_is_gone_before_it_is_ready_stops_quietly() -> None:
+    """A worker killed while its warm process imports (chaos: SIGKILL of a starting worker) left
+    a BrokenPipeError traceback in its log: telling the starter now says whether it listens."""
+    import contextlib
+    import json
+
+    from lightstudy._warm import _verdict
+
+    read, write = os.pipe()
+    os.close(read)
+    gone = os.fdopen(write, "w")
+    assert _verdict(gone, ok=True, pid=1) is False
+    with contextlib.suppress(BrokenPipeError):
+        gone.close()
+    read, write = os.pipe()
+    with os.fdopen(write, "w") as there:
+        assert _verdict(there, ok=True, pid=1) is True
+    with os.fdopen(read) as said:
+        assert json.loads(said.read()) == {"ok": True, "pid": 1}
+
+
 def test_the_warm_process_logs_its_stages_and_parses_with_the_study_cli(tmp_path: Path) -> None:
     """What a warm process does before it forks trials: imports, the study's config through its
     own cli: class (before it says it is ready), then the warm-up trial once idle; all logged."""

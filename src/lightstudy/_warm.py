@@ -336,9 +336,15 @@ def _read_exact(conn: socket.socket, size: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _verdict(out: IO[str], **fields: Any) -> None:
-    out.write(json.dumps(fields) + "\n")
-    out.flush()
+def _verdict(out: IO[str], **fields: Any) -> bool:
+    """Tell the starter whether this process is ready; False when the starter is gone already
+    (killed while this process imported): then there is no one to serve, nor to show a traceback."""
+    try:
+        out.write(json.dumps(fields) + "\n")
+        out.flush()
+    except BrokenPipeError:
+        return False
+    return True
 
 
 def main(address: str) -> int:
@@ -378,7 +384,12 @@ def main(address: str) -> int:
             os.write(fd, early.read_bytes())
         os.dup2(fd, 2)
         os.close(fd)
-    _verdict(status, ok=True, seconds=seconds, pid=os.getpid(), sources=source_files())
+    if not _verdict(status, ok=True, seconds=seconds, pid=os.getpid(), sources=source_files()):
+        _log.info("warm process: its starter went away before it was ready; stopping")
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(address)
+        return 0
     status.close()
     os.dup2(2, 1)  # the log too, if it moved
     _log.info(
