@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from lightstudy.spec import StudySpec
     from lightstudy.warmserver import WarmServer
 
-__all__ = ["Launcher", "Slot", "detect_gpus", "plan_slots"]
+__all__ = ["Launcher", "Slot", "detect_gpus", "plan_slots", "progress_bar"]
 
 REFRESH = 1.0  # seconds between progress updates read from the database
 
@@ -287,22 +287,12 @@ class Launcher:
         return LaunchResult([p.returncode for p in self.processes], self._signals > 0)
 
     def _watch(self, study: Any, spec: StudySpec) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         from lightstudy.study import budget, retried_numbers
         from lightstudy.summary import counts, format_value
 
         total = spec.study.n_trials
         seen: set[int] = set()
-        progress = Progress(
-            TextColumn("[bold]{task.fields[name]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.description}"),
-            console=self.console,
-            disable=not _live_bar(self.console),
-        )
+        progress = progress_bar(self.console)
         with progress:
             task = progress.add_task("starting workers", total=total, name=spec.study.name)
             while True:
@@ -325,6 +315,7 @@ class Launcher:
                         f"best {format_value(best)} · running {c['running']} · pruned {c['pruned']} · "
                         f"failed {c['fail']}"
                     ),
+                    refresh=not progress.live.auto_refresh,  # Jupyter: refreshed here (progress_bar)
                 )
                 if not alive:
                     break
@@ -359,6 +350,28 @@ class Launcher:
                 self._warned.add(warning)
                 text += f"\n           [yellow]warning:[/yellow] {warning}"
         return text
+
+
+def progress_bar(console: Console) -> Any:
+    """The run's live bar (rich ``Progress``), off where :func:`_live_bar` says so.
+
+    In Jupyter it is refreshed only by the watch loop, between its own lines, never by rich's
+    refresh thread: that thread redraws inside the bar's ipywidgets ``Output`` context, and a
+    trial's line printed meanwhile went into the widget, whose next redraw cleared it (a
+    notebook lost "trial 0 complete" now and then).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.fields[name]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        disable=not _live_bar(console),
+        auto_refresh=not console.is_jupyter,
+    )
 
 
 def _live_bar(console: Console) -> bool:
