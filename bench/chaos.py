@@ -400,13 +400,7 @@ class Chaos:
         in the worker, which retries it, and a trial that already finished training is still
         RUNNING there until its tell gets through. A SIGTERM then may rightly let it complete.
         """
-        path = self.work / "run" / str(trial.user_attrs.get("trial_dir")) / "trial.log"
-        try:
-            text = path.read_text(errors="replace")
-        except OSError:
-            return -1
-        parts = re.split(r"^(?=trial \d+ of study )", text, flags=re.M)
-        mine = next((p for p in reversed(parts) if p.startswith(f"trial {trial.number} of study ")), "")
+        mine = _attempts(self.work / "run" / str(trial.user_attrs.get("trial_dir")) / "trial.log").get(trial.number, "")
         return max((int(e) for e in re.findall(r"^rank 0 reports .* at epoch (\d+)$", mine, flags=re.M)), default=-1)
 
     def _snapshot(self, pid: int, number: int, folder: str) -> None:
@@ -566,13 +560,7 @@ class Chaos:
 
         root = lineage_root(trial)
         if root not in self._logs:
-            path = self.work / "run" / trial_dir_name(root) / "trial.log"
-            text = path.read_text(errors="replace") if path.exists() else ""
-            attempts: dict[int, str] = {}
-            for part in re.split(r"^(?=trial \d+ of study )", text, flags=re.M):
-                if head := re.match(r"trial (\d+) of study ", part):
-                    attempts[int(head[1])] = part
-            self._logs[root] = attempts
+            self._logs[root] = _attempts(self.work / "run" / trial_dir_name(root) / "trial.log")
         return "training starts at epoch" in self._logs[root].get(trial.number, "")
 
     def _resume_fault(self, retry: Any, by_number: dict[int, Any]) -> str | None:
@@ -601,6 +589,20 @@ class Chaos:
         if resumed.get("trial") == before.number and epoch is not None and epoch >= last:
             return None
         return f"trial {retry.number} resumed {resumed or 'nothing'}; trial {before.number} had reported epoch {last}"
+
+
+def _attempts(log: Path) -> dict[int, str]:
+    """A lineage's ``trial.log`` by attempt: trial number -> its part (each attempt's process
+    starts its part with "trial N of study"); empty where there is no log (yet)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return {}
+    attempts: dict[int, str] = {}
+    for part in re.split(r"^(?=trial \d+ of study )", text, flags=re.M):
+        if head := re.match(r"trial (\d+) of study ", part):
+            attempts[int(head[1])] = part
+    return attempts
 
 
 def _retried(trials: list[Any]) -> set[int]:
