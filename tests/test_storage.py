@@ -96,7 +96,7 @@ def _exclusive(url: str) -> None:
 
 
 def test_preload_pays_the_first_opens_imports_and_touches_no_database(tmp_path: Path) -> None:
-    """What lightstudy run and its workers do while the warm process imports torch: Optuna's
+    """What lightstudy run does while its warm process imports torch: Optuna's
     storage, its ORM models, Alembic's migration scripts and the PostgreSQL driver are loaded,
     and no file appears (an in-memory database); the next open of a real database still works."""
     code = (

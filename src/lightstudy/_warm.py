@@ -357,6 +357,16 @@ def main(address: str) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(address)  # at once: a worker that asks early waits in the backlog
     listener.listen(128)
+    try:
+        return _set_up_and_serve(setup, listener, address)
+    finally:  # however it ends: ready or not, told to stop or its starter gone
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(address)
+
+
+def _set_up_and_serve(setup: Setup, listener: socket.socket, address: str) -> int:
+    """:func:`main` once its socket listens: import, check, say ready, serve; the exit code."""
     # The verdict gets stdout to itself: anything printed while importing goes to stderr.
     status = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
@@ -386,9 +396,6 @@ def main(address: str) -> int:
         os.close(fd)
     if not _verdict(status, ok=True, seconds=seconds, pid=os.getpid(), sources=source_files()):
         _log.info("warm process: its starter went away before it was ready; stopping")
-        listener.close()
-        with contextlib.suppress(OSError):
-            os.unlink(address)
         return 0
     status.close()
     os.dup2(2, 1)  # the log too, if it moved
@@ -415,12 +422,7 @@ def main(address: str) -> int:
 
     signal.signal(signal.SIGCHLD, on_child)
     signal.set_wakeup_fd(wakeup[1])
-    try:
-        server.serve()
-    finally:
-        listener.close()
-        with contextlib.suppress(OSError):
-            os.unlink(address)
+    server.serve()
     return 0
 
 
