@@ -101,6 +101,17 @@ def test_a_study_cli_class_parses_and_builds_with_its_links(tmp_path, monkeypatc
     assert built.config["model"]["init_args"]["hidden"] == 64  # the resolved config has it filled in
     plain = build(built.config, callbacks=[], seed=0)  # and a plain LightningCLI builds that
     assert plain.model.hparams.hidden == 64
+    # What the user's own LightningCLI makes of the config (its dump, the model's hyperparameters
+    # save_hyperparameters records) is what build made of it with its faster dump.
+    import yaml
+    from my_cli import LinkingCLI
+
+    config = spec.lightning_config()
+    config["seed_everything"] = 0
+    fresh = LinkingCLI(args=config, run=False, save_config_callback=None, parser_kwargs={"exit_on_error": False})
+    assert built.config == yaml.safe_load(fresh.parser.dump(fresh.config, skip_link_targets=False))
+    assert dict(built.model.hparams) == dict(fresh.model.hparams)
+    assert built.model._hparams_initial == fresh.model._hparams_initial
 
 
 def test_a_cli_that_is_not_a_lightning_cli_is_refused(tmp_path) -> None:
