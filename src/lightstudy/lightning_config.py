@@ -233,14 +233,15 @@ def _reusing_cli(namespace: str, cli: str | None = None) -> type:
             else:
                 self.parser = ReusingCLI._reused_parser
 
-        def before_instantiate_classes(self) -> None:
-            super().before_instantiate_classes()
+        def instantiate_classes(self) -> None:
             # LightningCLI dumps the parsed config once (its `config_dump`, kept for the
             # hyperparameters `save_hyperparameters` records) when the model is instantiated,
             # validating it again and reading the YAML back in pure Python: 50 ms a trial. The
-            # same dump made here, of the config as the instantiation reads it, skips both.
+            # same dump made here, of the config the instantiation reads, skips both (and a
+            # parse-only subclass, which instantiates nothing, dumps nothing).
             if "subcommand" not in self.config and not hasattr(self, "config_dump"):
                 self.config_dump = dump_config(self.parser, self.config, skip_none=False)
+            super().instantiate_classes()
 
     return ReusingCLI
 
