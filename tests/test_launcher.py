@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,7 +13,7 @@ import pytest
 
 from conftest import cli, tiny_spec, wait_until, write_spec
 from lightstudy.errors import LightstudyError
-from lightstudy.launcher import Slot, detect_gpus, plan_slots
+from lightstudy.launcher import Slot, can_fork, detect_gpus, plan_slots
 
 TESTS = str(Path(__file__).parent)
 # The tests folder first (its test models, and this module for the warm process's targets).
@@ -57,6 +58,77 @@ def test_counts_must_be_positive() -> None:
         plan_slots(None, 0)
     with pytest.raises(LightstudyError, match="--trials-per-gpu"):
         plan_slots("0", None, trials_per_gpu=0)
+
+
+# Run in a fresh interpreter: forking the test runner's process (it has threads) is what
+# can_fork refuses. Three workers forked as `lightstudy run` forks its own (launched_probe.py
+# stands in for lightstudy.launched); what each printed is in its log.
+_FORK_DRIVER = """
+import atexit, json, os, signal, subprocess, sys
+from lightstudy.launcher import ForkedWorker, can_fork
+atexit.register(print, "driver atexit")
+print("pending output", end="")  # not flushed yet: a child must not write it again
+logs = sys.argv[1]
+out = {"can_fork": can_fork()}
+procs = []
+for i, args in enumerate([["0"], ["3"], ["term"]]):
+    with open(os.path.join(logs, f"w{i}.log"), "ab") as log:
+        inherited = [fd for p in procs for fd in p.fds()]
+        procs.append(ForkedWorker(args, {"PROBE": f"p{i}"}, log.fileno(), inherited, module="launched_probe"))
+procs[0].stdin.close()  # cancelled: it sees the end of its stdin though w1 and w2 were forked after it
+out["cancelled"] = procs[0].wait(60)
+try:
+    procs[1].wait(0.2)
+except subprocess.TimeoutExpired:
+    out["still_waiting"] = procs[1].poll() is None
+procs[1].stdin.write(b"go\\n")
+procs[1].stdin.close()
+out["go"] = procs[1].wait(60)
+procs[2].send_signal(signal.SIGTERM)
+out["terminated"] = procs[2].wait(60)
+out["returncodes"] = [p.returncode for p in procs]
+print()
+print(json.dumps(out))
+"""
+
+
+def test_forked_workers_behave_as_spawned_ones(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_DRIVER, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **ENV},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "pending output" and lines[2] == "driver atexit", done.stdout
+    out = json.loads(lines[1])
+    assert out == {
+        "can_fork": True,
+        "cancelled": 0,
+        "still_waiting": True,
+        "go": 3,
+        "terminated": -signal.SIGTERM,
+        "returncodes": [0, 3, -signal.SIGTERM],
+    }
+    logs = [(tmp_path / f"w{i}.log").read_text() for i in range(3)]
+    assert logs[0] == "line='' probe=p0 own_session=True\nprobe atexit\n"
+    assert logs[1] == "line='go' probe=p1 own_session=True\nprobe atexit\n"
+    assert "driver atexit" not in "".join(logs) and "pending output" not in "".join(logs)
+
+
+def test_a_process_with_threads_spawns_its_workers() -> None:
+    import threading
+
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert not can_fork()
+    finally:
+        stop.set()
+        thread.join()
 
 
 def test_detect_respects_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:

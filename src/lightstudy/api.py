@@ -302,10 +302,16 @@ def run(
     launcher = Launcher(url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial, packing=auto, warm=warm)
     going = False
     try:
-        launcher.start()  # the workers import while the warm process does, then wait for the study
+        from lightstudy.launcher import can_fork
         from lightstudy.storage import preload
 
-        preload(url)  # meanwhile here too: the study is created at once when the spec is good
+        # Forked from here, the workers have Optuna, SQLAlchemy and the storage's schema loaded
+        # (of `lightstudy.worker`, only ~30 ms is left for each to import once `run` has read
+        # its spec); spawned ones import them meanwhile, and so does this process.
+        if can_fork():
+            preload(url)
+        launcher.start()  # the workers wait for the study
+        preload(url)  # the study is created at once when the spec is good (a no-op if done)
         warm.ready()  # the spec checked, torch and the study's classes imported, once for every worker
         updating = update_spec or n_trials is not None or timeout is not None
         created = Study(create_study(spec, url, update_spec=updating), spec, url)

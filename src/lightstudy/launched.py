@@ -1,7 +1,9 @@
-"""A worker the launcher started: ``python -m lightstudy.launched ARGS``.
+"""A worker the launcher started: ``python -m lightstudy.launched ARGS``, or the same module run
+in a process forked from the launcher (:class:`lightstudy.launcher.ForkedWorker`).
 
-It imports what a worker needs while the launcher's warm process imports torch, then waits for
-the launcher's word on stdin before it runs ``lightstudy worker ARGS``.
+It imports what a worker needs while the launcher's warm process imports torch (forked: the
+launcher imported it), then waits for the launcher's word on stdin before it runs
+``lightstudy worker ARGS``.
 """
 
 from __future__ import annotations

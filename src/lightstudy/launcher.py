@@ -1,7 +1,10 @@
 """``lightstudy run``: start local workers (one per GPU slot, or CPU workers) and watch the study.
 
 Workers are separate ``lightstudy worker`` processes, each in its own session so that a Ctrl-C
-reaches the launcher once and is forwarded as one SIGTERM per worker. They share one warm
+reaches the launcher once and is forwarded as one SIGTERM per worker. Where this process has no
+other thread (the ``lightstudy run`` command), they are forked from it once it has imported what
+a worker needs (:class:`ForkedWorker`), so N workers cost one import of Optuna and SQLAlchemy,
+not N; elsewhere (a notebook's kernel has threads) each is a new interpreter. They share one warm
 process (:mod:`lightstudy.warmserver`, started by :func:`lightstudy.api.run`; its address in
 ``$LIGHTSTUDY_WARM``) that has torch, Lightning and the study's classes imported and forks
 every worker's trial processes, so N workers start in the time of one. A worker's output goes
@@ -11,11 +14,16 @@ progress from the database, so what it shows is what every other client sees.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import runpy
+import select
 import signal
 import subprocess
 import sys
+import threading
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +39,7 @@ if TYPE_CHECKING:
     from lightstudy.spec import StudySpec
     from lightstudy.warmserver import WarmServer
 
-__all__ = ["Launcher", "Slot", "detect_gpus", "plan_slots", "progress_bar"]
+__all__ = ["ForkedWorker", "Launcher", "Slot", "can_fork", "detect_gpus", "plan_slots", "progress_bar"]
 
 REFRESH = 1.0  # seconds between progress updates read from the database
 
@@ -145,13 +153,17 @@ class Launcher:
         self.slots = slots
         self.run_dir = run_dir.resolve()
         self.console = console
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self.processes: list[Any] = []  # subprocess.Popen or ForkedWorker: the same calls
         self._signals = 0
         self._warned: set[str] = set()
 
     def start(self) -> None:
-        """Start the workers: each imports what a worker needs (Optuna, SQLAlchemy) while the warm
-        process imports torch, then waits for :meth:`go` (the study exists) or :meth:`cancel`."""
+        """Start the workers, each waiting for :meth:`go` (the study exists) or :meth:`cancel`.
+
+        Forked (:func:`can_fork`): from this process, with what it has imported (``lightstudy
+        run`` loads Optuna, SQLAlchemy and the storage's schema first, while the warm process
+        imports torch: :func:`lightstudy.api.run`; what is not there yet a worker imports
+        itself). Otherwise each is ``python -m lightstudy.launched``, which imports it meanwhile."""
         logs = self.run_dir / "workers"
         logs.mkdir(parents=True, exist_ok=True)
         base = dict(os.environ)
@@ -159,11 +171,9 @@ class Launcher:
         base.setdefault("PYTHONUNBUFFERED", "1")
         if self.warm is not None:
             base.update(self.warm.environment())
+        fork = can_fork() and not self.processes  # added workers (GPU packing) are spawned
         for slot in self.slots:
-            cmd = [
-                sys.executable,
-                "-m",
-                "lightstudy.launched",  # `lightstudy worker` once the launcher says go
+            args = [
                 "--study",
                 self.spec.study.name,
                 "--run-dir",
@@ -174,18 +184,21 @@ class Launcher:
                 slot.gpu if slot.gpu is not None else "cpu",
                 *(["--gpus-per-trial", str(self.gpus_per_trial)] if self.gpus_per_trial else []),
             ]
-            log = open(logs / f"worker-{slot.index}.log", "ab")  # noqa: SIM115 (kept for the process)
-            self.processes.append(
-                subprocess.Popen(
-                    cmd,
-                    env=slot.env(base),
-                    stdin=subprocess.PIPE,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
+            with open(logs / f"worker-{slot.index}.log", "ab") as log:
+                if fork:
+                    inherited = [fd for p in self.processes for fd in p.fds()]
+                    self.processes.append(ForkedWorker(args, slot.env(base), log.fileno(), inherited))
+                    continue
+                self.processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "lightstudy.launched", *args],  # `lightstudy worker` once told go
+                        env=slot.env(base),
+                        stdin=subprocess.PIPE,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
                 )
-            )
-            log.close()
 
     def go(self) -> None:
         """The study exists: the waiting workers start claiming trials."""
@@ -350,6 +363,133 @@ class Launcher:
                 self._warned.add(warning)
                 text += f"\n           [yellow]warning:[/yellow] {warning}"
         return text
+
+
+def can_fork() -> bool:
+    """Whether workers may be forked from this process: it has no other thread (a thread's lock
+    held at the fork would stay held in the child), and the platform can wait on a child's pid
+    with a timeout (``os.pidfd_open``: Linux). ``lightstudy run`` forks; a notebook's kernel, a
+    test runner's process or anything that started a thread spawns."""
+    return hasattr(os, "fork") and hasattr(os, "pidfd_open") and threading.active_count() == 1
+
+
+class ForkedWorker:
+    """A ``python -m lightstudy.launched ARGS`` (or another ``module``) forked from this process
+    instead of started anew:
+    what :class:`Launcher` uses of a ``subprocess.Popen`` (``stdin``, ``poll``, ``wait``,
+    ``send_signal``, ``kill``, ``returncode``), with the same environment, session, output and
+    exit code as the spawned one.
+
+    The child runs :mod:`lightstudy.launched` as ``-m`` would, with its own ``atexit`` handlers
+    only, and ends with ``os._exit`` (nothing of this process's is torn down twice). It keeps
+    this process's other descriptors but ``inherited`` (the earlier workers' pipes, which must
+    reach end-of-file when this process closes them): among them the warm process's stdin, so the
+    warm process stays while a worker that forks trials there lives.
+    """
+
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        log_fd: int,
+        inherited: list[int],
+        module: str = "lightstudy.launched",
+    ) -> None:
+        read, write = os.pipe()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()  # else the child would write this process's pending output again
+        pid = os.fork()
+        if pid == 0:
+            os.close(write)
+            _forked_main(module, args, env, read, log_fd, inherited)  # never returns
+        os.close(read)
+        self.pid = pid
+        self.args = args
+        self.returncode: int | None = None
+        self.stdin = open(write, "wb", buffering=0)  # noqa: SIM115 (closed by go or cancel)
+        self._pidfd = os.pidfd_open(pid)
+
+    def fds(self) -> list[int]:
+        """This process's descriptors of the worker, which a later fork must not keep open."""
+        return [self._pidfd] + ([] if self.stdin.closed else [self.stdin.fileno()])
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self._exited(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The exit code, once the worker has exited (at most ``timeout`` seconds from now).
+
+        Raises:
+            subprocess.TimeoutExpired: it is still running after ``timeout`` seconds.
+        """
+        if self.returncode is None:
+            ready, _, _ = select.select([self._pidfd], [], [], timeout)
+            if not ready:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+            self._exited(os.waitpid(self.pid, 0)[1])
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:  # unreaped, its pid cannot be another process's
+            signal.pidfd_send_signal(self._pidfd, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def _exited(self, status: int) -> None:
+        self.returncode = os.waitstatus_to_exitcode(status)
+        os.close(self._pidfd)
+
+
+def _forked_main(
+    module: str, args: list[str], env: dict[str, str], stdin: int, log_fd: int, inherited: list[int]
+) -> None:
+    """The forked worker's side: what ``Popen(start_new_session=True, stdin=PIPE, stdout=log,
+    stderr=STDOUT, env=env)`` and ``python -m MODULE ARGS`` would set up, then the module; the
+    exit as Python's, with ``os._exit``."""
+    code = 1
+    try:
+        os.setsid()  # a Ctrl-C reaches the launcher only, as for a spawned worker
+        for fd in inherited:
+            os.close(fd)
+        os.dup2(stdin, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(stdin)
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (a log: line by line)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.environ.clear()
+        os.environ.update(env)
+        atexit._clear()  # this process's handlers are the launcher's (no public name; typeshed lists it)
+        sys.argv = ["-m", *args]
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
+        atexit._run_exitfuncs()
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
 
 
 def progress_bar(console: Console) -> Any:
