@@ -43,6 +43,30 @@ def test_worker_runs_the_study_to_its_budget(tmp_path: Path, sqlite_url: str) ->
     assert Worker(sqlite_url, "tiny", run_dir=tmp_path / "run").run().total == 0
 
 
+def test_a_worker_waiting_on_others_trials_looks_again_soon_then_every_poll_interval(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last trials of a study often end together: a worker with nothing to claim looks
+    again after 0.1 s, doubling up to ``poll_interval``, not a whole interval after the end."""
+    from lightstudy.study import claim_trial
+
+    create_study(spec_from_dict(tiny_spec(n_trials=1)), sqlite_url)
+    study, spec = load_study(sqlite_url, "tiny")
+    other, _ = claim_trial(study, spec)  # another worker's running trial: the budget is used
+    assert other is not None
+    waits: list[float] = []
+
+    def sleep(self: Worker, seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 6:
+            study.tell(other, 0.5)  # the other trial ends: the next look finds the study done
+
+    monkeypatch.setattr(Worker, "_sleep", sleep)
+    report = Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", poll_interval=1.0).run()
+    assert report.total == 0
+    assert waits == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+
+
 def test_killed_trial_process_fails_is_retried_and_resumes(tmp_path: Path, sqlite_url: str) -> None:
     create_study(spec_from_dict(_slow(tiny_spec(n_trials=1))), sqlite_url)
     worker = Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", threads=1)

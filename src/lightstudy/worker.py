@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Worker", "WorkerReport"]
 
-POLL_INTERVAL = 2.0  # seconds between budget checks while other workers' trials run
+POLL_INTERVAL = 2.0  # at most this many seconds between budget checks while other workers' trials run
+FIRST_POLL = 0.1  # the first such check's wait, doubled up to poll_interval (the last trials often end together)
 
 # How each outcome is recorded: (the trial's state in Optuna, its retry: None for none,
 # "always" for a hand-back that max_retry does not limit, "max_retry" for up to that many
@@ -145,6 +146,7 @@ class Worker:
         previous = self._install_signal_handlers()
         try:
             self._start_warm()  # it imports torch while the first trial is claimed
+            idle = FIRST_POLL
             while not self._signals and (self.max_trials is None or self.report.total < self.max_trials):
                 # 1. claim
                 claimed = time.time()
@@ -153,8 +155,10 @@ class Worker:
                     if budget.done:
                         _log.info("study %s is done (%d trials counted)", self.study_name, budget.used)
                         break
-                    self._sleep(self.poll_interval)  # others still run trials that may be retried
+                    self._sleep(min(idle, self.poll_interval))  # others still run trials that may be retried
+                    idle *= 2
                     continue
+                idle = FIRST_POLL
                 # 2. prepare: the lineage's folder, its seed, the checkpoint it resumes from
                 prepared = time.time()
                 job = self._prepare(trial)
