@@ -1,17 +1,25 @@
 """Worker scaling: trials per hour with 1, 2 and 4 local workers, on SQLite and PostgreSQL.
 
-Each run is N ``lightstudy worker --threads 1`` processes (one torch thread each, as every
-benchmark here) on a fresh study of the same digits trials (fixed epochs, no pruner,
-RandomSampler with a fixed seed), timed from their launch to the last one's exit. T(N) is that wall
-time; efficiency at N workers is T(1) / (N' * T(N)) with N' = min(N, cores), so 1.0 means the
-cores are used as well as one worker uses one core. Start-up (launch to the first trial's end,
-less a typical trial: worker processes and forkserver warm-up) is reported separately, and so is
-the steady part (first trial start to last trial end), and the storage share (the workers'
-storage time, from the trials' recorded claim/prepare timings and the gaps between one trial's
-tell and the next one's start, over workers x steady time). Every run is checked: all trials COMPLETE, none RUNNING, no
-duplicate numbers, no storage errors in the worker logs.
+Each run trains a fresh study of the same digits trials (fixed epochs, no pruner, RandomSampler
+with a fixed seed, one torch thread per trial, as every benchmark here), started one of two ways
+(``--via``):
 
-    python bench/scaling.py                   # 40 trials of 3 epochs, once (about 7 minutes; --reps 2: 14)
+  run      ``lightstudy run SPEC --workers N --threads 1``: what a user on one machine runs (one
+           warm process forks every worker's trials; the study is created by the command, timed)
+  worker   N ``lightstudy worker --threads 1`` processes on a study created beforehand: what
+           N hosts run (each worker starts its own warm process)
+
+timed from the launch to the last process's exit. T(N) is that wall time; efficiency at N workers is
+T(1) / (N' * T(N)) with N' = min(N, cores), so 1.0 means the cores are used as well as one worker
+uses one core. Start-up (launch to the first trial's end, less a typical trial: worker processes and
+forkserver warm-up) is reported separately, and so is the steady part (first trial start to last
+trial end), and the storage share (the workers' storage time, from the trials' recorded
+claim/prepare timings and the gaps between one trial's tell and the next one's start, over workers x
+steady time). Every run is checked: all trials COMPLETE, none RUNNING, no duplicate numbers, no
+storage errors in the worker logs.
+
+    python bench/scaling.py                   # 40 trials of 3 epochs, once, both ways (about 14 minutes)
+    python bench/scaling.py --via run --workers 1,2   # lightstudy run only, 1 and 2 workers
     python bench/scaling.py --quick           # 4 tiny trials, 1 and 2 workers
 """
 
@@ -46,7 +54,7 @@ def storage(backend: str, work: Path, tag: str) -> Iterator[str]:
             yield url
 
 
-def run_once(backend: str, workers: int, doc: dict[str, Any], work: Path, tag: str) -> dict[str, Any]:
+def run_once(backend: str, via: str, workers: int, doc: dict[str, Any], work: Path, tag: str) -> dict[str, Any]:
     import optuna
     import yaml
 
@@ -58,16 +66,22 @@ def run_once(backend: str, workers: int, doc: dict[str, Any], work: Path, tag: s
     env.pop("LIGHTSTUDY_STORAGE", None)
     cli = [sys.executable, "-m", "lightstudy"]
     with storage(backend, work, tag) as url:
-        subprocess.run([*cli, "create", str(spec), "--storage", url], env=env, check=True, capture_output=True)
-        worker = [*cli, "worker", "--study", name, "--storage", url, "--run-dir", str(work / tag), "--threads", "1"]
+        if via == "run":
+            commands = [[*cli, "run", str(spec), "--storage", url, "--workers", str(workers), "--threads", "1"]]
+        else:
+            subprocess.run([*cli, "create", str(spec), "--storage", url], env=env, check=True, capture_output=True)
+            worker = [*cli, "worker", "--study", name, "--storage", url, "--run-dir", str(work / tag), "--threads", "1"]
+            commands = [worker] * workers
         launched = time.time()
         procs = [
-            subprocess.Popen(worker, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for _ in range(workers)
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for command in commands
         ]
         outs = [p.communicate()[0] for p in procs]
         wall = time.time() - launched
         trials = optuna.load_study(study_name=name, storage=url).trials
+    # lightstudy run's workers log to the run folder; its own output is the progress
+    outs += [log.read_text() for log in sorted((work / tag / "workers").glob("worker-*.log"))]
     logs = "".join(outs)
     states = [t.state.name for t in trials]
     numbers = [t.number for t in trials]
@@ -122,20 +136,29 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=None, help="trials per run (default 40; --quick 4)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 3; --quick: a tiny trial)")
     p.add_argument("--backends", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
+    p.add_argument("--via", default="run,worker", help="comma-separated: run (lightstudy run), worker (N workers)")
+    p.add_argument(
+        "--workers", default=None, help="comma-separated worker counts, 1 first (default 1,2,4; --quick 1,2)"
+    )
     args = p.parse_args()
     trials = args.trials or (4 if args.quick else 40)
     epochs = args.epochs or (1 if args.quick else 3)
     reps = args.reps or 1  # 40 trials run long enough that start-up is a small part
-    counts = [1, 2] if args.quick else [1, 2, 4]
+    counts = [int(n) for n in args.workers.split(",")] if args.workers else [1, 2] if args.quick else [1, 2, 4]
+    if counts[0] != 1:
+        p.error("--workers must start with 1 (efficiency is against one worker)")
+    vias = args.via.split(",")
+    if not set(vias) <= {"run", "worker"}:
+        p.error(f"--via takes run and/or worker, not {args.via!r}")
     cores = os.cpu_count() or 1
     doc = digits_spec("scaling", n_trials=trials, epochs=epochs, tiny=args.quick)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
-        for backend in args.backends.split(","):
+        for backend, via in itertools.product(args.backends.split(","), vias):
             runs: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
             for rep in range(reps):
                 for n in counts:  # interleaved, so load from elsewhere hits every count alike
-                    got = run_once(backend, n, doc, Path(tmp), f"{backend}-{n}-{rep}")
+                    got = run_once(backend, via, n, doc, Path(tmp), f"{backend}-{via}-{n}-{rep}")
                     if got["exit_nonzero"]:
                         print(got["stderr"], file=sys.stderr)
                     runs[n].append(got)
@@ -148,6 +171,7 @@ def main() -> None:
                 rows.append(
                     {
                         "backend": backend,
+                        "via": via,
                         "workers": n,
                         "trials": trials,
                         "epochs": epochs,
@@ -168,6 +192,7 @@ def main() -> None:
         "s: median (min-max)",
         [
             "backend",
+            "via",
             "workers",
             "wall s",
             "start-up s",
@@ -181,6 +206,7 @@ def main() -> None:
         [
             [
                 r["backend"],
+                r["via"],
                 r["workers"],
                 spread(r["wall_s"]),
                 spread(r["startup_s"]),
@@ -197,6 +223,7 @@ def main() -> None:
     checks = [
         {
             "backend": r["backend"],
+            "via": r["via"],
             "target": f"efficiency T(1)/(2 T(2)) >= {TARGET_EFFICIENCY}",
             "measured": round(r["efficiency"], 3),
             "met": r["efficiency"] >= TARGET_EFFICIENCY and r["errors"] == 0,
@@ -207,8 +234,8 @@ def main() -> None:
     ]
     table(
         "targets",
-        ["backend", "target", "measured", "met"],
-        [[c[k] for k in ("backend", "target", "measured", "met")] for c in checks],
+        ["backend", "via", "target", "measured", "met"],
+        [[c[k] for k in ("backend", "via", "target", "measured", "met")] for c in checks],
     )
     write_jsonl(args.out, "scaling", [*rows, *checks], quick=args.quick, reps=reps)
 

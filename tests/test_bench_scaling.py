@@ -1,4 +1,4 @@
-"""bench/scaling.py --quick runs 1 and 2 workers on SQLite and finds nothing wrong."""
+"""bench/scaling.py --quick runs 1 and 2 workers on SQLite, both ways, and finds nothing wrong."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def test_quick_scaling_rows_and_checks(tmp_path: Path) -> None:
     # same code as with more (the full run's 40 trials only make the figures steadier).
     _, rows = run_bench("scaling.py", out, "--backends", "sqlite", "--trials", "2")
     runs = [r for r in rows if "workers" in r]
-    assert {(r["backend"], r["workers"]) for r in runs} == {("sqlite", n) for n in (1, 2)}
+    assert {(r["backend"], r["via"], r["workers"]) for r in runs} == {
+        ("sqlite", via, n) for via in ("run", "worker") for n in (1, 2)
+    }
     for r in runs:
         assert r["bench"] == "scaling"
         assert r["errors"] == 0, r
@@ -27,4 +29,5 @@ def test_quick_scaling_rows_and_checks(tmp_path: Path) -> None:
         assert r["wall_s"]["median"] > r["startup_s"]["median"] > 0
         assert r["trials_per_hour"] > 0 and r["efficiency"] > 0
         assert 0 < r["storage_share"] < 1  # the workers' storage time over their steady time
-    assert sum(r.get("target", "").startswith("efficiency") for r in rows) == 1  # one per backend
+    targets = [r for r in rows if r.get("target", "").startswith("efficiency")]
+    assert sorted(r["via"] for r in targets) == ["run", "worker"]  # one per backend and way

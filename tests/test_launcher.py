@@ -45,6 +45,8 @@ def test_cpu_workers_split_threads_and_hide_gpus() -> None:
     assert [(s.gpu, s.threads) for s in slots] == [(None, 1), (None, 1)]
     assert slots[0].env({})["CUDA_VISIBLE_DEVICES"] == ""
     assert [s.threads for s in plan_slots(None, 4, cpu_count=2)] == [1, 1, 1, 1]
+    assert [s.threads for s in plan_slots(None, 2, cpu_count=2, threads=3)] == [3, 3]  # run --threads 3
+    assert [s.threads for s in plan_slots("0,1", None, cpu_count=8, threads=1)] == [1, 1]
 
 
 @pytest.mark.parametrize("gpus", ["a,b", "0,0", "1;2"])
@@ -58,6 +60,8 @@ def test_counts_must_be_positive() -> None:
         plan_slots(None, 0)
     with pytest.raises(LightstudyError, match="--trials-per-gpu"):
         plan_slots("0", None, trials_per_gpu=0)
+    with pytest.raises(LightstudyError, match="--threads"):
+        plan_slots(None, 2, threads=0)
 
 
 # Run in a fresh interpreter: forking the test runner's process (it has threads) is what

@@ -234,6 +234,7 @@ def run(
     storage: str | None = None,
     run_dir: str | Path | None = None,
     update_spec: bool = False,
+    threads: int | None = None,
     console: Any = None,
 ) -> Study:
     """Create (or resume) the study of ``file`` and run it to the end with local workers.
@@ -257,6 +258,7 @@ def run(
         storage: The database URL (default: as the CLI finds it).
         run_dir: The run folder (default: the spec's, ``runs/<study>``).
         update_spec: Replace the stored spec of an existing study of the same name.
+        threads: torch threads per trial (default: the cores split between the workers).
         console: A ``rich.console.Console`` to show progress on (default: stdout).
 
     Raises:
@@ -283,7 +285,7 @@ def run(
     if per_trial > 1 and not url.startswith(("sqlite", "postgresql", "mysql")):
         check_devices(spec, per_trial, url)
     gpu_trials = str((spec.config.get("trainer") or {}).get("accelerator", "auto")) != "cpu"
-    slots = plan_slots(gpus, workers, trials_per_gpu, gpus_per_trial=per_trial if gpu_trials else 1)
+    slots = plan_slots(gpus, workers, trials_per_gpu, gpus_per_trial=per_trial if gpu_trials else 1, threads=threads)
     if gpus and gpus != "auto" and gpu_trials and len(gpus.split(",")) % per_trial:
         log.warning("%d GPU(s) left idle: a trial runs on %d", len(gpus.split(",")) % per_trial, per_trial)
     # A process that has torch already (a notebook, a test) checks here, at no import's cost.

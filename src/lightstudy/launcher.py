@@ -68,9 +68,11 @@ def plan_slots(
     gpus_per_trial: int = 1,
     cpu_count: int | None = None,
     detected: list[str] | None = None,
+    threads: int | None = None,
 ) -> list[Slot]:
     """Decide the workers: ``--gpus 0,1`` (or ``auto``) gives ``trials_per_gpu`` workers per GPU;
     otherwise ``--workers N`` CPU workers; with neither, one worker per GPU found, or one CPU worker.
+    Each gets ``threads`` torch threads, or the cores split between them.
     ``trials_per_gpu="auto"`` starts one per GPU: the launcher adds more once a trial's peak
     memory is measured (:mod:`lightstudy.packing`).
 
@@ -81,6 +83,8 @@ def plan_slots(
     trials_per_gpu = trials_per_gpu_count(trials_per_gpu) or 1
     if workers is not None and workers < 1:
         raise LightstudyError(f"--workers must be >= 1, but got {workers}", fix="pass --workers 1 or more")
+    if threads is not None and threads < 1:
+        raise LightstudyError(f"--threads must be >= 1, but got {threads}", fix="pass --threads 1 or more")
     ids: list[str]
     if gpus is None and workers is None:
         ids = detected if detected is not None else detect_gpus()
@@ -106,10 +110,9 @@ def plan_slots(
                 fix=f"pass at least {gpus_per_trial} GPUs with --gpus, or lower trainer.devices",
             )
         n = len(groups) * trials_per_gpu
-        threads = max(1, cores // n)
-        return [Slot(i, groups[i // trials_per_gpu], threads) for i in range(n)]
+        return [Slot(i, groups[i // trials_per_gpu], threads or max(1, cores // n)) for i in range(n)]
     n = workers or 1
-    return [Slot(i, None, max(1, cores // n)) for i in range(n)]
+    return [Slot(i, None, threads or max(1, cores // n)) for i in range(n)]
 
 
 def trials_per_gpu_count(value: int | str) -> int | None:

@@ -122,11 +122,19 @@ def run(
     update_spec: Annotated[
         bool, typer.Option("--update-spec", help="Replace the stored spec of an existing study.")
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            help="torch threads per trial (default: the cores split between the workers).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Create (or resume) a study and run it to the end with local workers, showing progress.
 
     One worker per GPU with --gpus (CUDA_VISIBLE_DEVICES pinned), or --workers N CPU workers
-    with torch threads split between them. Ends with the best trial and where its checkpoint is.
+    with torch threads split between them (or --threads each). Ends with the best trial and where its checkpoint is.
 
     Example: lightstudy run studies/digits.yaml --workers 2
     """
@@ -146,6 +154,7 @@ def run(
             storage=storage,
             run_dir=run_dir,
             update_spec=update_spec,
+            threads=threads,
             console=console(),
         )
     except WorkersFailed as e:
