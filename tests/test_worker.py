@@ -520,11 +520,11 @@ def test_each_told_trial_gets_its_dashboard_note_and_a_failed_note_fails_nothing
     real = lightstudy.dashboard.write_trial_note
     calls: list[int] = []
 
-    def first_fails(study: Any, spec: Any, number: int) -> str:
+    def first_fails(study: Any, spec: Any, number: int, **known: Any) -> str:
         calls.append(number)
         if len(calls) == 1:
             raise RuntimeError("the dashboard's storage said no")
-        return real(study, spec, number)
+        return real(study, spec, number, **known)
 
     monkeypatch.setattr(lightstudy.dashboard, "write_trial_note", first_fails)
     report = Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", threads=1).run()
@@ -597,3 +597,50 @@ def test_a_note_says_removed_once_retention_removes_the_checkpoint(tmp_path: Pat
     notes = [get_note(optuna.trial.Trial(study, trial_id(t))) for t in study.get_trials()]
     assert ["**Checkpoint:** removed" in n for n in notes] == [True, True, False], notes
     assert "**Checkpoint:** kept" in notes[2], notes[2]
+
+
+def test_the_note_of_a_trial_without_a_checkpoint_is_written_from_that_trial_alone(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Falling values with keep 1: trial 0 is kept, trials 1 and 2 store no checkpoint. Their
+    notes are written without reading every trial, and say what a note from every trial says."""
+    import optuna
+    from optuna_dashboard import get_note
+
+    from lightstudy.dashboard import write_trial_note
+    from lightstudy.storage.boundary import trial_id
+
+    falling = [{"model.init_args.lr": lr, "data.init_args.batch_size": 64} for lr in (0.003, 0.002, 0.001)]
+    doc = tiny_spec(n_trials=3, max_epochs=1, checkpoints={"keep": 1}, enqueue=falling)
+    doc["model"]["class_path"] = "lightstudy_testing_models.LrNet"
+    doc["trainer"].update(limit_train_batches=1, limit_val_batches=1)
+    create_study(spec_from_dict(doc), sqlite_url)
+    worker = Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", threads=1)
+    reads: list[int] = []
+    every = optuna.Study.get_trials
+
+    def counted(self: optuna.Study, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("states") is None:
+            reads.append(1)
+        return every(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "get_trials", counted)
+    import lightstudy.dashboard
+
+    notes_read: list[int] = []
+    real = lightstudy.dashboard.write_trial_note
+
+    def note(study: Any, spec: Any, number: int, **known: Any) -> str:
+        before = len(reads)
+        body = real(study, spec, number, **known)
+        notes_read.append(len(reads) - before)
+        return body
+
+    monkeypatch.setattr(lightstudy.dashboard, "write_trial_note", note)
+    assert worker.run().complete == 3
+    assert notes_read == [1, 0, 0]  # trial 0's checkpoint is kept: only its note reads every trial
+    monkeypatch.undo()
+    study, spec = load_study(sqlite_url, "tiny")
+    written = [get_note(optuna.trial.Trial(study, trial_id(t))) for t in study.get_trials()]
+    assert "**Checkpoint:** kept" in written[0] and "**Checkpoint:** none kept" in written[1]
+    assert written == [write_trial_note(study, spec, n) for n in range(3)]  # as from every trial

@@ -166,14 +166,17 @@ def sweep_local(
 
     states = (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)
     cutoff = dt.datetime.now() - dt.timedelta(seconds=settle)
-    trials = study.get_trials(deepcopy=False)
+    scheduled = spec is not None and spec.study.scheduler is not None
+    # only the trials that can keep a lineage (a scheduler's needs are read from all of them)
+    trials = study.get_trials(deepcopy=False, states=None if scheduled else states)
     live = {
         lineage_root(t)
         for t in trials
         if t.state in states
         and (t.state != TrialState.FAIL or t.datetime_complete is None or t.datetime_complete > cutoff)
     }
-    if spec is not None and spec.study.scheduler is not None:
+    if scheduled:
+        assert spec is not None
         needed = needed_trials(trials, spec)
         live |= {lineage_root(t) for t in trials if t.number in needed}
     for folder in (run_dir / "trials").glob("trial-*"):

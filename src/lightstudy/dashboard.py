@@ -147,23 +147,33 @@ def trial_note(trial: Any, spec: Any, *, kept: bool, test_metrics: dict[str, flo
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_trial_note(study: Any, spec: Any, number: int) -> str:
+def write_trial_note(study: Any, spec: Any, number: int, *, trial_id: int | None = None) -> str:
     """Write trial ``number``'s note with optuna-dashboard's notes API (``save_note``); returns it.
 
     Called by the worker once a trial is told (and again by ``test`` when test metrics arrive);
-    each call saves a new version of the note, which the dashboard shows.
+    each call saves a new version of the note, which the dashboard shows. Given the trial's
+    ``trial_id`` (the worker knows it), a trial without a stored checkpoint is read alone: whether
+    a checkpoint is kept, and its test metrics (tested from that checkpoint), are what the
+    study's other trials and attrs would say, and such a trial has neither. Otherwise (most
+    trials of a large study) every trial would be read for nothing.
     """
     import optuna
 
+    from lightstudy.artifacts import CheckpointRef
     from lightstudy.ranking import kept
-    from lightstudy.storage.boundary import trial_id
+    from lightstudy.storage.boundary import storage_of
+    from lightstudy.storage.boundary import trial_id as id_of
     from lightstudy.summary import stored_test_metrics
 
-    trials = study.get_trials(deepcopy=False)
-    trial = next(t for t in trials if t.number == number)
-    is_kept = number in {t.number for t in kept(trials, spec)}
-    body = trial_note(trial, spec, kept=is_kept, test_metrics=stored_test_metrics(study).get(number))
-    _notes_module().save_note(optuna.trial.Trial(study, trial_id(trial)), body)
+    trial = storage_of(study).trial(trial_id) if trial_id is not None else None
+    if trial is not None and CheckpointRef.of(trial) is None:
+        body = trial_note(trial, spec, kept=False)
+    else:
+        trials = study.get_trials(deepcopy=False)
+        trial = next(t for t in trials if t.number == number)
+        is_kept = number in {t.number for t in kept(trials, spec)}
+        body = trial_note(trial, spec, kept=is_kept, test_metrics=stored_test_metrics(study).get(number))
+    _notes_module().save_note(optuna.trial.Trial(study, id_of(trial)), body)
     return body
 
 

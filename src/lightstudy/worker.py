@@ -345,7 +345,7 @@ class Worker:
             if retry is not None:
                 max_retry = self.spec.study.max_retry if retry == "max_retry" else None
                 retried = self._retry(trial, max_retry=max_retry, alone=why if retry == "alone" else None)
-            self._write_note(trial.number)
+            self._write_note(trial.number, trial_id(trial))
         except UpdateFinishedTrialError:
             # The database was away longer than the grace period and another worker failed the
             # trial as stale (and retried it); its outcome here is lost, the study is not.
@@ -365,12 +365,12 @@ class Worker:
         retry_db(lambda: sweep_local(self.study, self.run_dir, spec=self.spec), what="sweep checkpoints")
         self.report.trials.append(trial.number)
 
-    def _write_note(self, number: int) -> None:
+    def _write_note(self, number: int, known_id: int | None = None) -> None:
         """Trial ``number``'s note in optuna-dashboard (outcome, reason, params, checkpoint); a failure is logged."""
         from lightstudy.dashboard import write_trial_note
 
         try:
-            retry_db(lambda: write_trial_note(self.study, self.spec, number), what="trial note")
+            retry_db(lambda: write_trial_note(self.study, self.spec, number, trial_id=known_id), what="trial note")
         except Exception as e:  # the note is for people reading the dashboard: the trial counts without it
             _log.warning("trial %d: could not write its dashboard note (%s)", number, db_error_text(e))
 
