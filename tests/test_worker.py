@@ -67,6 +67,53 @@ def test_a_worker_waiting_on_others_trials_looks_again_soon_then_every_poll_inte
     assert waits == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
 
 
+def test_a_trial_process_exits_while_its_outcome_is_recorded_and_is_gone_before_the_next_starts(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker tells the outcome without waiting for the process that sent it to exit (its
+    teardown overlaps the tell); it is reaped by the time the next trial has run (run_processes
+    waits for it before it starts one), and none is left when the worker ends."""
+    import lightstudy.ranks
+
+    create_study(spec_from_dict(tiny_spec(n_trials=2, max_epochs=1)), sqlite_url)
+    worker = Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", threads=1)
+    finishing: list[list[int]] = []
+    real_finish = Worker._finish
+
+    def finish(self: Worker, *args: Any, **kwargs: Any) -> None:
+        finishing.append([r.process.pid for r in self._exiting])
+        real_finish(self, *args, **kwargs)
+
+    started: list[list[int]] = []
+    real_run = lightstudy.ranks.run_processes
+
+    gone_before: list[bool] = []
+
+    def run_processes(*args: Any, **kwargs: Any) -> Any:
+        exiting = kwargs["exiting"]
+        previous = [r.process.pid for r in exiting]
+        outcome = real_run(*args, **kwargs)
+        started.append([r.process.pid for r in exiting])
+        for pid in previous:  # the last trial's process
+            try:
+                os.kill(pid, 0)
+                gone_before.append(False)
+            except ProcessLookupError:
+                gone_before.append(True)
+        return outcome
+
+    monkeypatch.setattr(Worker, "_finish", finish)
+    monkeypatch.setattr("lightstudy.worker.run_processes", run_processes)
+    assert worker.run().complete == 2
+    assert [len(pids) for pids in finishing] == [1, 1]  # each told while its process was left to exit
+    assert finishing == started and finishing[0] != finishing[1]
+    assert gone_before == [True]
+    assert worker._exiting == []
+    for pid in [p for pids in finishing for p in pids]:  # reaped (the warm process said it exited)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 def test_killed_trial_process_fails_is_retried_and_resumes(tmp_path: Path, sqlite_url: str) -> None:
     create_study(spec_from_dict(_slow(tiny_spec(n_trials=1))), sqlite_url)
     worker = Worker(sqlite_url, "tiny", run_dir=tmp_path / "run", threads=1)

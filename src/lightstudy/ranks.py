@@ -85,6 +85,7 @@ def run_processes(
     running: list[Any],
     handle: Callable[[Message], Any],
     stopping: Callable[[], bool] = lambda: False,
+    exiting: list[Rank] | None = None,
 ) -> tuple[TrialOutcome | None, str | None]:
     """Run a trial's ``world`` processes (from ``ctx``: a :class:`~lightstudy.warmserver.WarmContext`,
     or a multiprocessing context) to the end.
@@ -94,9 +95,17 @@ def run_processes(
     died). ``running`` holds the processes while they run, for the worker's signal handler;
     ``stopping`` says that a stop was asked (a signal that came before a process was there to
     pass it to).
+
+    ``exiting`` (a list the caller keeps): a single process that sent its outcome is left there
+    to exit while the caller records the outcome (a forked torch process takes about 20 ms to
+    be torn down by the kernel and reported), and is waited for by the next call before its
+    process starts (GPU memory is free before the next trial takes it), or by
+    :func:`finish_exits`.
     """
     from multiprocessing.connection import wait
 
+    if exiting:
+        finish_exits(exiting)
     if stopping():
         return None, STOPPED_BEFORE_START
     port = free_port() if world > 1 else None
@@ -116,6 +125,7 @@ def run_processes(
                 os.kill(r.process.pid, signal.SIGTERM)
     deadline = time.monotonic() + limit if limit else None
     reason: str | None = None
+    left: list[Rank] = []  # handed to ``exiting``: not killed or closed here
     try:
         while True:
             for r in ranks:
@@ -137,8 +147,11 @@ def run_processes(
             wait(waiting, timeout=0.5)
         outcome = ranks[0].outcome
         if outcome is not None and outcome.state not in (Outcome.FAILED, Outcome.TIMED_OUT):
-            # Every rank ends the same way; wait for the others to finish cleanly.
-            join_all(ranks, timeout=60)
+            if exiting is not None and world == 1:
+                left = ranks  # it exits while its outcome is recorded
+                exiting.extend(ranks)
+            else:  # every rank ends the same way; wait for the others to finish cleanly
+                join_all(ranks, timeout=60)
         elif world > 1:
             # Rank 0 failing often only echoes another rank's death (its collective broke):
             # a killed rank makes the trial a retry, not a failure of its parameters.
@@ -149,14 +162,26 @@ def run_processes(
         if outcome is not None:
             reason = None
     finally:
-        kill_all(ranks)
+        kill_all([r for r in ranks if r not in left])
         running.clear()
     if outcome is None and reason is None:
         reason = ranks[0].why(world)
+    _close([r for r in ranks if r not in left])
+    return outcome, reason
+
+
+def finish_exits(exiting: list[Rank], timeout: float = 60) -> None:
+    """Wait for the processes :func:`run_processes` left to exit (killed past ``timeout``)."""
+    join_all(exiting, timeout=timeout)
+    kill_all(exiting)
+    _close(exiting)
+    exiting.clear()
+
+
+def _close(ranks: list[Rank]) -> None:
     for r in ranks:
         with contextlib.suppress(ValueError):  # a process that would not exit keeps its handle
             r.process.close()
-    return outcome, reason
 
 
 def join_all(ranks: list[Rank], timeout: float) -> None:

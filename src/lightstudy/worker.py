@@ -38,7 +38,7 @@ from lightstudy.checkpoints import (
 from lightstudy.devices import check_devices
 from lightstudy.gpu_share import mark_alone, read_state, runs_alone
 from lightstudy.packing import FREE_RETRIES_ATTR, RETRIED_ALONE_ATTR, died_of_memory
-from lightstudy.ranks import run_processes
+from lightstudy.ranks import finish_exits, run_processes
 from lightstudy.scheduler import EPOCHS_ATTR
 from lightstudy.spec import trial_world_size
 from lightstudy.storage import db_error_text, open_storage, retry_db
@@ -125,6 +125,7 @@ class Worker:
         self.run_dir = Path(run_dir or self.spec.run_dir).resolve()
         self._signals = 0
         self._children: list[Any] = []  # the running trial's processes (one per rank)
+        self._exiting: list[Any] = []  # the last trial's process, exiting while its outcome is recorded
         self._trial: Any = None  # the running trial
         self._ctx: Any = None
         self._warm: Any = None  # this worker's own warm process (none under the launcher's)
@@ -173,6 +174,7 @@ class Worker:
                 # 4. record
                 self._finish(trial, outcome, died, job.trial_dir, time.time() - start)
         finally:
+            finish_exits(self._exiting)
             self._restore_signal_handlers(previous)
             self._stop_warm()
         return self.report
@@ -296,6 +298,7 @@ class Worker:
                 self._children,
                 answer,
                 stopping=lambda: self._signals > 0,
+                exiting=self._exiting,
             )
         finally:
             answer.flush()  # a report whose pruning check never came (the process died or stopped)
