@@ -265,7 +265,7 @@ def run_lightstudy(lrs: list[float], epochs: int, tiny: bool, work: Path) -> dic
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     launched = time.time()
     worker = subprocess.run(
-        [sys.executable, "-m", "lightstudy", "run", str(spec), "--workers", "1"],
+        [sys.executable, "-m", "lightstudy", "run", str(spec), "--workers", "1", "--threads", "1"],
         env=env,
         capture_output=True,
         text=True,

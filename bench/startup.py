@@ -93,6 +93,23 @@ def timed(cmd: list[str], cwd: Path, src: str | None = None) -> tuple[float, sub
     return wall, done
 
 
+_THREADS: dict[str | None, list[str]] = {}
+
+
+def one_thread(src: str | None) -> list[str]:
+    """``--threads 1`` (one torch thread per trial, as the loop script has), where the lightstudy
+    of ``src`` has that option (before it, ``run`` gave a lone worker every core: on 2 cores, 2)."""
+    if src not in _THREADS:
+        env = {**os.environ, **ENV}
+        if src is not None:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+        done = subprocess.run(
+            [sys.executable, "-m", "lightstudy", "run", "--help"], env=env, capture_output=True, text=True
+        )
+        _THREADS[src] = ["--threads", "1"] if "--threads" in done.stdout else []
+    return _THREADS[src]
+
+
 def lightstudy_run(
     work: Path, name: str, lrs: list[float], epochs: int, tiny: bool, workers: int, src: str | None = None
 ) -> float:
@@ -108,7 +125,8 @@ def lightstudy_run(
     doc["study"]["run_dir"] = str(folder)
     spec = folder / "study.yaml"
     spec.write_text(yaml.safe_dump(doc))
-    wall, _ = timed([sys.executable, "-m", "lightstudy", "run", str(spec), "--workers", str(workers)], work, src)
+    cmd = [sys.executable, "-m", "lightstudy", "run", str(spec), "--workers", str(workers), *one_thread(src)]
+    wall, _ = timed(cmd, work, src)
     trials = optuna.load_study(study_name=name, storage=doc["study"]["storage"]).trials
     states = sorted(t.state.name for t in trials)
     if states != ["COMPLETE"] * len(lrs):
