@@ -13,7 +13,7 @@ import pytest
 
 from conftest import cli, tiny_spec, wait_until, write_spec
 from lightstudy.errors import LightstudyError
-from lightstudy.launcher import Slot, can_fork, detect_gpus, plan_slots
+from lightstudy.launcher import Slot, added_slots, can_fork, detect_gpus, plan_slots
 
 TESTS = str(Path(__file__).parent)
 # The tests folder first (its test models, and this module for the warm process's targets).
@@ -47,6 +47,10 @@ def test_cpu_workers_split_threads_and_hide_gpus() -> None:
     assert [s.threads for s in plan_slots(None, 4, cpu_count=2)] == [1, 1, 1, 1]
     assert [s.threads for s in plan_slots(None, 2, cpu_count=2, threads=3)] == [3, 3]  # run --threads 3
     assert [s.threads for s in plan_slots("0,1", None, cpu_count=8, threads=1)] == [1, 1]
+    # GPU packing's added workers: the same --threads, or the cores split between all of them
+    one = plan_slots("0", None, cpu_count=8, threads=1)
+    assert added_slots(one, "0", 2, threads=1, cpu_count=8) == [Slot(1, "0", 1), Slot(2, "0", 1)]
+    assert [s.threads for s in added_slots(plan_slots("0", None, cpu_count=8), "0", 3, cpu_count=8)] == [2, 2, 2]
 
 
 @pytest.mark.parametrize("gpus", ["a,b", "0,0", "1;2"])

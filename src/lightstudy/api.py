@@ -301,7 +301,9 @@ def run(
     warm = start_warm(spec, check=True, log=spec.run_dir / "workers" / "warm.log") if own else shared_warm(spec)
     out = console if console is not None else _console()
     auto = auto and any(s.gpu is not None for s in slots)
-    launcher = Launcher(url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial, packing=auto, warm=warm)
+    launcher = Launcher(
+        url, spec, slots, spec.run_dir, out, gpus_per_trial=gpus_per_trial, packing=auto, warm=warm, threads=threads
+    )
     going = False
     try:
         from lightstudy.launcher import can_fork

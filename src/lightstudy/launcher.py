@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from lightstudy.spec import StudySpec
     from lightstudy.warmserver import WarmServer
 
-__all__ = ["ForkedWorker", "Launcher", "Slot", "can_fork", "detect_gpus", "plan_slots", "progress_bar"]
+__all__ = ["ForkedWorker", "Launcher", "Slot", "added_slots", "can_fork", "detect_gpus", "plan_slots", "progress_bar"]
 
 REFRESH = 1.0  # seconds between progress updates read from the database
 
@@ -115,6 +115,16 @@ def plan_slots(
     return [Slot(i, None, threads or max(1, cores // n)) for i in range(n)]
 
 
+def added_slots(
+    slots: list[Slot], gpu: str, n: int, *, threads: int | None = None, cpu_count: int | None = None
+) -> list[Slot]:
+    """``n`` more workers on ``gpu`` beside ``slots`` (GPU packing): ``threads`` torch threads each,
+    or the cores split between all of them."""
+    cores = cpu_count or os.cpu_count() or 1
+    each = threads or max(1, cores // (len(slots) + n))
+    return [Slot(len(slots) + i, gpu, each) for i in range(n)]
+
+
 def trials_per_gpu_count(value: int | str) -> int | None:
     """``--trials-per-gpu``: a count, or None for ``auto``.
 
@@ -146,8 +156,10 @@ class Launcher:
         gpus_per_trial: int | None = None,
         packing: bool = False,
         warm: WarmServer | None = None,
+        threads: int | None = None,
     ) -> None:
         self.gpus_per_trial = gpus_per_trial
+        self.threads = threads  # run --threads: each added worker's too (None: the cores split)
         self.packing = packing  # --trials-per-gpu auto: add workers per GPU as measured (_pack)
         self._planned: dict[str, Any] = {}  # GPU -> its packing.Plan, once made
         self.warm = warm  # the warm process the workers share (None: each starts its own)
@@ -266,9 +278,7 @@ class Launcher:
         """Start ``n`` more workers on ``gpu`` (beside :meth:`_start`'s, with the same command)."""
         if n <= 0:
             return
-        cores = os.cpu_count() or 1
-        threads = max(1, cores // (len(self.slots) + n))
-        added = [Slot(len(self.slots) + i, gpu, threads) for i in range(n)]
+        added = added_slots(self.slots, gpu, n, threads=self.threads)
         before, self.slots = self.slots, added
         try:
             self.start()  # starts self.slots: only the added ones
