@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import cli, run_cli, tiny_spec
@@ -26,6 +26,8 @@ from conftest import cli, run_cli, tiny_spec
 EXAMPLES = int(os.environ.get("LIGHTSTUDY_FUZZ_EXAMPLES", "120"))
 RELATED = {
     "search_space": ("study.enqueue", "study.sampler"),
+    # a sampler's needs show in the search space: GridSampler's finite grid (a float without step)
+    "study": ("search_space",),
     "model": ("search_space",),
     "data": ("search_space",),
     "trainer": ("search_space",),
@@ -345,6 +347,12 @@ def _check_refusal(code: int, err: str, path: Path, touched: set[str], text: str
     assert where.startswith(tuple(allowed)), f"names {where!r} for a change in {touched}\n---\n{text}"
 
 
+def _grid_sampler_on_a_continuous_space() -> tuple[str, set[str]]:
+    doc = _bases()[0]
+    doc["study"]["sampler"] = {"name": "GridSampler"}
+    return yaml.safe_dump(doc, sort_keys=False), {"study"}
+
+
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -352,6 +360,8 @@ def _check_refusal(code: int, err: str, path: Path, touched: set[str], text: str
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(mutants())
+# Drawn in a CI run: the sampler made GridSampler, refused at the search space's float (no step).
+@example(_grid_sampler_on_a_continuous_space())
 def test_validate_accepts_or_refuses_in_one_line(case: tuple[str, set[str]]) -> None:
     text, touched = case
     code, err, path = _validate(text)
