@@ -82,15 +82,20 @@ def learning_rates(n: int) -> list[float]:
 def timed(cmd: list[str], cwd: Path, src: str | None = None) -> tuple[float, subprocess.CompletedProcess[str]]:
     """Wall seconds from launch to exit of ``cmd`` (lightstudy imported from ``src`` when given);
     raises with its output when it fails."""
-    env = {**os.environ, **ENV}
-    if src is not None:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=cwd, env=_env(src), capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     return wall, done
+
+
+def _env(src: str | None) -> dict[str, str]:
+    """The benchmark's environment, lightstudy imported from ``src`` when given."""
+    env = {**os.environ, **ENV}
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 _THREADS: dict[str | None, list[str]] = {}
@@ -100,11 +105,8 @@ def one_thread(src: str | None) -> list[str]:
     """``--threads 1`` (one torch thread per trial, as the loop script has), where the lightstudy
     of ``src`` has that option (before it, ``run`` gave a lone worker every core: on 2 cores, 2)."""
     if src not in _THREADS:
-        env = {**os.environ, **ENV}
-        if src is not None:
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
         done = subprocess.run(
-            [sys.executable, "-m", "lightstudy", "run", "--help"], env=env, capture_output=True, text=True
+            [sys.executable, "-m", "lightstudy", "run", "--help"], env=_env(src), capture_output=True, text=True
         )
         _THREADS[src] = ["--threads", "1"] if "--threads" in done.stdout else []
     return _THREADS[src]

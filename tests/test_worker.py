@@ -67,7 +67,7 @@ def test_a_worker_waiting_on_others_trials_looks_again_soon_then_every_poll_inte
     assert waits == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
 
 
-def test_a_trial_process_exits_while_its_outcome_is_recorded_and_is_gone_before_the_next_starts(
+def test_a_trial_process_exits_while_its_outcome_is_recorded_and_is_reaped_by_the_next_trial(
     tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The worker tells the outcome without waiting for the process that sent it to exit (its

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from lightstudy import gpu_share, packing
 from lightstudy.devices import detect_gpus
 from lightstudy.errors import LightstudyError
+from lightstudy.exiting import exit_without_teardown
 from lightstudy.storage import ENV_VAR
 
 if TYPE_CHECKING:
@@ -465,7 +466,8 @@ def _forked_main(
 ) -> None:
     """The forked worker's side: what ``Popen(start_new_session=True, stdin=PIPE, stdout=log,
     stderr=STDOUT, env=env)`` and ``python -m MODULE ARGS`` would set up, then the module; the
-    exit as Python's, with ``os._exit``."""
+    exit as Python's, without its teardown (:func:`lightstudy.exiting.exit_without_teardown`)."""
+    atexit._clear()  # this process's handlers are the launcher's (no public name; typeshed lists it)
     code = 1
     try:
         os.setsid()  # a Ctrl-C reaches the launcher only, as for a spawned worker
@@ -482,7 +484,6 @@ def _forked_main(
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.environ.clear()
         os.environ.update(env)
-        atexit._clear()  # this process's handlers are the launcher's (no public name; typeshed lists it)
         sys.argv = ["-m", *args]
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -492,17 +493,9 @@ def _forked_main(
                 code = e.code or 0
             else:
                 print(e.code, file=sys.stderr)
-        for thread in threading.enumerate():
-            if thread is not threading.main_thread() and not thread.daemon:
-                thread.join()
-        atexit._run_exitfuncs()
     except BaseException:
         traceback.print_exc()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
+    exit_without_teardown(code)
 
 
 def progress_bar(console: Console) -> Any:

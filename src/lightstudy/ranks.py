@@ -125,7 +125,7 @@ def run_processes(
                 os.kill(r.process.pid, signal.SIGTERM)
     deadline = time.monotonic() + limit if limit else None
     reason: str | None = None
-    left: list[Rank] = []  # handed to ``exiting``: not killed or closed here
+    handed = False  # the ranks went to ``exiting``: not killed or closed here
     try:
         while True:
             for r in ranks:
@@ -148,7 +148,7 @@ def run_processes(
         outcome = ranks[0].outcome
         if outcome is not None and outcome.state not in (Outcome.FAILED, Outcome.TIMED_OUT):
             if exiting is not None and world == 1:
-                left = ranks  # it exits while its outcome is recorded
+                handed = True  # it exits while its outcome is recorded
                 exiting.extend(ranks)
             else:  # every rank ends the same way; wait for the others to finish cleanly
                 join_all(ranks, timeout=60)
@@ -162,11 +162,13 @@ def run_processes(
         if outcome is not None:
             reason = None
     finally:
-        kill_all([r for r in ranks if r not in left])
+        if not handed:
+            kill_all(ranks)
         running.clear()
     if outcome is None and reason is None:
         reason = ranks[0].why(world)
-    _close([r for r in ranks if r not in left])
+    if not handed:
+        _close(ranks)
     return outcome, reason
 
 

@@ -8,7 +8,6 @@ inside the commands, so ``lightstudy --help`` stays instant.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -172,17 +171,9 @@ def script() -> None:
     code = main()
     if "torch" not in sys.modules:
         sys.exit(code)
-    import atexit
-    import threading
+    from lightstudy.exiting import exit_without_teardown
 
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # what Python's exit runs first (no public name; typeshed lists it)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
+    exit_without_teardown(code)
 
 
 def main(argv: list[str] | None = None) -> int:
