@@ -122,6 +122,46 @@ def test_concurrent_claims_never_overshoot(backend: str, request: pytest.Fixture
     assert len(study.get_trials()) == 12
 
 
+@pytest.mark.postgres
+def test_a_claim_the_database_broke_is_redone_whole(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PostgreSQL restart drops the claim lock with its connection, so another worker claims
+    while this claim's step waits for the database. Retried step by step, the claim asked with the
+    budget it had counted before the restart, from the same sampler seed: two lineages of one
+    configuration (a CI chaos run, seed 1). The claim is redone whole: the lock taken again, the
+    budget counted again."""
+    import psycopg
+    import sqlalchemy.exc
+
+    from conftest import PG_BASE
+    from lightstudy.storage import retry_db
+
+    create_study(spec_from_dict(tiny_spec(n_trials=5)), pg_url)
+    study, spec = load_study(pg_url, "tiny")
+    other, _ = load_study(pg_url, "tiny")
+    database = pg_url.rsplit("/", 1)[1]
+    admin = PG_BASE.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    ask, raced = study.ask, []
+
+    def ask_as_the_database_restarts(*args: Any, **kwargs: Any) -> optuna.Trial:
+        if not raced:  # the restart: the lock's connection is cut, the other worker claims meanwhile
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(
+                    "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                    "WHERE l.locktype = 'advisory' AND d.datname = %s",
+                    (database,),
+                )
+            trial, _ = claim_trial(other, spec)
+            raced.append(trial)
+            raise sqlalchemy.exc.OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
+        return ask(*args, **kwargs)
+
+    monkeypatch.setattr(study, "ask", ask_as_the_database_restarts)
+    trial, _ = retry_db(lambda: claim_trial(study, spec), what="claim a trial")  # as the worker claims
+    assert trial is not None and raced[0] is not None
+    assert (raced[0].number, trial.number) == (0, 1)
+    assert trial.params != raced[0].params
+
+
 def test_claims_sample_different_parameters_per_claim(sqlite_url: str) -> None:
     create_study(spec_from_dict(tiny_spec(n_trials=5)), sqlite_url)
     study, spec = load_study(sqlite_url, "tiny")

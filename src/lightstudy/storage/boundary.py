@@ -17,6 +17,7 @@ answer that.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import datetime
 import json
@@ -86,6 +87,9 @@ ATTEMPT_ATTRS = frozenset(
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
 _OPEN = threading.local()  # conns: engine id -> this thread's open transaction (DatabaseStorage._transaction)
+# True while this thread holds a claim lock that a database restart would drop with its connection
+# (PostgreSQL's advisory lock): retry_db then retries nothing, and the claim is redone whole.
+_LOCK_ON_CONNECTION: contextvars.ContextVar[bool] = contextvars.ContextVar("lightstudy_claim_lock", default=False)
 
 
 # --- riding out database restarts ------------------------------------------------------------
@@ -99,6 +103,12 @@ def retry_db(fn: Callable[[], T], *, what: str, seconds: float = DB_RETRY_SECOND
     A PostgreSQL restart or a busy SQLite file must not cost a trial: connection errors
     (SQLAlchemy's ``OperationalError``/``InterfaceError``, also when Optuna wraps them in
     ``StorageInternalError``) are retried for up to ``seconds``; other errors propagate at once.
+
+    Inside a PostgreSQL claim lock nothing is retried: the restart that broke the step also
+    dropped the lock (it lives on its connection), so another worker may be claiming beside this
+    one, and a step retried after the restart would act on what was counted before it (two trials
+    sampled from one seed, the budget overshot). The error reaches the claim's own ``retry_db``,
+    which takes the lock again and counts again.
     """
     deadline = time.monotonic() + seconds
     delay = 0.2
@@ -107,7 +117,7 @@ def retry_db(fn: Callable[[], T], *, what: str, seconds: float = DB_RETRY_SECOND
             return fn()
         except Exception as e:
             cause = connection_error(e)
-            if cause is None or time.monotonic() + delay > deadline:
+            if cause is None or _LOCK_ON_CONNECTION.get() or time.monotonic() + delay > deadline:
                 raise
             _log.warning("%s: database unavailable (%s); retrying in %.1fs", what, db_error_text(cause), delay)
             time.sleep(delay)
@@ -593,12 +603,17 @@ class DatabaseStorage(StudyStorage):
             with self.rdb.engine.connect() as conn:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
                 conn.commit()
+                token = _LOCK_ON_CONNECTION.set(True)  # see retry_db: a restart ends the claim
+                held = False
                 try:
                     yield
                 finally:
+                    _LOCK_ON_CONNECTION.reset(token)
                     with contextlib.suppress(Exception):
-                        conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                        held = bool(conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key}).scalar())
                         conn.commit()
+                    if not held:  # the connection broke while every step of the claim still worked
+                        _log.warning("study %r: the claim lock was lost during a claim (database restart?)", study_name)
             return
         yield
 

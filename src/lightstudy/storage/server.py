@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightstudy.errors import LightstudyError
 from lightstudy.storage import db_error_text, open_storage, redact
-from lightstudy.storage.boundary import BUDGET_SPENT, HEARTBEAT_ATTR, DatabaseStorage, StudyStorage, wrap
+from lightstudy.storage.boundary import BUDGET_SPENT, HEARTBEAT_ATTR, DatabaseStorage, StudyStorage, retry_db, wrap
 
 if TYPE_CHECKING:
     from optuna.storages import RDBStorage
@@ -56,10 +56,14 @@ class ProxyStorage:
         if template_trial is not None:  # queued or retried trials: already inside the budget
             return self._cached.create_new_trial(study_id, template_trial)
         name = self._cached.get_study_name_from_id(study_id)
-        with self._lock, self._boundary.claim_lock(name):
-            if not self._admit(self._boundary, study_id):
-                raise BudgetSpentError(BUDGET_SPENT)
-            return self._cached.create_new_trial(study_id)
+
+        def admitted() -> int:  # retried whole, lock included (retry_db: nothing inside a claim lock is)
+            with self._lock, self._boundary.claim_lock(name):
+                if not self._admit(self._boundary, study_id):
+                    raise BudgetSpentError(BUDGET_SPENT)
+                return self._cached.create_new_trial(study_id)
+
+        return retry_db(admitted, what="admit a trial")
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         if key == HEARTBEAT_ATTR:
