@@ -2,7 +2,8 @@
 
 For each backend (SQLite, PostgreSQL), sampler (random, TPE), study size N and number of
 concurrent clients C, two fresh studies are filled to N finished trials (10 intermediate values
-each, written straight into the tables), then C client processes per study run trials with no
+each, and the dashboard note lightstudy's worker leaves on each, written straight into the
+tables), then C client processes per study run trials with no
 training, each reporting 10 synthetic epochs:
 
 - optuna: ``study.ask`` + ``suggest_float`` + per epoch ``report``/``should_prune`` (Optuna's
@@ -24,6 +25,7 @@ study once), then its share of the measured ones. Medians and p95 are per trial,
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import random
@@ -92,6 +94,14 @@ def fill(url: str, study_name: str, n: int, seed: int) -> None:
         conn.execute(models.TrialParamModel.__table__.insert(), params)
         conn.execute(models.TrialValueModel.__table__.insert(), values)
         conn.execute(models.TrialIntermediateValueModel.__table__.insert(), ivs)
+        notes = []  # the dashboard note lightstudy's worker writes for each trial (optuna-dashboard's keys)
+        for i in range(n):
+            body = f"**Complete** val_acc = {values[i]['value']:.4f}\n**Params:** lr = {params[i]['param_value']:.4g}\n"
+            notes += [
+                dict(study_id=study_id, key=f"dashboard:{first + i}:note_ver", value_json="1"),
+                dict(study_id=study_id, key=f"dashboard:{first + i}:note_str:0", value_json=json.dumps(body)),
+            ]
+        conn.execute(models.StudySystemAttributeModel.__table__.insert(), notes)
         if storage.engine.dialect.name == "postgresql":  # the ids above were given, not drawn
             conn.execute(
                 sqlalchemy.text("SELECT setval(pg_get_serial_sequence('trials', 'trial_id'), :m)"), {"m": first + n}

@@ -498,3 +498,40 @@ def test_a_connection_the_server_dropped_is_replaced_without_an_error(
     monkeypatch.setattr(lightstudy.storage, "PING_IDLE_SECONDS", 3600.0)  # none is pinged
     drop_pooled()
     assert db.state(trial._trial_id).name == "RUNNING"  # failed on use, retried by retry_db
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "memory"])
+def test_write_note_stores_what_dashboards_save_note_stores(backend: str, request: pytest.FixtureRequest) -> None:
+    """What write_note stores is what optuna-dashboard's own save_note stores, note by note: the
+    same attrs (a version one up, the parts, a shorter body blanking a longer one's extra part),
+    which its get_note reads back; trial 1's note leaves trial 12's alone (one's prefix is the
+    other's start but for the colon; "_" and "%" are LIKE wildcards)."""
+    import optuna
+    from optuna_dashboard import get_note, save_note
+    from optuna_dashboard._note import note_str_key_prefix, note_ver_key, split_body
+
+    from lightstudy.storage.boundary import storage_of, study_id
+
+    if backend == "memory":
+        storage: Any = optuna.storages.InMemoryStorage()
+    else:
+        storage = open_storage(request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url"))
+    ours, theirs = (optuna.create_study(storage=storage, study_name=name) for name in ("ours", "theirs"))
+    for study in (ours, theirs):
+        for _ in range(13):
+            study.ask()
+
+    def layout(study: optuna.Study) -> dict[tuple[int, str], Any]:  # (trial number, key after its id) -> value
+        number = {t._trial_id: t.number for t in study.trials}
+        attrs = storage.get_study_system_attrs(study_id(study))
+        return {(number[int(key.split(":")[1])], key.split(":", 2)[2]): value for key, value in attrs.items()}
+
+    for body in ("x" * 3000 + "y", "short", "", "a_%\\b" * 500):  # two parts, one, none, two
+        for number in (1, 12):
+            text = f"{body} (trial {number})"
+            save_note(optuna.trial.Trial(theirs, theirs.trials[number]._trial_id), text)
+            tid = ours.trials[number]._trial_id
+            storage_of(ours).write_note(ours, note_ver_key(tid), split_body(text, tid), note_str_key_prefix(tid))
+            assert get_note(optuna.trial.Trial(ours, tid)) == text
+        assert layout(ours) == layout(theirs)
+    assert layout(ours)[(12, "note_ver")] == 4

@@ -148,17 +148,17 @@ def trial_note(trial: Any, spec: Any, *, kept: bool, test_metrics: dict[str, flo
 
 
 def write_trial_note(study: Any, spec: Any, number: int, *, trial_id: int | None = None) -> str:
-    """Write trial ``number``'s note with optuna-dashboard's notes API (``save_note``); returns it.
+    """Write trial ``number``'s note as optuna-dashboard's ``save_note`` does; returns it.
 
     Called by the worker once a trial is told (and again by ``test`` when test metrics arrive);
     each call saves a new version of the note, which the dashboard shows. Given the trial's
     ``trial_id`` (the worker knows it), a trial without a stored checkpoint is read alone: whether
     a checkpoint is kept, and its test metrics (tested from that checkpoint), are what the
     study's other trials and attrs would say, and such a trial has neither. Otherwise (most
-    trials of a large study) every trial would be read for nothing.
+    trials of a large study) every trial would be read for nothing. The note is written in
+    optuna-dashboard's layout (its own key functions) by :meth:`StudyStorage.write_note`: one
+    transaction, where ``save_note`` reads every study attr twice and commits each key.
     """
-    import optuna
-
     from lightstudy.artifacts import CheckpointRef
     from lightstudy.ranking import kept
     from lightstudy.storage.boundary import storage_of
@@ -173,7 +173,9 @@ def write_trial_note(study: Any, spec: Any, number: int, *, trial_id: int | None
         trial = next(t for t in trials if t.number == number)
         is_kept = number in {t.number for t in kept(trials, spec)}
         body = trial_note(trial, spec, kept=is_kept, test_metrics=stored_test_metrics(study).get(number))
-    _notes_module().save_note(optuna.trial.Trial(study, id_of(trial)), body)
+    notes, tid = _notes_module(), id_of(trial)  # optuna-dashboard's keys, written in one transaction
+    parts = notes.split_body(body, tid)
+    storage_of(study).write_note(study, notes.note_ver_key(tid), parts, notes.note_str_key_prefix(tid))
     return body
 
 
@@ -199,9 +201,9 @@ def _notes_module() -> Any:
     path = Path(folders[0]) / "_note.py" if folders else None
     found = importlib.util.spec_from_file_location(name, path) if path is not None and path.is_file() else None
     if found is None or found.loader is None:
-        import optuna_dashboard
+        import importlib
 
-        return optuna_dashboard
+        return importlib.import_module(name)  # through the package's __init__, app and all
     module = importlib.util.module_from_spec(found)
     sys.modules[name] = module
     try:

@@ -350,6 +350,21 @@ class StudyStorage:
     def set_study_system_attr(self, study: optuna.Study, key: str, value: Any) -> None:
         retry_db(lambda: self.optuna.set_study_system_attr(study_id(study), key, value), what="record the study")
 
+    def write_note(self, study: optuna.Study, version_key: str, parts: Mapping[str, str], prefix: str) -> None:
+        """A note in optuna-dashboard's layout of study system attrs, as its ``save_note`` writes
+        one: ``version_key``'s number one up, the body's ``parts``, and every other key under
+        ``prefix`` (an older, longer body's parts) blanked. Here as ``save_note`` does it (the
+        study's attrs read, one write each); in a database, one transaction that reads one row."""
+
+        def write() -> None:
+            attrs = self.optuna.get_study_system_attrs(study_id(study))
+            writes: dict[str, Any] = {version_key: int(attrs.get(version_key, 0)) + 1, **parts}
+            writes.update({k: "" for k in attrs if k.startswith(prefix) and k not in parts})
+            for key, value in writes.items():
+                self.optuna.set_study_system_attr(study_id(study), key, value)
+
+        retry_db(write, what="write the note")
+
     # --- the pruner's incremental reads -----------------------------------------------------
 
     def complete_intermediate_values(self, study: optuna.Study) -> dict[int, dict[int, float]]:
@@ -548,6 +563,50 @@ class DatabaseStorage(StudyStorage):
                     self.rdb._set_trial_attr_without_commit(session, TrialUserAttributeModel, trial_id, key, value)
 
         retry_db(write, what="record the trial")
+
+    def write_note(self, study: optuna.Study, version_key: str, parts: Mapping[str, str], prefix: str) -> None:
+        """One transaction, one commit; the version's row is the only one read (``save_note``
+        reads every study system attr twice, and a study holds two for each trial's note)."""
+        import sqlalchemy
+        from optuna.storages._rdb.models import StudySystemAttributeModel
+
+        table = StudySystemAttributeModel.__table__
+        sid = study_id(study)
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+        def write() -> None:
+            with self._transaction() as conn:
+                mine = table.c.study_id == sid
+                found = conn.execute(
+                    sqlalchemy.select(table.c.value_json).where(mine, table.c.key == version_key).with_for_update()
+                ).scalar_one_or_none()
+                version = (int(json.loads(found)) if found is not None else 0) + 1
+                for key, value in {version_key: version, **parts}.items():
+                    self._upsert_study_attr(conn, sid, key, json.dumps(value))
+                others = mine & table.c.key.like(pattern, escape="\\") & table.c.key.notin_(list(parts))
+                conn.execute(sqlalchemy.update(table).where(others).values(value_json=json.dumps("")))
+
+        retry_db(write, what="write the note")
+
+    def _upsert_study_attr(self, conn: Any, study_id: int, key: str, value_json: str) -> None:
+        import sqlalchemy
+        from optuna.storages._rdb.models import StudySystemAttributeModel
+
+        table = StudySystemAttributeModel.__table__
+        dialect = conn.dialect.name
+        if dialect in ("postgresql", "sqlite"):
+            from sqlalchemy.dialects import postgresql, sqlite
+
+            insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+            conn.execute(
+                insert.values(study_id=study_id, key=key, value_json=value_json).on_conflict_do_update(
+                    index_elements=[table.c.study_id, table.c.key], set_={"value_json": value_json}
+                )
+            )
+            return
+        mine = (table.c.study_id == study_id) & (table.c.key == key)
+        if not conn.execute(sqlalchemy.update(table).where(mine).values(value_json=value_json)).rowcount:
+            conn.execute(sqlalchemy.insert(table).values(study_id=study_id, key=key, value_json=value_json))
 
     def beat(self, trial_id: int) -> None:
         self.rdb.record_heartbeat(trial_id)
