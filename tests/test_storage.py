@@ -349,6 +349,30 @@ def test_synchronous_commit_is_on_unless_the_spec_says_off(pg_url: str, tmp_path
     assert _show_synchronous_commit(Worker(pg_url, "tiny", run_dir=tmp_path).db) == "on"
 
 
+def test_synchronous_commit_off_on_sqlite_stops_the_workers_wal_syncs_only(sqlite_url: str, tmp_path: Path) -> None:
+    """SQLite's counterpart: PRAGMA synchronous=NORMAL (WAL mode: no sync per commit; a machine
+    crash, not a process crash, can lose the last commits) on the workers' connections only."""
+    import sqlalchemy
+
+    from conftest import tiny_spec
+    from lightstudy.spec import spec_from_dict
+    from lightstudy.storage.boundary import storage_of
+    from lightstudy.study import create_study, load_study
+    from lightstudy.worker import Worker
+
+    def synchronous(db: Any) -> int:
+        with db.rdb.engine.connect() as conn:
+            return int(conn.execute(sqlalchemy.text("PRAGMA synchronous")).scalar_one())
+
+    create_study(spec_from_dict(tiny_spec(storage_options={"synchronous_commit": "off"})), sqlite_url)
+    worker = Worker(sqlite_url, "tiny", run_dir=tmp_path)
+    assert synchronous(worker.db) == 1  # NORMAL
+    study, _ = load_study(sqlite_url, "tiny")
+    assert synchronous(storage_of(study)) == 2  # FULL, SQLite's default, for every other session
+    worker.db.set_session_options("on")
+    assert synchronous(worker.db) == 2
+
+
 def test_storage_options_round_trip_through_the_stored_spec() -> None:
     from conftest import tiny_spec
     from lightstudy.spec import spec_from_dict

@@ -139,9 +139,10 @@ def _on_off(raw: Any) -> Any:
 
 @dataclass(frozen=True, config=CONFIG)
 class StorageOptions:
-    """Settings of the workers' database sessions (PostgreSQL; other databases ignore them)."""
+    """Settings of the workers' database sessions (PostgreSQL and SQLite; others ignore them)."""
 
-    # off: a worker's commit returns before PostgreSQL has flushed it to disk (see README, Storage)
+    # off: a worker's commit returns before PostgreSQL has flushed it to disk, or SQLite has synced
+    # its WAL file (see README, Storage)
     synchronous_commit: Annotated[
         Literal["on", "off"],
         BeforeValidator(_on_off),

@@ -617,18 +617,29 @@ class DatabaseStorage(StudyStorage):
         crash of the database server, not of this process, can lose the last few hundred
         milliseconds of commits; see README, Storage). Set at connection start (libpq
         ``options``), so no transaction can undo it; the pool's open connections are replaced.
-        Other databases: nothing (SQLite's durability is the file's ``synchronous`` pragma)."""
+        SQLite (in WAL mode, as lightstudy opens it): ``off`` is ``PRAGMA synchronous=NORMAL`` on
+        each connection, so a commit no longer syncs the WAL file: a crash of this process loses
+        nothing, a crash of the machine (power, kernel) can lose the commits since the WAL's last
+        checkpoint, and the file stays consistent. Other databases: nothing."""
         import sqlalchemy
 
         engine = self.rdb.engine
-        if engine.dialect.name != "postgresql" or getattr(engine, "_lightstudy_commit", "on") == synchronous_commit:
+        dialect = engine.dialect.name
+        if dialect not in ("postgresql", "sqlite") or getattr(engine, "_lightstudy_commit", "on") == synchronous_commit:
             return
-        if not hasattr(engine, "_lightstudy_commit"):
+        if not hasattr(engine, "_lightstudy_commit") and dialect == "postgresql":
 
             @sqlalchemy.event.listens_for(engine, "do_connect")
             def _options(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
                 setting = f"-c synchronous_commit={engine._lightstudy_commit}"  # type: ignore[attr-defined]
                 cparams["options"] = f"{cparams['options']} {setting}" if cparams.get("options") else setting
+
+        elif not hasattr(engine, "_lightstudy_commit"):
+
+            @sqlalchemy.event.listens_for(engine, "connect")
+            def _pragma(connection: Any, record: Any) -> None:
+                level = "NORMAL" if engine._lightstudy_commit == "off" else "FULL"  # type: ignore[attr-defined]
+                connection.execute(f"PRAGMA synchronous={level}")
 
         engine._lightstudy_commit = synchronous_commit  # type: ignore[attr-defined]
         engine.dispose()  # connections opened before run with the server's default
