@@ -201,8 +201,6 @@ def _notes_module() -> Any:
     path = Path(folders[0]) / "_note.py" if folders else None
     found = importlib.util.spec_from_file_location(name, path) if path is not None and path.is_file() else None
     if found is None or found.loader is None:
-        import importlib
-
         return importlib.import_module(name)  # through the package's __init__, app and all
     module = importlib.util.module_from_spec(found)
     sys.modules[name] = module

@@ -148,6 +148,27 @@ def connection_error(error: BaseException) -> BaseException | None:
     return None
 
 
+def _upsert(conn: Any, table: Any, match: Mapping[str, Any], values: Mapping[str, Any]) -> None:
+    """Insert a row of ``table`` (its unique columns ``match``), or update its ``values`` where
+    the row is there: one statement on PostgreSQL and SQLite, an update then an insert elsewhere."""
+    import sqlalchemy
+
+    dialect = conn.dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+        conn.execute(
+            insert.values(**match, **values).on_conflict_do_update(
+                index_elements=[table.c[name] for name in match], set_=dict(values)
+            )
+        )
+        return
+    mine = sqlalchemy.and_(*(table.c[name] == value for name, value in match.items()))
+    if not conn.execute(sqlalchemy.update(table).where(mine).values(**values)).rowcount:
+        conn.execute(sqlalchemy.insert(table).values(**match, **values))
+
+
 @dataclass(frozen=True)
 class Counts:
     """A study's trials counted for its budget, without reading them one by one."""
@@ -537,20 +558,7 @@ class DatabaseStorage(StudyStorage):
         self.rdb.check_trial_is_updatable(trial_id, state)  # UpdateFinishedTrialError, as Optuna
         stored, kind = TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
         values = {"intermediate_value": stored, "intermediate_value_type": kind}
-        dialect = conn.dialect.name
-        if dialect in ("postgresql", "sqlite"):
-            from sqlalchemy.dialects import postgresql, sqlite
-
-            insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
-            conn.execute(
-                insert.values(trial_id=trial_id, step=step, **values).on_conflict_do_update(
-                    index_elements=[table.c.trial_id, table.c.step], set_=values
-                )
-            )
-            return
-        mine = (table.c.trial_id == trial_id) & (table.c.step == step)
-        if not conn.execute(sqlalchemy.update(table).where(mine).values(**values)).rowcount:
-            conn.execute(sqlalchemy.insert(table).values(trial_id=trial_id, step=step, **values))
+        _upsert(conn, table, {"trial_id": trial_id, "step": step}, values)
 
     def set_trial_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
         """One transaction: each commit costs SQLite 5-15 ms, and a trial has 8 attrs."""
@@ -582,31 +590,11 @@ class DatabaseStorage(StudyStorage):
                 ).scalar_one_or_none()
                 version = (int(json.loads(found)) if found is not None else 0) + 1
                 for key, value in {version_key: version, **parts}.items():
-                    self._upsert_study_attr(conn, sid, key, json.dumps(value))
+                    _upsert(conn, table, {"study_id": sid, "key": key}, {"value_json": json.dumps(value)})
                 others = mine & table.c.key.like(pattern, escape="\\") & table.c.key.notin_(list(parts))
                 conn.execute(sqlalchemy.update(table).where(others).values(value_json=json.dumps("")))
 
         retry_db(write, what="write the note")
-
-    def _upsert_study_attr(self, conn: Any, study_id: int, key: str, value_json: str) -> None:
-        import sqlalchemy
-        from optuna.storages._rdb.models import StudySystemAttributeModel
-
-        table = StudySystemAttributeModel.__table__
-        dialect = conn.dialect.name
-        if dialect in ("postgresql", "sqlite"):
-            from sqlalchemy.dialects import postgresql, sqlite
-
-            insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
-            conn.execute(
-                insert.values(study_id=study_id, key=key, value_json=value_json).on_conflict_do_update(
-                    index_elements=[table.c.study_id, table.c.key], set_={"value_json": value_json}
-                )
-            )
-            return
-        mine = (table.c.study_id == study_id) & (table.c.key == key)
-        if not conn.execute(sqlalchemy.update(table).where(mine).values(value_json=value_json)).rowcount:
-            conn.execute(sqlalchemy.insert(table).values(study_id=study_id, key=key, value_json=value_json))
 
     def beat(self, trial_id: int) -> None:
         self.rdb.record_heartbeat(trial_id)
@@ -627,19 +615,20 @@ class DatabaseStorage(StudyStorage):
         dialect = engine.dialect.name
         if dialect not in ("postgresql", "sqlite") or getattr(engine, "_lightstudy_commit", "on") == synchronous_commit:
             return
-        if not hasattr(engine, "_lightstudy_commit") and dialect == "postgresql":
+        if not hasattr(engine, "_lightstudy_commit"):  # the listener reads the setting at each connection
+            if dialect == "postgresql":
 
-            @sqlalchemy.event.listens_for(engine, "do_connect")
-            def _options(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
-                setting = f"-c synchronous_commit={engine._lightstudy_commit}"  # type: ignore[attr-defined]
-                cparams["options"] = f"{cparams['options']} {setting}" if cparams.get("options") else setting
+                @sqlalchemy.event.listens_for(engine, "do_connect")
+                def _options(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+                    setting = f"-c synchronous_commit={engine._lightstudy_commit}"  # type: ignore[attr-defined]
+                    cparams["options"] = f"{cparams['options']} {setting}" if cparams.get("options") else setting
 
-        elif not hasattr(engine, "_lightstudy_commit"):
+            else:
 
-            @sqlalchemy.event.listens_for(engine, "connect")
-            def _pragma(connection: Any, record: Any) -> None:
-                level = "NORMAL" if engine._lightstudy_commit == "off" else "FULL"  # type: ignore[attr-defined]
-                connection.execute(f"PRAGMA synchronous={level}")
+                @sqlalchemy.event.listens_for(engine, "connect")
+                def _pragma(connection: Any, record: Any) -> None:
+                    level = "NORMAL" if engine._lightstudy_commit == "off" else "FULL"  # type: ignore[attr-defined]
+                    connection.execute(f"PRAGMA synchronous={level}")
 
         engine._lightstudy_commit = synchronous_commit  # type: ignore[attr-defined]
         engine.dispose()  # connections opened before run with the server's default
@@ -682,7 +671,8 @@ class DatabaseStorage(StudyStorage):
                     with contextlib.suppress(Exception):
                         held = bool(conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key}).scalar())
                         conn.commit()
-                    if not held:  # the connection broke while every step of the claim still worked
+                    if not held:  # the connection broke during the claim: if its steps all worked, one may have
+                        # run beside another worker's claim (a claim a step of which failed is redone whole)
                         _log.warning("study %r: the claim lock was lost during a claim (database restart?)", study_name)
             return
         yield
